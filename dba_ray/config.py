@@ -1,0 +1,261 @@
+"""Typed, validated configuration: YAML files plus dotted command-line overrides.
+
+Every option is documented once, here, in its field's description. ``dba-ray config
+--help``-style listings and error messages are derived from these models.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dba_ray.errors import UserError
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = Field(
+        None,
+        description="Ray cluster to join. None: the cluster this driver was submitted "
+        "to (RAY_ADDRESS, or a running local one), else start an embedded local cluster.",
+    )
+    num_cpus: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Logical CPUs of an embedded local cluster. Keep it above the CPUs "
+        "given to Train workers so Ray Data has some left to stream with.",
+    )
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(
+        "builtin:tiny-llama",
+        description="Hugging Face model name, local directory, or 'builtin:tiny-llama' "
+        "(a 2-layer Llama built in code, random weights, no download).",
+    )
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: Optional[str] = Field(
+        None,
+        description="Tokenizer name or path; defaults to the model's. 'builtin:bytes' is "
+        "the download-free byte-level tokenizer the builtin model uses.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the weights and the forward/backward pass."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub. Off unless you trust the repo."
+    )
+    seed: int = Field(0, description="Initialisation seed of a builtin model.")
+    builtin_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="LlamaConfig fields overriding the builtin model's (e.g. "
+        "hidden_size, num_hidden_layers), to size it for a benchmark.",
+    )
+
+
+class DataConfig(_Strict):
+    path: Optional[str] = Field(
+        None,
+        description="File or folder (local, s3://, gs://) of JSON Lines, JSON, Parquet or "
+        "plain-text files. Exactly one of path / hf_dataset.",
+    )
+    hf_dataset: Optional[str] = Field(
+        None,
+        description="Hugging Face data set: hub name, or a local directory (a "
+        "save_to_disk copy or data files). Exactly one of path / hf_dataset.",
+    )
+    hf_config: Optional[str] = Field(None, description="Data set configuration name.")
+    split: str = Field("train", description="Split of an hf_dataset.")
+    streaming: bool = Field(
+        False, description="Stream an hf_dataset instead of downloading it whole."
+    )
+    file_format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
+        "auto", description="File format under `path`; auto: from each file's extension."
+    )
+    format: Literal["text", "instruction", "chat"] = Field(
+        "text",
+        description="Record format. text: raw text packed into seq_len sequences with EOS "
+        "between documents. instruction: alpaca fields instruction/input/output. chat: a "
+        "messages list rendered with the tokenizer's chat template. Prompt tokens of "
+        "instruction and chat records are masked out of the loss.",
+    )
+    text_field: str = Field("text", description="Field holding the text of `text` records.")
+    messages_field: str = Field("messages", description="Field holding `chat` messages.")
+    sample_by: Literal["line", "paragraph", "document"] = Field(
+        "line", description="How plain-text files split into records."
+    )
+    seq_len: int = Field(512, ge=8, description="Tokens per training sequence.")
+    shuffle_seed: Optional[int] = Field(
+        None,
+        description="Shuffle records with this seed (a full Ray Data shuffle, "
+        "deterministic). None keeps source order.",
+    )
+    on_bad_record: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A malformed record fails the run naming its file and line, or is "
+        "skipped and counted.",
+    )
+    tokenizer_actors: int = Field(
+        1, ge=1, description="Ray Data actors that tokenize (one tokenizer each)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.path is None) == (self.hf_dataset is None):
+            raise ValueError("give exactly one of 'path' or 'hf_dataset'")
+        return self
+
+
+class Stage1Config(_Strict):
+    data: Optional[DataConfig] = Field(None, description="The general data (required).")
+    max_tokens: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Token budget, rounded up to whole sequences of seq_len (padding of "
+        "instruction/chat sequences counts). None: all data.",
+    )
+    max_records: Optional[int] = Field(
+        None, ge=1, description="Record budget, applied before tokenization."
+    )
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per worker.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    cpus_per_worker: int = Field(
+        1, ge=1, description="CPUs reserved per worker; also its torch thread count."
+    )
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    output: Optional[str] = Field(
+        None,
+        description="Artifact directory (local path or s3:// / gs:// URI). Default: "
+        "<output_dir>/global_gradient.",
+    )
+    overwrite: bool = Field(False, description="Replace an existing artifact at `output`.")
+    second_moment: bool = Field(
+        False,
+        description="Also keep v_G, the mean of squared micro-batch gradients (for the "
+        "fisher anchor). One more fp32 buffer per parameter while running.",
+    )
+    svd_rank: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Store each 2-D tensor as a rank-r SVD (paper: 512); 1-D stay dense.",
+    )
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of the stored tensors (accumulation is always fp32)."
+    )
+    to_object_store: bool = Field(
+        False,
+        description="Also keep the result in the Ray object store and return its "
+        "ObjectRef (for a pipeline that runs Stage 2 in the same driver).",
+    )
+    description: str = Field("", description="Free text stored in meta.json.")
+    progress_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between progress lines on the driver."
+    )
+
+
+class Config(_Strict):
+    output_dir: str = Field("runs/dba", description="Where a run writes its outputs.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def stage1_output(self) -> str:
+        return self.stage1.output or f"{self.output_dir.rstrip('/')}/global_gradient"
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value``; the value is YAML (``2e6`` is read as a number)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+    # YAML 1.1 reads "2e6" as a string; users mean a number.
+    if isinstance(value, str) and _NUMBER.match(value):
+        value = float(value)
+    return parts, value
+
+
+def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The config model class that owns the key at ``loc`` (for listing allowed keys)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if model is None:
+            return None
+    return model
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        key = ".".join(str(p) for p in loc) or "<top>"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            allowed = ", ".join(owner.model_fields) if owner else "?"
+            msgs.append(f"unknown key '{key}' (allowed here: {allowed})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            msgs.append(f"'{key}': {msg} (got {e.get('input')!r})")
+    return f"invalid config {origin}: " + "; ".join(msgs)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``key.path=value`` overrides, validate."""
+    tree: dict = {}
+    origin = "(defaults)"
+    if path is not None:
+        origin = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"config {path} is not valid YAML: {e}".replace("\n", " ")) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config {path} must be a mapping at the top level")
+        tree = loaded or {}
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        _set_dotted(tree, parts, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, origin)) from None

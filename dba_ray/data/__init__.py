@@ -1,0 +1,5 @@
+"""Streaming training sequences from files, cloud URIs or Hugging Face data sets."""
+
+from dba_ray.data.pipeline import build_sequences, describe_source
+
+__all__ = ["build_sequences", "describe_source"]

@@ -1,0 +1,87 @@
+"""The Ray Data pipeline: source -> records -> (shuffle, budget) -> sequences."""
+
+from __future__ import annotations
+
+import math
+
+import ray
+import ray.data
+
+from dba_ray import storage
+from dba_ray.config import DataConfig, ModelConfig
+from dba_ray.data.records import NormalizeRows, ReadFiles, file_format
+from dba_ray.data.tokenize import Tokenize
+from dba_ray.errors import UserError
+
+
+def describe_source(cfg: DataConfig) -> dict:
+    """What was read, for metadata and messages."""
+    desc = cfg.model_dump(exclude_defaults=False)
+    if cfg.path is not None:
+        files = storage.list_files(cfg.path)
+        desc["files"] = [{"name": f, "bytes": size} for f, size in files]
+    return desc
+
+
+def _records(cfg: DataConfig, tracker) -> ray.data.Dataset:
+    if cfg.path is not None:
+        files = storage.list_files(cfg.path)
+        files = [(f, size) for f, size in files if size > 0]
+        if not files:
+            raise UserError(f"data source {cfg.path} is empty (no non-empty files)")
+        items = [{"file": f, "fmt": file_format(f, cfg.file_format)} for f, _ in files]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        return ds.map_batches(ReadFiles(cfg, tracker), batch_size=1)
+    return _hf_records(cfg, tracker)
+
+
+def _hf_records(cfg: DataConfig, tracker) -> ray.data.Dataset:
+    import datasets
+
+    name = cfg.hf_dataset
+    try:
+        if storage.exists(name) and storage.exists(storage.join(name, "dataset_info.json")):
+            hf = datasets.load_from_disk(name)
+            if isinstance(hf, datasets.DatasetDict):
+                hf = hf[cfg.split]
+        else:
+            hf = datasets.load_dataset(
+                name, cfg.hf_config, split=cfg.split, streaming=cfg.streaming
+            )
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise UserError(f"cannot load data set {name!r}: {str(e).splitlines()[0]}") from None
+    if not cfg.streaming and len(hf) == 0:
+        raise UserError(f"data set {name!r} split {cfg.split!r} is empty")
+    ds = ray.data.from_huggingface(hf)
+    origin = f"{name}[{cfg.split}]"
+    return ds.map_batches(NormalizeRows(cfg, origin, tracker), batch_format="numpy")
+
+
+def build_sequences(
+    data_cfg: DataConfig,
+    model_cfg: ModelConfig,
+    *,
+    max_records: int | None = None,
+    max_tokens: int | None = None,
+    tracker=None,
+) -> ray.data.Dataset:
+    """A lazy Dataset of ``input_ids`` / ``labels`` rows of ``seq_len`` tokens.
+
+    Run it with ``preserve_order`` (as Stage 1 does) so that budgets take the same
+    rows every time. ``tracker`` (a ``progress.Tracker`` actor) counts skipped records.
+    """
+    ds = _records(data_cfg, tracker)
+    if data_cfg.shuffle_seed is not None:
+        ds = ds.random_shuffle(seed=data_cfg.shuffle_seed)
+    if max_records is not None:
+        ds = ds.limit(max_records)
+    ds = ds.map_batches(
+        Tokenize,
+        fn_constructor_args=(model_cfg, data_cfg),
+        batch_size=256,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=data_cfg.tokenizer_actors),
+    )
+    if max_tokens is not None:
+        ds = ds.limit(math.ceil(max_tokens / data_cfg.seq_len))
+    return ds

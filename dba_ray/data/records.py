@@ -1,0 +1,246 @@
+"""Reading source files into validated, normalized records.
+
+Every record leaves here in one of three shapes, whatever the source:
+``text`` -> {text}; ``instruction`` -> {instruction, input, output};
+``chat`` -> {messages (JSON string)}; plus ``_source``, where it came from
+("file:line"), so that a later failure can still name it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any, Iterator
+
+from dba_ray import storage
+from dba_ray.config import DataConfig
+from dba_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+}
+_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+
+COLUMNS = {
+    "text": ["text"],
+    "instruction": ["instruction", "input", "output"],
+    "chat": ["messages"],
+}
+
+
+class BadRecord(ValueError):
+    """One record that does not fit the configured format."""
+
+
+def file_format(uri: str, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    name = uri.lower()
+    for ext in _COMPRESSED:
+        name = name.removesuffix(ext)
+    for ext, fmt in _EXTENSIONS.items():
+        if name.endswith(ext):
+            return fmt
+    raise UserError(
+        f"cannot tell the format of {uri} from its extension "
+        f"(known: {', '.join(_EXTENSIONS)}); set file_format"
+    )
+
+
+def normalize(record: Any, cfg: DataConfig) -> dict:
+    """Check one record against ``cfg.format`` and return its normalized fields."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"expected an object, got {type(record).__name__}")
+    if cfg.format == "text":
+        text = record.get(cfg.text_field)
+        if not isinstance(text, str):
+            raise BadRecord(f"field '{cfg.text_field}' missing or not a string")
+        return {"text": text}
+    if cfg.format == "instruction":
+        out = {}
+        for key in ("instruction", "output"):
+            if not isinstance(record.get(key), str):
+                raise BadRecord(f"field '{key}' missing or not a string")
+            out[key] = record[key]
+        inp = record.get("input") or ""
+        if not isinstance(inp, str):
+            raise BadRecord("field 'input' is not a string")
+        out["input"] = inp
+        return out
+    messages = record.get(cfg.messages_field)
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise BadRecord(f"field '{cfg.messages_field}' is a string but not JSON") from None
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord(f"field '{cfg.messages_field}' missing or not a non-empty list")
+    for i, m in enumerate(messages):
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise BadRecord(f"message {i} needs string 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no assistant message to learn from")
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return {"messages": json.dumps(clean)}
+
+
+def _raw_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
+    """(location, raw record) pairs of one file; a raw record may be a BadRecord."""
+    fs, path = storage.resolve(uri)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open_input_file(path) as f:
+            row = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                for rec in batch.to_pylist():
+                    row += 1
+                    yield f"{uri}: row {row}", rec
+        return
+    with fs.open_input_stream(path, compression="detect") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline=None)
+        if fmt == "json":
+            try:
+                data = json.load(text)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield f"{uri}", BadRecord(f"not valid JSON ({e})")
+                return
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                yield f"{uri}", BadRecord("a .json file must hold a list of records")
+                return
+            for i, rec in enumerate(data):
+                yield f"{uri}: record {i}", rec
+            return
+        lineno = 0
+        para: list[str] = []
+        para_start = 1
+        try:
+            for line in text:
+                lineno += 1
+                if fmt == "jsonl":
+                    if not line.strip():
+                        continue
+                    try:
+                        yield f"{uri}:{lineno}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield f"{uri}:{lineno}", BadRecord(f"not valid JSON ({e.msg})")
+                elif cfg.sample_by == "line":
+                    if line.strip():
+                        yield f"{uri}:{lineno}", {cfg.text_field: line.rstrip("\n")}
+                elif cfg.sample_by == "paragraph" and not line.strip():
+                    if para:
+                        yield f"{uri}:{para_start}", {cfg.text_field: "".join(para).strip()}
+                    para, para_start = [], lineno + 1
+                else:
+                    para.append(line)
+        except UnicodeDecodeError:
+            yield f"{uri}:{lineno + 1}", BadRecord("not valid UTF-8")
+            return
+        if fmt == "text" and cfg.sample_by != "line" and "".join(para).strip():
+            yield f"{uri}:{para_start}", {cfg.text_field: "".join(para).strip()}
+
+
+class ReadFiles:
+    """Ray Data map_batches function: file names in, normalized records out.
+
+    A generator, so one large file streams out in bounded batches.
+    """
+
+    def __init__(self, cfg: DataConfig, tracker=None, rows_per_batch: int = 1024):
+        self.cfg = cfg
+        self.tracker = tracker
+        self.rows_per_batch = rows_per_batch
+
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        cols = COLUMNS[self.cfg.format] + ["_source"]
+        out: dict[str, list] = {c: [] for c in cols}
+        for uri, fmt in zip(batch["file"], batch["fmt"]):
+            skipped, first = 0, None
+            for loc, rec in _raw_records(str(uri), str(fmt), self.cfg):
+                try:
+                    if isinstance(rec, BadRecord):
+                        raise rec
+                    norm = normalize(rec, self.cfg)
+                except BadRecord as e:
+                    if self.cfg.on_bad_record == "fail":
+                        raise UserError(
+                            f"malformed record at {loc}: {e} "
+                            "(set on_bad_record: skip to skip such records)"
+                        ) from None
+                    skipped += 1
+                    first = first or f"{loc}: {e}"
+                    continue
+                for k, v in norm.items():
+                    out[k].append(v)
+                out["_source"].append(loc)
+                if len(out["_source"]) >= self.rows_per_batch:
+                    yield out
+                    out = {c: [] for c in cols}
+            if skipped:
+                log.warning("skipped %d malformed records in %s, first: %s", skipped, uri, first)
+                if self.tracker is not None:
+                    self.tracker.add_skipped.remote(skipped, first)
+        if out["_source"]:
+            yield out
+
+
+class NormalizeRows:
+    """Ray Data map_batches function for Hugging Face rows (already parsed)."""
+
+    def __init__(self, cfg: DataConfig, origin: str, tracker=None):
+        self.cfg = cfg
+        self.origin = origin
+        self.tracker = tracker
+
+    def __call__(self, batch: dict) -> dict:
+        keys = list(batch)
+        n = len(batch[keys[0]]) if keys else 0
+        cols = COLUMNS[self.cfg.format]
+        out: dict[str, list] = {c: [] for c in cols + ["_source"]}
+        skipped, first = 0, None
+        for i in range(n):
+            rec = {k: _plain(batch[k][i]) for k in keys}
+            try:
+                norm = normalize(rec, self.cfg)
+            except BadRecord as e:
+                if self.cfg.on_bad_record == "fail":
+                    raise UserError(
+                        f"malformed record in {self.origin}: {e}; record starts "
+                        f"{json.dumps(rec, default=str)[:120]} "
+                        "(set on_bad_record: skip to skip such records)"
+                    ) from None
+                skipped += 1
+                first = first or f"{self.origin}: {e}"
+                continue
+            for k, v in norm.items():
+                out[k].append(v)
+            out["_source"].append(self.origin)
+        if skipped and self.tracker is not None:
+            self.tracker.add_skipped.remote(skipped, first)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy values from a Ray Data batch -> plain Python, for validation."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,107 @@
+"""Turning normalized records into fixed-length training sequences.
+
+Output rows: ``input_ids`` and ``labels`` (int32, length seq_len). ``labels`` is -100
+where a token is not trained on (padding; the prompt of instruction and chat records).
+Like Hugging Face models, position i's label is the token at i and the loss shift
+happens in the loss, so a sequence's trained tokens are ``labels[1:] != -100``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from dba_ray.config import DataConfig, ModelConfig
+from dba_ray.errors import UserError
+
+IGNORE = -100
+
+
+def instruction_prompt(instruction: str, input_text: str) -> str:
+    """The prompt an instruction record is rendered to (its output follows)."""
+    if input_text:
+        return f"### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n"
+    return f"### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+class Tokenize:
+    """Ray Data map_batches callable class: one tokenizer per actor."""
+
+    def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig):
+        from dba_ray.model import load_tokenizer
+
+        self.cfg = data_cfg
+        self.tok = load_tokenizer(model_cfg)
+        self.eos = self.tok.eos_token_id
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+        if data_cfg.format == "chat" and not getattr(self.tok, "chat_template", None):
+            raise UserError(
+                f"tokenizer of {model_cfg.tokenizer or model_cfg.name_or_path!r} has no "
+                "chat template, which format: chat needs"
+            )
+
+    def __call__(self, batch: dict) -> dict:
+        if self.cfg.format == "text":
+            rows = self._pack(list(batch["text"]))
+        elif self.cfg.format == "instruction":
+            rows = [
+                self._one(instruction_prompt(str(i), str(x)), str(o))
+                for i, x, o in zip(batch["instruction"], batch["input"], batch["output"])
+            ]
+            rows = [r for r in rows if r is not None]
+        else:
+            rows = [self._chat(json.loads(str(m))) for m in batch["messages"]]
+            rows = [r for r in rows if r is not None]
+        n, L = len(rows), self.cfg.seq_len
+        ids = np.full((n, L), self.pad, dtype=np.int32)
+        labels = np.full((n, L), IGNORE, dtype=np.int32)
+        for k, (toks, labs) in enumerate(rows):
+            ids[k, : len(toks)] = toks
+            labels[k, : len(labs)] = labs
+        return {"input_ids": ids, "labels": labels}
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def _pack(self, texts: list[str]):
+        """Concatenate documents with EOS after each, cut into seq_len pieces; the
+        last piece of the batch is padded (its padding is not trained on)."""
+        stream: list[int] = []
+        for ids in self._ids(texts):
+            stream.extend(ids)
+            stream.append(self.eos)
+        L = self.cfg.seq_len
+        return [(stream[i : i + L], stream[i : i + L]) for i in range(0, len(stream), L)]
+
+    def _one(self, prompt: str, response: str):
+        p, r = self._ids([prompt, response])
+        return self._masked(p, r + [self.eos])
+
+    def _masked(self, prompt_ids: list[int], response_ids: list[int]):
+        toks = (prompt_ids + response_ids)[: self.cfg.seq_len]
+        labs = ([IGNORE] * len(prompt_ids) + response_ids)[: self.cfg.seq_len]
+        # A prompt longer than seq_len leaves nothing to learn: drop the row.
+        return (toks, labs) if any(x != IGNORE for x in labs[1:]) else None
+
+    def _chat(self, messages: list[dict]):
+        """Train only on assistant turns. Each turn's tokens are found by rendering the
+        conversation up to it with and without it, which works for any template that
+        renders a prefix of a conversation as a prefix of its tokens."""
+
+        def render(msgs, gen):
+            out = self.tok.apply_chat_template(
+                msgs, tokenize=True, add_generation_prompt=gen, return_dict=True
+            )
+            return list(out["input_ids"])
+
+        toks = render(messages, False)
+        labs = [IGNORE] * len(toks)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(render(messages[:i], True)) if i else 0
+            end = len(render(messages[: i + 1], False))
+            labs[start:end] = toks[start:end]
+        toks, labs = toks[: self.cfg.seq_len], labs[: self.cfg.seq_len]
+        return (toks, labs) if any(x != IGNORE for x in labs[1:]) else None
