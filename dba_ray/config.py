@@ -65,7 +65,8 @@ class DataConfig(_Strict):
     path: Optional[str] = Field(
         None,
         description="File or folder (local, s3://, gs://) of JSON Lines, JSON, Parquet or "
-        "plain-text files. Exactly one of path / hf_dataset.",
+        "plain-text files, or 'builtin:python-docs' (standard-library docstrings, made "
+        "offline). Exactly one of path / hf_dataset.",
     )
     hf_dataset: Optional[str] = Field(
         None,

@@ -7,8 +7,6 @@ byte-level tokenizer built in code: neither needs a network.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -113,14 +111,6 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
         raise UserError(
             f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}"
         ) from None
-
-
-def parameter_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of parameter names and shapes: what an artifact must match to apply."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(f"{name}\t{tuple(p.shape)}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def model_source(cfg: ModelConfig) -> dict:

@@ -25,11 +25,17 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A URI unchanged, a local path made absolute: Ray workers run in other directories."""
+    if is_remote(uri):
+        return uri
+    return str(Path(uri.removeprefix("file://")).expanduser().absolute())
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     if not is_remote(uri):
-        local = uri.removeprefix("file://")
-        return pafs.LocalFileSystem(), str(Path(local).expanduser().absolute())
+        return pafs.LocalFileSystem(), absolute(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pafs.ArrowInvalid, ValueError, OSError) as e:
@@ -66,6 +72,7 @@ def list_files(uri: str) -> list[tuple[str, int]]:
 
     Names are returned as full local paths or URIs. Hidden files are skipped.
     """
+    uri = absolute(uri)
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:

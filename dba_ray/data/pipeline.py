@@ -9,6 +9,7 @@ import ray.data
 
 from dba_ray import storage
 from dba_ray.config import DataConfig, ModelConfig
+from dba_ray.data.builtin import PREFIX, builtin_records
 from dba_ray.data.records import NormalizeRows, ReadFiles, file_format
 from dba_ray.data.tokenize import Tokenize
 from dba_ray.errors import UserError
@@ -17,13 +18,16 @@ from dba_ray.errors import UserError
 def describe_source(cfg: DataConfig) -> dict:
     """What was read, for metadata and messages."""
     desc = cfg.model_dump(exclude_defaults=False)
-    if cfg.path is not None:
+    if cfg.path is not None and not cfg.path.startswith(PREFIX):
         files = storage.list_files(cfg.path)
         desc["files"] = [{"name": f, "bytes": size} for f, size in files]
     return desc
 
 
 def _records(cfg: DataConfig, tracker) -> ray.data.Dataset:
+    if cfg.path is not None and cfg.path.startswith(PREFIX):
+        ds = ray.data.from_items(builtin_records(cfg.path, cfg.text_field))
+        return ds.map_batches(NormalizeRows(cfg, cfg.path, tracker), batch_format="numpy")
     if cfg.path is not None:
         files = storage.list_files(cfg.path)
         files = [(f, size) for f, size in files if size > 0]
@@ -39,6 +43,8 @@ def _hf_records(cfg: DataConfig, tracker) -> ray.data.Dataset:
     import datasets
 
     name = cfg.hf_dataset
+    if storage.exists(name):
+        name = storage.absolute(name)
     try:
         if storage.exists(name) and storage.exists(storage.join(name, "dataset_info.json")):
             hf = datasets.load_from_disk(name)
@@ -70,6 +76,8 @@ def build_sequences(
     Run it with ``preserve_order`` (as Stage 1 does) so that budgets take the same
     rows every time. ``tracker`` (a ``progress.Tracker`` actor) counts skipped records.
     """
+    # Our own progress line replaces Ray Data's bars, which flood a job's log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = _records(data_cfg, tracker)
     if data_cfg.shuffle_seed is not None:
         ds = ds.random_shuffle(seed=data_cfg.shuffle_seed)

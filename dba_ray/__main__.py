@@ -1,0 +1,3 @@
+from dba_ray.cli import main
+
+raise SystemExit(main())

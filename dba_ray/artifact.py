@@ -1,0 +1,269 @@
+"""The global-gradient artifact: ĝ_G (and optionally v_G) as safetensors + meta.json.
+
+Layout of an artifact directory (local path or s3:// / gs:// URI)::
+
+    mean_gradient-00001-of-0000N.safetensors   ĝ_G, tensor names = named_parameters()
+    second_moment-00001-of-0000N.safetensors   v_G (optional), same names
+    meta.json                                  written last: its presence = complete
+
+With SVD compression a 2-D tensor ``W`` is stored as ``W.svd_us`` (m×r, U·diag(S)) and
+``W.svd_vh`` (r×n); loading multiplies them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from dba_ray import __version__, storage
+from dba_ray.errors import UserError
+
+FORMAT_VERSION = 1
+KIND = "dba-ray/global-gradient"
+META = "meta.json"
+MAX_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class GlobalGradient:
+    """ĝ_G (``mean``), optional v_G (``second_moment``), and their metadata."""
+
+    mean: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    second_moment: dict[str, torch.Tensor] | None = None
+
+    def check_model(self, model: torch.nn.Module, model_name: str = "the model") -> None:
+        """Refuse a model whose parameters differ from the one ĝ_G was computed on."""
+        check_fingerprint(self.meta, model, model_name)
+
+
+@dataclass
+class Stats:
+    """What the Stage 1 pass saw; goes into meta.json."""
+
+    tokens: int
+    sequences: int
+    batches: int
+    loss_sum: float
+    data_fingerprint: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {n: list(p.shape) for n, p in model.named_parameters()}
+
+
+def fingerprint_of(shapes: dict[str, list[int]]) -> str:
+    h = hashlib.sha256()
+    for name, shape in shapes.items():
+        h.update(f"{name}\t{tuple(shape)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def check_fingerprint(meta: dict, model: torch.nn.Module, model_name: str) -> None:
+    shapes = parameter_shapes(model)
+    if fingerprint_of(shapes) == meta["param_fingerprint"]:
+        return
+    theirs = meta.get("parameters", {})
+    diff = next(
+        (f"{n}: {s} vs {theirs.get(n, 'absent')}" for n, s in shapes.items() if theirs.get(n) != s),
+        next((f"{n}: absent vs {s}" for n, s in theirs.items() if n not in shapes), "?"),
+    )
+    base = meta.get("base_model", {}).get("name_or_path", "?")
+    raise UserError(
+        f"global gradient was computed for model {base!r} (fingerprint "
+        f"{meta['param_fingerprint']}), which does not match {model_name!r} (fingerprint "
+        f"{fingerprint_of(shapes)}); first difference {diff}"
+    )
+
+
+def build_meta(
+    mean: dict[str, torch.Tensor],
+    shapes: dict[str, list[int]],
+    stats: Stats,
+    *,
+    base_model: dict,
+    data: dict,
+    seq_len: int,
+    dtype: str,
+    description: str,
+    has_second_moment: bool,
+) -> dict:
+    norms = {n: float(t.double().norm()) for n, t in mean.items()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": KIND,
+        "dba_ray_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "description": description,
+        "base_model": base_model,
+        "param_fingerprint": fingerprint_of(shapes),
+        "parameters": shapes,
+        "num_parameters": sum(math.prod(s) for s in shapes.values()),
+        "tokens": stats.tokens,
+        "sequences": stats.sequences,
+        "batches": stats.batches,
+        "mean_loss": stats.loss_sum / max(stats.tokens, 1),
+        "data": {"description": data, "fingerprint": stats.data_fingerprint},
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "has_second_moment": has_second_moment,
+        "norms": norms,
+        "global_norm": math.sqrt(sum(v * v for v in norms.values())),
+        **stats.extra,
+    }
+
+
+def _svd_compress(
+    tensors: dict[str, torch.Tensor], rank: int
+) -> tuple[dict[str, torch.Tensor], dict]:
+    out: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    err_sq = total_sq = 0.0
+    for name, t in tensors.items():
+        norm_sq = float(t.double().pow(2).sum())
+        total_sq += norm_sq
+        if t.dim() != 2 or rank >= min(t.shape):
+            out[name] = t
+            continue
+        u, s, vh = torch.linalg.svd(t.float(), full_matrices=False)
+        us, v = (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
+        resid_sq = float(s[rank:].double().pow(2).sum())
+        errors[name] = math.sqrt(resid_sq / norm_sq) if norm_sq > 0 else 0.0
+        err_sq += resid_sq
+        out[f"{name}.svd_us"], out[f"{name}.svd_vh"] = us, v
+    info = {
+        "kind": "svd",
+        "rank": rank,
+        "relative_error": math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0,
+        "relative_error_per_tensor": errors,
+    }
+    return out, info
+
+
+def _decompress(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".svd_vh"):
+            continue
+        if name.endswith(".svd_us"):
+            base = name.removesuffix(".svd_us")
+            out[base] = (t.float() @ tensors[f"{base}.svd_vh"].float()).to(t.dtype)
+        else:
+            out[name] = t
+    return out
+
+
+def _shards(prefix: str, tensors: dict[str, torch.Tensor]) -> list[tuple[str, dict]]:
+    groups: list[dict] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > MAX_SHARD_BYTES:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t.contiguous()
+        size += nbytes
+    n = len(groups)
+    return [(f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def save(
+    uri: str,
+    grad: GlobalGradient,
+    *,
+    overwrite: bool = False,
+    svd_rank: int | None = None,
+    save_dtype: str = "float32",
+) -> dict:
+    """Write the artifact atomically; return the meta written."""
+    dtype = getattr(torch, save_dtype)
+    mean = {n: t.detach().to("cpu", dtype) for n, t in grad.mean.items()}
+    meta = dict(grad.meta, save_dtype=save_dtype, compression=None, files={})
+    if svd_rank is not None:
+        mean, meta["compression"] = _svd_compress(mean, svd_rank)
+    parts = {"mean_gradient": mean}
+    if grad.second_moment is not None:
+        parts["second_moment"] = {
+            n: t.detach().to("cpu", dtype) for n, t in grad.second_moment.items()
+        }
+    with storage.atomic_directory(uri, overwrite=overwrite, marker=META) as target:
+        for prefix, tensors in parts.items():
+            for fname, group in _shards(prefix, tensors):
+                blob = st_save(group, metadata={"kind": KIND, "part": prefix})
+                storage.write_bytes_atomic(storage.join(target, fname), blob)
+                meta["files"][fname] = {
+                    "part": prefix,
+                    "bytes": len(blob),
+                    "sha256": hashlib.sha256(blob).hexdigest(),
+                }
+        # Last: the marker that makes the artifact complete.
+        storage.write_bytes_atomic(
+            storage.join(target, META), json.dumps(meta, indent=1).encode()
+        )
+    return meta
+
+
+def read_meta(uri: str) -> dict:
+    meta_uri = storage.join(uri, META)
+    if not storage.exists(uri):
+        raise UserError(f"global-gradient artifact not found: {uri}")
+    if not storage.exists(meta_uri):
+        raise UserError(
+            f"{uri} is not a complete global-gradient artifact (no {META}; "
+            "an interrupted or unfinished write?)"
+        )
+    try:
+        meta = json.loads(storage.read_bytes(meta_uri))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_uri} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+        raise UserError(f"{uri} is not a dba-ray global-gradient artifact")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(
+            f"{uri} has format version {meta['format_version']}; this dba-ray reads "
+            f"up to {FORMAT_VERSION} (upgrade dba-ray)"
+        )
+    return meta
+
+
+def load(uri: str, *, verify: bool = False) -> GlobalGradient:
+    """Read an artifact; ``verify`` also checks every file's sha256."""
+    meta = read_meta(uri)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for fname, info in meta["files"].items():
+        furi = storage.join(uri, fname)
+        if not storage.exists(furi):
+            raise UserError(f"artifact {uri} is incomplete: {fname} is missing")
+        blob = storage.read_bytes(furi)
+        if len(blob) != info["bytes"] or (
+            verify and hashlib.sha256(blob).hexdigest() != info["sha256"]
+        ):
+            raise UserError(f"artifact {uri} is corrupt: {fname} does not match meta.json")
+        parts.setdefault(info["part"], {}).update(st_load(blob))
+    mean = _decompress(parts.get("mean_gradient", {}))
+    missing = set(meta["parameters"]) - set(mean)
+    if missing:
+        raise UserError(f"artifact {uri} lacks tensors: {sorted(missing)[:3]}")
+    return GlobalGradient(mean=mean, meta=meta, second_moment=parts.get("second_moment"))
+
+
+def load_any(source, model: torch.nn.Module | None = None, model_name: str = "the model"):
+    """Load from a path/URI or from an ObjectRef made by Stage 1, checking the model."""
+    import ray
+
+    if isinstance(source, ray.ObjectRef):
+        grad = ray.get(source)
+    else:
+        grad = load(str(source))
+    if model is not None:
+        grad.check_model(model, model_name)
+    return grad

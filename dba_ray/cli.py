@@ -1,0 +1,129 @@
+"""The ``dba-ray`` command line.
+
+User errors (bad config, missing files, malformed data, mismatched artifacts) end with
+one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from dba_ray import __version__
+from dba_ray.errors import UserError
+
+log = logging.getLogger("dba_ray")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set stage1.max_tokens=2e6 (repeatable)",
+    )
+
+
+def cmd_global_gradient(args) -> int:
+    from dba_ray.config import load_config
+    from dba_ray.global_gradient import run_global_gradient
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_global_gradient(cfg)
+    print(f"global gradient written to {result.uri}")
+    return 0
+
+
+def _bytes(n: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        div = {"GiB": 1024**3, "MiB": 1024**2, "KiB": 1024}[unit]
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def cmd_inspect(args) -> int:
+    from dba_ray import artifact
+
+    meta = artifact.read_meta(args.path)
+    if args.verify:
+        artifact.load(args.path, verify=True)
+    if args.json:
+        print(json.dumps(meta, indent=1))
+        return 0
+    base = meta["base_model"]
+    data = meta["data"]["description"]
+    comp = meta.get("compression")
+    rows = [
+        ("artifact", args.path),
+        ("format", f"{meta['kind']} v{meta['format_version']} (dba-ray {meta['dba_ray_version']})"),
+        ("created", meta["created_at"]),
+        ("base model", f"{base['name_or_path']}" + (f" @ {base['revision']}" if base.get("revision") else "")),
+        ("fingerprint", f"{meta['param_fingerprint']} ({meta['num_parameters']:,} parameters)"),
+        ("data", f"{data.get('path') or data.get('hf_dataset')} ({data.get('format')}), fingerprint {meta['data']['fingerprint']}"),
+        ("seen", f"{meta['tokens']:,} tokens, {meta['sequences']:,} sequences of {meta['seq_len']}, {meta['batches']:,} micro-batches"),
+        ("mean loss", f"{meta['mean_loss']:.4f}"),
+        ("dtype", f"compute {meta['dtype']}, stored {meta.get('save_dtype')}"),
+        ("global norm", f"{meta['global_norm']:.6g}"),
+        ("second moment", "yes" if meta.get("has_second_moment") else "no"),
+        ("compression", f"SVD rank {comp['rank']}, relative error {comp['relative_error']:.4g}" if comp else "none"),
+        ("files", ", ".join(f"{f} ({_bytes(i['bytes'])})" for f, i in meta["files"].items())),
+    ]
+    if meta.get("description"):
+        rows.insert(2, ("description", meta["description"]))
+    if args.verify:
+        rows.append(("verified", "all sha256 checksums match"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("\nper-tensor norms:")
+    for name, norm in meta["norms"].items():
+        print(f"  {norm:12.6g}  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dba-ray",
+        description="Domain fine-tuning with Dynamic Boosted Annealing on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"dba-ray {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "global-gradient",
+        help="Stage 1: compute the global gradient of general data at the base weights",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_global_gradient)
+
+    p = sub.add_parser("inspect", help="print the metadata of a global-gradient artifact")
+    p.add_argument("path", help="artifact directory (local path or s3:// / gs:// URI)")
+    p.add_argument("--json", action="store_true", help="print meta.json as it is")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s dba-ray: %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"dba-ray: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dba-ray: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,244 @@
+"""Stage 1: the global gradient ĝ_G of general data at the base weights.
+
+A TorchTrainer whose workers stream their shard of the general data and run forward
+and backward with no optimizer: parameters never change. Each worker keeps the fp32
+sum of per-token loss gradients and its token count; one all-reduce at the end gives
+ĝ_G = Σ grads / Σ tokens, the exact token-weighted mean gradient (the limit the paper
+reaches with zero-learning-rate Adam and β1 → 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.data import ExecutionOptions
+from ray.train import DataConfig as TrainDataConfig
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dba_ray import artifact, storage
+from dba_ray.config import Config
+from dba_ray.data import build_sequences, describe_source
+from dba_ray.data.tokenize import IGNORE
+from dba_ray.errors import UserError, find_user_error
+from dba_ray.model import load_model, model_source
+from dba_ray.progress import ProgressPrinter, Tracker
+from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray
+
+log = logging.getLogger("dba_ray")
+DATASET = "general"
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class Stage1Result:
+    meta: dict
+    uri: str | None  # where the artifact was written
+    ref: ray.ObjectRef | None  # the GlobalGradient in the object store, if asked
+
+
+def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
+    """(sum of per-token cross-entropy, number of trained tokens) of one batch."""
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    target = labels[:, 1:]
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return loss, (target != IGNORE).sum()
+
+
+def sequence_hash(input_ids, labels) -> int:
+    """Order-free fingerprint term of one sequence (summed mod 2^64 over the data)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(input_ids.tobytes())
+    h.update(labels.tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def _worker_loop(config: dict) -> None:
+    cfg = Config.model_validate(config["cfg"])
+    s1 = cfg.stage1
+    tracker = config["tracker"]
+    torch.set_num_threads(s1.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    rank = ray.train.get_context().get_world_rank()
+
+    model = load_model(cfg.model).to(device)
+    model.eval()  # no dropout: the gradient of the deterministic loss at θ0
+    params = dict(model.named_parameters())
+    # fp32 weights let .grad itself hold the running sum; otherwise (bf16 weights, or
+    # when each micro-batch gradient is needed for v_G) sum into fp32 buffers.
+    separate = s1.second_moment or any(p.dtype != torch.float32 for p in params.values())
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if separate else None
+    sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if s1.second_moment else None
+
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_seq = n_batches = 0
+    data_hash = 0
+    reported_tokens, last_report = 0.0, time.monotonic()
+    shard = ray.train.get_dataset_shard(DATASET)
+    for batch in shard.iter_batches(batch_size=s1.batch_size, batch_format="numpy"):
+        ids_np, labels_np = batch["input_ids"], batch["labels"]
+        for i in range(len(ids_np)):
+            data_hash = (data_hash + sequence_hash(ids_np[i], labels_np[i])) & _MASK64
+        ids = torch.from_numpy(ids_np.astype(np.int64)).to(device, non_blocking=True)
+        labels = torch.from_numpy(labels_np.astype(np.int64)).to(device, non_blocking=True)
+        loss, n = token_loss_sum(model, ids, labels)
+        loss.backward()
+        if separate:
+            n_f = n.clamp(min=1).float()
+            for name, p in params.items():
+                g = p.grad.float()
+                sums[name] += g
+                if sq is not None:
+                    sq[name] += (g / n_f) ** 2
+                p.grad = None
+        tokens += n
+        loss_sum += loss.detach()
+        n_seq += len(ids_np)
+        n_batches += 1
+        if time.monotonic() - last_report > 1.0:
+            now_tokens = float(tokens)
+            tracker.add.remote(tokens=now_tokens - reported_tokens)
+            reported_tokens, last_report = now_tokens, time.monotonic()
+    tracker.add.remote(tokens=float(tokens) - reported_tokens)
+
+    if sums is None:
+        sums = {
+            n: (p.grad if p.grad is not None else torch.zeros_like(p)).float()
+            for n, p in params.items()
+        }
+    counts = torch.tensor(
+        [float(tokens), float(loss_sum), n_seq, n_batches], dtype=torch.float64, device=device
+    )
+    hashes = [data_hash]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+        for t in sums.values():
+            dist.all_reduce(t)
+        for t in (sq or {}).values():
+            dist.all_reduce(t)
+        hashes = [None] * dist.get_world_size()
+        dist.all_gather_object(hashes, data_hash)
+    total_tokens, total_loss, total_seq, total_batches = counts.tolist()
+    if rank != 0:
+        return
+    if total_tokens == 0:
+        src = s1.data.path or s1.data.hf_dataset
+        raise UserError(f"general data {src} produced no trainable tokens")
+
+    mean = {n: (t / total_tokens).cpu() for n, t in sums.items()}
+    second = {n: (t / total_batches).cpu() for n, t in sq.items()} if sq is not None else None
+    stats = artifact.Stats(
+        tokens=int(total_tokens),
+        sequences=int(total_seq),
+        batches=int(total_batches),
+        loss_sum=total_loss,
+        data_fingerprint=f"{sum(hashes) & _MASK64:016x}",
+        extra={"num_workers": s1.num_workers, "batch_size": s1.batch_size},
+    )
+    meta = artifact.build_meta(
+        mean,
+        artifact.parameter_shapes(model),
+        stats,
+        base_model=model_source(cfg.model),
+        data=config["data_description"],
+        seq_len=s1.data.seq_len,
+        dtype=cfg.model.dtype,
+        description=s1.description,
+        has_second_moment=second is not None,
+    )
+    grad = artifact.GlobalGradient(mean=mean, meta=meta, second_moment=second)
+    uri = config["output"]
+    if uri is not None:
+        meta = artifact.save(
+            uri, grad, overwrite=s1.overwrite, svd_rank=s1.svd_rank, save_dtype=s1.save_dtype
+        )
+    if s1.to_object_store:
+        ray.get(tracker.set_result.remote("grad", grad))
+    ray.get(tracker.set_result.remote("meta", meta))
+
+
+def run_global_gradient(cfg: Config, *, write: bool = True) -> Stage1Result:
+    """Run Stage 1 on the configured cluster. ``write=False`` skips the artifact on
+    disk (then ``stage1.to_object_store`` must be on)."""
+    s1 = cfg.stage1
+    if s1.data is None:
+        raise UserError("stage1.data is required: the general data to compute ĝ_G on")
+    uri = storage.absolute(cfg.stage1_output()) if write else None
+    if uri is None and not s1.to_object_store:
+        raise UserError("nothing to keep: set stage1.output or stage1.to_object_store")
+    if uri is not None and storage.exists(uri) and not s1.overwrite:
+        raise UserError(f"{uri} already exists (set stage1.overwrite=true to replace it)")
+
+    ensure_ray(cfg.ray)
+    check_cpu_headroom(s1.num_workers * s1.cpus_per_worker)
+    tracker = Tracker.remote()
+    ds = build_sequences(
+        s1.data, cfg.model, max_records=s1.max_records, max_tokens=s1.max_tokens, tracker=tracker
+    )
+    budget = None
+    if s1.max_tokens is not None:
+        budget = math.ceil(s1.max_tokens / s1.data.seq_len) * s1.data.seq_len
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "tracker": tracker,
+            "output": uri,
+            "data_description": describe_source(s1.data),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=s1.num_workers,
+            use_gpu=s1.use_gpu,
+            resources_per_worker={"CPU": s1.cpus_per_worker, **({"GPU": 1} if s1.use_gpu else {})},
+        ),
+        datasets={DATASET: ds},
+        # Ordered execution makes the token budget take the same rows every run.
+        dataset_config=TrainDataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(
+            name=f"stage1-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=_train_storage(cfg),
+        ),
+    )
+    log.info("stage 1: global gradient of %s on %d worker(s)", s1.data.path or s1.data.hf_dataset, s1.num_workers)
+    start = time.monotonic()
+    with ProgressPrinter(tracker, "stage1", budget, s1.progress_interval_s):
+        try:
+            trainer.fit()
+        except Exception as e:  # Train wraps worker errors; surface the user's message
+            user = find_user_error(e)
+            if user is not None:
+                raise user from None
+            raise
+    meta = ray.get(tracker.take_result.remote("meta"))
+    snap = ray.get(tracker.snapshot.remote())
+    if snap["skipped"]:
+        log.warning("skipped %d malformed records (first: %s)", snap["skipped"], snap["first_skip"])
+    elapsed = time.monotonic() - start
+    log.info(
+        "stage 1 done: %d tokens, %d sequences in %.1fs (%.0f tokens/s), |ĝ_G| = %.4g%s",
+        meta["tokens"], meta["sequences"], elapsed, meta["tokens"] / elapsed,
+        meta["global_norm"], f", written to {uri}" if uri else "",
+    )
+    ref = tracker.take_result.remote("grad") if s1.to_object_store else None
+    return Stage1Result(meta=meta, uri=uri, ref=ref)
+
+
+def _train_storage(cfg: Config) -> str:
+    """Ray Train's run directory: beside the outputs, local or cloud."""
+    return storage.join(storage.absolute(cfg.output_dir), "ray_train")

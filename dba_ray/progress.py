@@ -1,0 +1,109 @@
+"""Progress of long Ray jobs, shown on the driver.
+
+Workers push counts to a small ``Tracker`` actor without waiting; a thread on the
+driver polls it and prints one line every few seconds. The actor also carries
+skipped-record counts from Ray Data tasks and hands results back to the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import ray
+
+log = logging.getLogger("dba_ray")
+
+
+@ray.remote(num_cpus=0)
+class Tracker:
+    def __init__(self):
+        self.counts: dict[str, float] = {}
+        self.skipped = 0
+        self.first_skip: str | None = None
+        self.results: dict[str, Any] = {}
+
+    def add(self, **deltas: float) -> None:
+        for k, v in deltas.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+
+    def add_skipped(self, n: int, first: str | None) -> None:
+        self.skipped += n
+        self.first_skip = self.first_skip or first
+
+    def snapshot(self) -> dict:
+        return {**self.counts, "skipped": self.skipped, "first_skip": self.first_skip}
+
+    def set_result(self, key: str, value: Any) -> None:
+        self.results[key] = value
+
+    def take_result(self, key: str) -> Any:
+        # Returned through this call, the value is owned by the caller (the driver),
+        # so it outlives this actor and the workers that produced it.
+        return self.results.pop(key, None)
+
+
+def _human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def progress_line(label: str, done: float, total: float | None, rate: float) -> str:
+    """e.g. ``stage1: 1.20M/2.00M tokens (60%), 12.3k tokens/s, ETA 1m05s``."""
+    if total:
+        pct = min(100.0, 100.0 * done / total)
+        eta = _duration((total - done) / rate) if rate > 0 else "?"
+        return (
+            f"{label}: {_human(done)}/{_human(total)} tokens ({pct:.0f}%), "
+            f"{_human(rate)} tokens/s, ETA {eta}"
+        )
+    return f"{label}: {_human(done)} tokens, {_human(rate)} tokens/s"
+
+
+class ProgressPrinter:
+    """Context manager: print a progress line every ``interval`` seconds."""
+
+    def __init__(self, tracker, label: str, total_tokens: float | None, interval: float):
+        self.tracker, self.label, self.total, self.interval = (
+            tracker,
+            label,
+            total_tokens,
+            interval,
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        first: tuple[float, float] | None = None  # (time, tokens) at the first report
+        while not self._stop.wait(self.interval):
+            try:
+                snap = ray.get(self.tracker.snapshot.remote(), timeout=30)
+            except Exception:  # a slow poll must never kill the job it watches
+                continue
+            done, now = snap.get("tokens", 0), time.monotonic()
+            if not done:
+                continue  # still starting workers and data: no rate to show yet
+            if first is None:
+                first = (now, done)
+                log.info(progress_line(self.label, done, self.total, 0.0))
+                continue
+            # Rate since work began, so start-up time does not dilute the ETA.
+            rate = (done - first[1]) / max(now - first[0], 1e-9)
+            log.info(progress_line(self.label, done, self.total, rate))
+
+    def __enter__(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
