@@ -87,12 +87,13 @@ def _worker_loop(config: dict) -> None:
 
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_seq = n_batches = 0
+    n_seq = n_batches = seq_len = 0
     data_hash = 0
     reported_tokens, last_report = 0.0, time.monotonic()
     shard = ray.train.get_dataset_shard(DATASET)
     for batch in shard.iter_batches(batch_size=s1.batch_size, batch_format="numpy"):
         ids_np, labels_np = batch["input_ids"], batch["labels"]
+        seq_len = max(seq_len, ids_np.shape[1])
         for i in range(len(ids_np)):
             data_hash = (data_hash + sequence_hash(ids_np[i], labels_np[i])) & _MASK64
         ids = torch.from_numpy(ids_np.astype(np.int64)).to(device, non_blocking=True)
@@ -125,9 +126,11 @@ def _worker_loop(config: dict) -> None:
     counts = torch.tensor(
         [float(tokens), float(loss_sum), n_seq, n_batches], dtype=torch.float64, device=device
     )
+    seq_lens = torch.tensor([seq_len], dtype=torch.float64, device=device)
     hashes = [data_hash]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
+        dist.all_reduce(seq_lens, op=dist.ReduceOp.MAX)
         for t in sums.values():
             dist.all_reduce(t)
         for t in (sq or {}).values():
@@ -135,11 +138,11 @@ def _worker_loop(config: dict) -> None:
         hashes = [None] * dist.get_world_size()
         dist.all_gather_object(hashes, data_hash)
     total_tokens, total_loss, total_seq, total_batches = counts.tolist()
+    seq_len = int(seq_lens.item())
     if rank != 0:
         return
     if total_tokens == 0:
-        src = s1.data.path or s1.data.hf_dataset
-        raise UserError(f"general data {src} produced no trainable tokens")
+        raise UserError(f"general data {config['source']} produced no trainable tokens")
 
     mean = {n: (t / total_tokens).cpu() for n, t in sums.items()}
     second = {n: (t / total_batches).cpu() for n, t in sq.items()} if sq is not None else None
@@ -149,7 +152,11 @@ def _worker_loop(config: dict) -> None:
         batches=int(total_batches),
         loss_sum=total_loss,
         data_fingerprint=f"{sum(hashes) & _MASK64:016x}",
-        extra={"num_workers": s1.num_workers, "batch_size": s1.batch_size},
+        extra={
+            "num_workers": s1.num_workers,
+            "batch_size": s1.batch_size,
+            "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
+        },
     )
     meta = artifact.build_meta(
         mean,
@@ -157,7 +164,7 @@ def _worker_loop(config: dict) -> None:
         stats,
         base_model=model_source(cfg.model),
         data=config["data_description"],
-        seq_len=s1.data.seq_len,
+        seq_len=seq_len,
         dtype=cfg.model.dtype,
         description=s1.description,
         has_second_moment=second is not None,
@@ -173,11 +180,17 @@ def _worker_loop(config: dict) -> None:
     ray.get(tracker.set_result.remote("meta", meta))
 
 
-def run_global_gradient(cfg: Config, *, write: bool = True) -> Stage1Result:
-    """Run Stage 1 on the configured cluster. ``write=False`` skips the artifact on
-    disk (then ``stage1.to_object_store`` must be on)."""
+def run_global_gradient(
+    cfg: Config, *, dataset: ray.data.Dataset | None = None, write: bool = True
+) -> Stage1Result:
+    """Run Stage 1 on the configured cluster.
+
+    ``dataset``: a Ray Dataset of ``input_ids`` / ``labels`` rows to use instead of
+    ``stage1.data`` (for callers that build their own). ``write=False`` keeps the result
+    only in the object store (``stage1.to_object_store`` must then be on).
+    """
     s1 = cfg.stage1
-    if s1.data is None:
+    if dataset is None and s1.data is None:
         raise UserError("stage1.data is required: the general data to compute ĝ_G on")
     uri = storage.absolute(cfg.stage1_output()) if write else None
     if uri is None and not s1.to_object_store:
@@ -188,26 +201,34 @@ def run_global_gradient(cfg: Config, *, write: bool = True) -> Stage1Result:
     ensure_ray(cfg.ray)
     check_cpu_headroom(s1.num_workers * s1.cpus_per_worker)
     tracker = Tracker.remote()
-    ds = build_sequences(
-        s1.data, cfg.model, max_records=s1.max_records, max_tokens=s1.max_tokens, tracker=tracker
-    )
     budget = None
-    if s1.max_tokens is not None:
-        budget = math.ceil(s1.max_tokens / s1.data.seq_len) * s1.data.seq_len
+    if dataset is None:
+        dataset = build_sequences(
+            s1.data, cfg.model, max_records=s1.max_records, max_tokens=s1.max_tokens,
+            tracker=tracker,
+        )
+        description = describe_source(s1.data)
+        source = s1.data.path or s1.data.hf_dataset
+        if s1.max_tokens is not None:
+            budget = math.ceil(s1.max_tokens / s1.data.seq_len) * s1.data.seq_len
+    else:
+        description = {"dataset": "a Ray Dataset given by the caller"}
+        source = "a caller's Ray Dataset"
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "cfg": cfg.model_dump(),
             "tracker": tracker,
             "output": uri,
-            "data_description": describe_source(s1.data),
+            "source": source,
+            "data_description": description,
         },
         scaling_config=ScalingConfig(
             num_workers=s1.num_workers,
             use_gpu=s1.use_gpu,
             resources_per_worker={"CPU": s1.cpus_per_worker, **({"GPU": 1} if s1.use_gpu else {})},
         ),
-        datasets={DATASET: ds},
+        datasets={DATASET: dataset},
         # Ordered execution makes the token budget take the same rows every run.
         dataset_config=TrainDataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
@@ -215,7 +236,7 @@ def run_global_gradient(cfg: Config, *, write: bool = True) -> Stage1Result:
             storage_path=_train_storage(cfg),
         ),
     )
-    log.info("stage 1: global gradient of %s on %d worker(s)", s1.data.path or s1.data.hf_dataset, s1.num_workers)
+    log.info("stage 1: global gradient of %s on %d worker(s)", source, s1.num_workers)
     start = time.monotonic()
     with ProgressPrinter(tracker, "stage1", budget, s1.progress_interval_s):
         try:
@@ -226,8 +247,8 @@ def run_global_gradient(cfg: Config, *, write: bool = True) -> Stage1Result:
                 raise user from None
             raise
     meta = ray.get(tracker.take_result.remote("meta"))
-    snap = ray.get(tracker.snapshot.remote())
-    if snap["skipped"]:
+    if meta["skipped_records"]:
+        snap = ray.get(tracker.snapshot.remote())
         log.warning("skipped %d malformed records (first: %s)", snap["skipped"], snap["first_skip"])
     elapsed = time.monotonic() - start
     log.info(

@@ -58,7 +58,14 @@ def _hf_records(cfg: DataConfig, tracker) -> ray.data.Dataset:
         raise UserError(f"cannot load data set {name!r}: {str(e).splitlines()[0]}") from None
     if not cfg.streaming and len(hf) == 0:
         raise UserError(f"data set {name!r} split {cfg.split!r} is empty")
-    ds = ray.data.from_huggingface(hf)
+    if cfg.streaming:
+        ds = ray.data.from_huggingface(hf)
+    else:
+        # A loaded Dataset is an Arrow table already; handing it over in slices skips
+        # from_huggingface's hub look-ups (which fail offline) and gives several blocks.
+        table = hf.flatten_indices().data.table if hf._indices is not None else hf.data.table
+        step = 8192
+        ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
     origin = f"{name}[{cfg.split}]"
     return ds.map_batches(NormalizeRows(cfg, origin, tracker), batch_format="numpy")
 

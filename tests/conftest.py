@@ -1,0 +1,68 @@
+"""Shared fixtures: one real local Ray cluster for the whole session, offline hubs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+# No hub access in tests: anything that tries to download fails loudly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+
+from dba_ray.config import Config  # noqa: E402
+
+# More logical CPUs than the 2 cores of CI: Train workers and Ray Data both get some.
+NUM_CPUS = 6
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_jsonl(path, records) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+WORDS = (
+    "the model reads general text and learns which word tends to follow which; "
+    "a domain corpus shifts those statistics toward its own vocabulary"
+).split()
+
+
+def make_docs(n: int, seed: int = 0) -> list[dict]:
+    """Deterministic small English-like documents of varying length."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        {"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))}
+        for _ in range(n)
+    ]
+
+
+def tiny_config(tmp_path, data_path: str | None, **stage1) -> Config:
+    """A Stage 1 config for the builtin tiny model; extra keys go to `stage1`."""
+    data = stage1.pop("data", {})
+    tree = {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "stage1": {
+            "data": {"path": data_path, "seq_len": 32, **data},
+            "batch_size": 4,
+            "num_workers": 1,
+            "progress_interval_s": 1,
+            **stage1,
+        },
+    }
+    return Config.model_validate(tree)

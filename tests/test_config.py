@@ -1,0 +1,70 @@
+import subprocess
+import sys
+
+import pytest
+
+from dba_ray.config import load_config, parse_override
+from dba_ray.errors import UserError
+
+
+def test_yaml_plus_dotted_overrides(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("stage1:\n  data:\n    path: /data\n  num_workers: 2\n")
+    cfg = load_config(cfg_file, ["stage1.max_tokens=2e6", "stage1.data.format=chat"])
+    assert cfg.stage1.max_tokens == 2_000_000 and isinstance(cfg.stage1.max_tokens, int)
+    assert cfg.stage1.num_workers == 2
+    assert cfg.stage1.data.format == "chat"
+    assert cfg.stage1_output().endswith("runs/dba/global_gradient")
+
+
+def test_override_values_are_yaml():
+    assert parse_override("a.b=true") == (["a", "b"], True)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("a=1.5e-4") == (["a"], 1.5e-4)
+    assert parse_override("a=abc") == (["a"], "abc")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["stage1.max_tokenz=3"], "unknown key 'stage1.max_tokenz' (allowed here: data, max_tokens"),
+        (["model.dtype=float8"], "'model.dtype': Input should be 'float32', 'bfloat16' or 'float16'"),
+        (["stage1.batch_size=many"], "'stage1.batch_size': Input should be a valid integer"),
+        (["stage1.batch_size=0"], "'stage1.batch_size': Input should be greater than or equal to 1"),
+        (["stage1.data.seq_len=64"], "'stage1.data': give exactly one of 'path' or 'hf_dataset'"),
+        (["nokey"], "not of the form key.path=value"),
+    ],
+)
+def test_bad_config_names_key_and_allowed(overrides, expected):
+    with pytest.raises(UserError) as e:
+        load_config(None, overrides)
+    assert expected in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage1: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(UserError, match="mapping at the top level"):
+        load_config(scalar)
+
+
+def test_cli_user_error_is_one_line_exit_2(tmp_path):
+    """The real console entry point: one line on stderr, exit code 2, no traceback;
+    --debug shows the traceback."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("stage1:\n  batch_sise: 3\n")
+    cmd = [sys.executable, "-m", "dba_ray", "global-gradient", str(cfg_file)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "unknown key 'stage1.batch_sise'" in lines[0]
+    assert "Traceback" not in r.stderr
+    r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr
