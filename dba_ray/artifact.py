@@ -162,12 +162,14 @@ def _decompress(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shards(prefix: str, tensors: dict[str, torch.Tensor]) -> list[tuple[str, dict]]:
+def _shards(
+    prefix: str, tensors: dict[str, torch.Tensor], max_bytes: int
+) -> list[tuple[str, dict]]:
     groups: list[dict] = [{}]
     size = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        if groups[-1] and size + nbytes > MAX_SHARD_BYTES:
+        if groups[-1] and size + nbytes > max_bytes:
             groups.append({})
             size = 0
         groups[-1][name] = t.contiguous()
@@ -183,6 +185,7 @@ def save(
     overwrite: bool = False,
     svd_rank: int | None = None,
     save_dtype: str = "float32",
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> dict:
     """Write the artifact atomically; return the meta written."""
     dtype = getattr(torch, save_dtype)
@@ -197,7 +200,7 @@ def save(
         }
     with storage.atomic_directory(uri, overwrite=overwrite, marker=META) as target:
         for prefix, tensors in parts.items():
-            for fname, group in _shards(prefix, tensors):
+            for fname, group in _shards(prefix, tensors, max_shard_bytes):
                 blob = st_save(group, metadata={"kind": KIND, "part": prefix})
                 storage.write_bytes_atomic(storage.join(target, fname), blob)
                 meta["files"][fname] = {

@@ -89,7 +89,9 @@ def _worker_loop(config: dict) -> None:
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_seq = n_batches = seq_len = 0
     data_hash = 0
-    reported_tokens, last_report = 0.0, time.monotonic()
+    # Progress counts token positions (sequences × seq_len), the unit of max_tokens.
+    positions = reported = 0
+    last_report = time.monotonic()
     shard = ray.train.get_dataset_shard(DATASET)
     for batch in shard.iter_batches(batch_size=s1.batch_size, batch_format="numpy"):
         ids_np, labels_np = batch["input_ids"], batch["labels"]
@@ -112,11 +114,11 @@ def _worker_loop(config: dict) -> None:
         loss_sum += loss.detach()
         n_seq += len(ids_np)
         n_batches += 1
+        positions += ids_np.size
         if time.monotonic() - last_report > 1.0:
-            now_tokens = float(tokens)
-            tracker.add.remote(tokens=now_tokens - reported_tokens)
-            reported_tokens, last_report = now_tokens, time.monotonic()
-    tracker.add.remote(tokens=float(tokens) - reported_tokens)
+            tracker.add.remote(tokens=positions - reported)
+            reported, last_report = positions, time.monotonic()
+    tracker.add.remote(tokens=positions - reported)
 
     if sums is None:
         sums = {

@@ -79,26 +79,28 @@ class ProgressPrinter:
             total_tokens,
             interval,
         )
+        self._first: tuple[float, float] | None = None  # (time, tokens) of first report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        first: tuple[float, float] | None = None  # (time, tokens) at the first report
         while not self._stop.wait(self.interval):
-            try:
-                snap = ray.get(self.tracker.snapshot.remote(), timeout=30)
-            except Exception:  # a slow poll must never kill the job it watches
-                continue
-            done, now = snap.get("tokens", 0), time.monotonic()
-            if not done:
-                continue  # still starting workers and data: no rate to show yet
-            if first is None:
-                first = (now, done)
-                log.info(progress_line(self.label, done, self.total, 0.0))
-                continue
-            # Rate since work began, so start-up time does not dilute the ETA.
-            rate = (done - first[1]) / max(now - first[0], 1e-9)
-            log.info(progress_line(self.label, done, self.total, rate))
+            self._report()
+
+    def _report(self) -> None:
+        try:
+            snap = ray.get(self.tracker.snapshot.remote(), timeout=30)
+        except Exception:  # a slow poll must never kill the job it watches
+            return
+        done, now = snap.get("tokens", 0), time.monotonic()
+        if not done:
+            return  # still starting workers and data: nothing to show yet
+        if self._first is None:
+            self._first = (now, done)
+        # Rate since work began, so start-up time does not dilute the ETA.
+        elapsed = now - self._first[0]
+        rate = (done - self._first[1]) / elapsed if elapsed > 0 else 0.0
+        log.info(progress_line(self.label, done, self.total, rate))
 
     def __enter__(self) -> "ProgressPrinter":
         self._thread.start()
@@ -107,3 +109,5 @@ class ProgressPrinter:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if exc[0] is None:
+            self._report()  # the final count, however short the job was

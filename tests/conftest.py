@@ -52,13 +52,14 @@ def make_docs(n: int, seed: int = 0) -> list[dict]:
 
 
 def tiny_config(tmp_path, data_path: str | None, **stage1) -> Config:
-    """A Stage 1 config for the builtin tiny model; extra keys go to `stage1`."""
-    data = stage1.pop("data", {})
+    """A Stage 1 config for the builtin tiny model; extra keys go to `stage1`.
+    ``data_path=None`` leaves ``stage1.data`` unset (for a caller-built Dataset)."""
+    data = {"data": {"path": data_path, "seq_len": 32, **stage1.pop("data", {})}}
     tree = {
         "output_dir": str(tmp_path / "out"),
         "model": {"name_or_path": "builtin:tiny-llama"},
         "stage1": {
-            "data": {"path": data_path, "seq_len": 32, **data},
+            **(data if data_path is not None else {}),
             "batch_size": 4,
             "num_workers": 1,
             "progress_interval_s": 1,
