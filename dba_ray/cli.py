@@ -87,6 +87,13 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_options(args) -> int:
+    from dba_ray.config import describe_options
+
+    print("\n".join(describe_options()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dba-ray",
@@ -108,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print meta.json as it is")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("options", help="list every config option with its default and meaning")
+    p.set_defaults(func=cmd_options)
     return parser
 
 

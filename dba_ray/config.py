@@ -237,6 +237,33 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     return f"invalid config {origin}: " + "; ".join(msgs)
 
 
+def describe_options(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """One line per option: dotted key, type, default, description (for ``dba-ray
+    options``), read from the models above so the docs cannot drift from the code."""
+    model = model or Config
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        nested = next(
+            (
+                c
+                for c in (ann, *getattr(ann, "__args__", ()))
+                if isinstance(c, type) and issubclass(c, BaseModel)
+            ),
+            None,
+        )
+        if nested is not None:
+            if field.description:
+                lines.append(f"{key}: {field.description}")
+            lines.extend(describe_options(nested, f"{key}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        type_name = str(ann).replace("typing.", "") if not isinstance(ann, type) else ann.__name__
+        lines.append(f"{key} ({type_name}, default {default!r}): {field.description}")
+    return lines
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``key.path=value`` overrides, validate."""
     tree: dict = {}

@@ -92,8 +92,10 @@ def _worker_loop(config: dict) -> None:
     # Progress counts token positions (sequences × seq_len), the unit of max_tokens.
     positions = reported = 0
     last_report = time.monotonic()
+    first_batch_at = None
     shard = ray.train.get_dataset_shard(DATASET)
     for batch in shard.iter_batches(batch_size=s1.batch_size, batch_format="numpy"):
+        first_batch_at = first_batch_at or time.monotonic()
         ids_np, labels_np = batch["input_ids"], batch["labels"]
         seq_len = max(seq_len, ids_np.shape[1])
         for i in range(len(ids_np)):
@@ -128,11 +130,13 @@ def _worker_loop(config: dict) -> None:
     counts = torch.tensor(
         [float(tokens), float(loss_sum), n_seq, n_batches], dtype=torch.float64, device=device
     )
-    seq_lens = torch.tensor([seq_len], dtype=torch.float64, device=device)
+    # Streaming time from the first batch to the end (start-up excluded), for throughput.
+    loop_s = time.monotonic() - first_batch_at if first_batch_at else 0.0
+    maxima = torch.tensor([seq_len, loop_s], dtype=torch.float64, device=device)
     hashes = [data_hash]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
-        dist.all_reduce(seq_lens, op=dist.ReduceOp.MAX)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         for t in sums.values():
             dist.all_reduce(t)
         for t in (sq or {}).values():
@@ -140,7 +144,7 @@ def _worker_loop(config: dict) -> None:
         hashes = [None] * dist.get_world_size()
         dist.all_gather_object(hashes, data_hash)
     total_tokens, total_loss, total_seq, total_batches = counts.tolist()
-    seq_len = int(seq_lens.item())
+    seq_len, loop_s = int(maxima[0]), float(maxima[1])
     if rank != 0:
         return
     if total_tokens == 0:
@@ -158,6 +162,7 @@ def _worker_loop(config: dict) -> None:
             "num_workers": s1.num_workers,
             "batch_size": s1.batch_size,
             "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
+            "loop_seconds": loop_s,
         },
     )
     meta = artifact.build_meta(
