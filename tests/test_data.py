@@ -164,3 +164,12 @@ def test_empty_and_missing_sources_are_named(tmp_path):
         build_sequences(DataConfig(path=str(tmp_path / "x.csv"), seq_len=16), MODEL)
     with pytest.raises(UserError, match="unknown builtin corpus"):
         build_sequences(DataConfig(path="builtin:nope", seq_len=16), MODEL)
+
+
+def test_malformed_hf_row_is_quoted(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"text": "ok"}, {"text": None}]).save_to_disk(str(tmp_path / "s"))
+    msg = collect_error(DataConfig(hf_dataset=str(tmp_path / "s"), seq_len=16))
+    assert "malformed record in" in msg and "(record {\"text\": null})" in msg
+    assert "field 'text' missing" in msg

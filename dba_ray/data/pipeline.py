@@ -83,8 +83,12 @@ def build_sequences(
     Run it with ``preserve_order`` (as Stage 1 does) so that budgets take the same
     rows every time. ``tracker`` (a ``progress.Tracker`` actor) counts skipped records.
     """
+    ctx = ray.data.DataContext.get_current()
     # Our own progress line replaces Ray Data's bars, which flood a job's log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx.enable_progress_bars = False
+    # Let a UserError from a reader or tokenizer reach the driver as itself, not as a
+    # generic "UDF failed" whose cause is lost on the way between processes.
+    ctx.raise_original_map_exception = True
     ds = _records(data_cfg, tracker)
     if data_cfg.shuffle_seed is not None:
         ds = ds.random_shuffle(seed=data_cfg.shuffle_seed)

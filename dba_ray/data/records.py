@@ -155,6 +155,53 @@ def _raw_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, Any
             yield f"{uri}:{para_start}", {cfg.text_field: "".join(para).strip()}
 
 
+class _Columns:
+    """Normalized records as column lists; a bad record fails the run or is counted."""
+
+    def __init__(self, cfg: DataConfig, quote_record: bool = False):
+        self.cfg = cfg
+        # Parsed rows (Hugging Face) have no line number: quote the record instead.
+        self.quote_record = quote_record
+        self.names = COLUMNS[cfg.format] + ["_source"]
+        self.out: dict[str, list] = {c: [] for c in self.names}
+        self.skipped, self.first_skip = 0, None
+
+    def add(self, loc: str, rec: Any) -> None:
+        try:
+            if isinstance(rec, BadRecord):
+                raise rec
+            norm = normalize(rec, self.cfg)
+        except BadRecord as e:
+            where = f"at {loc}"
+            if self.quote_record:
+                where = f"in {loc} (record {json.dumps(rec, default=str)[:120]})"
+            if self.cfg.on_bad_record == "fail":
+                raise UserError(
+                    f"malformed record {where}: {e} "
+                    "(set on_bad_record: skip to skip such records)"
+                ) from None
+            self.skipped += 1
+            self.first_skip = self.first_skip or f"{loc}: {e}"
+            return
+        for k, v in norm.items():
+            self.out[k].append(v)
+        self.out["_source"].append(loc)
+
+    def __len__(self) -> int:
+        return len(self.out["_source"])
+
+    def take(self) -> dict[str, list]:
+        out, self.out = self.out, {c: [] for c in self.names}
+        return out
+
+    def report_skipped(self, tracker, where: str) -> None:
+        if self.skipped:
+            log.warning("skipped %d malformed records in %s, first: %s", self.skipped, where, self.first_skip)
+            if tracker is not None:
+                tracker.add_skipped.remote(self.skipped, self.first_skip)
+        self.skipped, self.first_skip = 0, None
+
+
 class ReadFiles:
     """Ray Data map_batches function: file names in, normalized records out.
 
@@ -167,36 +214,15 @@ class ReadFiles:
         self.rows_per_batch = rows_per_batch
 
     def __call__(self, batch: dict) -> Iterator[dict]:
-        cols = COLUMNS[self.cfg.format] + ["_source"]
-        out: dict[str, list] = {c: [] for c in cols}
+        cols = _Columns(self.cfg)
         for uri, fmt in zip(batch["file"], batch["fmt"]):
-            skipped, first = 0, None
             for loc, rec in _raw_records(str(uri), str(fmt), self.cfg):
-                try:
-                    if isinstance(rec, BadRecord):
-                        raise rec
-                    norm = normalize(rec, self.cfg)
-                except BadRecord as e:
-                    if self.cfg.on_bad_record == "fail":
-                        raise UserError(
-                            f"malformed record at {loc}: {e} "
-                            "(set on_bad_record: skip to skip such records)"
-                        ) from None
-                    skipped += 1
-                    first = first or f"{loc}: {e}"
-                    continue
-                for k, v in norm.items():
-                    out[k].append(v)
-                out["_source"].append(loc)
-                if len(out["_source"]) >= self.rows_per_batch:
-                    yield out
-                    out = {c: [] for c in cols}
-            if skipped:
-                log.warning("skipped %d malformed records in %s, first: %s", skipped, uri, first)
-                if self.tracker is not None:
-                    self.tracker.add_skipped.remote(skipped, first)
-        if out["_source"]:
-            yield out
+                cols.add(loc, rec)
+                if len(cols) >= self.rows_per_batch:
+                    yield cols.take()
+            cols.report_skipped(self.tracker, str(uri))
+        if len(cols):
+            yield cols.take()
 
 
 class NormalizeRows:
@@ -210,29 +236,11 @@ class NormalizeRows:
     def __call__(self, batch: dict) -> dict:
         keys = list(batch)
         n = len(batch[keys[0]]) if keys else 0
-        cols = COLUMNS[self.cfg.format]
-        out: dict[str, list] = {c: [] for c in cols + ["_source"]}
-        skipped, first = 0, None
+        cols = _Columns(self.cfg, quote_record=True)
         for i in range(n):
-            rec = {k: _plain(batch[k][i]) for k in keys}
-            try:
-                norm = normalize(rec, self.cfg)
-            except BadRecord as e:
-                if self.cfg.on_bad_record == "fail":
-                    raise UserError(
-                        f"malformed record in {self.origin}: {e}; record starts "
-                        f"{json.dumps(rec, default=str)[:120]} "
-                        "(set on_bad_record: skip to skip such records)"
-                    ) from None
-                skipped += 1
-                first = first or f"{self.origin}: {e}"
-                continue
-            for k, v in norm.items():
-                out[k].append(v)
-            out["_source"].append(self.origin)
-        if skipped and self.tracker is not None:
-            self.tracker.add_skipped.remote(skipped, first)
-        return out
+            cols.add(self.origin, {k: _plain(batch[k][i]) for k in keys})
+        cols.report_skipped(self.tracker, self.origin)
+        return cols.take()
 
 
 def _plain(value: Any) -> Any:
