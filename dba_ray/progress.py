@@ -57,16 +57,17 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def progress_line(label: str, done: float, total: float | None, rate: float) -> str:
-    """e.g. ``stage1: 1.20M/2.00M tokens (60%), 12.3k tokens/s, ETA 1m05s``."""
+def progress_line(label: str, done: float, total: float | None, rate: float | None) -> str:
+    """e.g. ``stage1: 1.20M/2.00M tokens (60%), 12.3k tokens/s, ETA 1m05s``; ``rate``
+    None (the first line) shows no speed yet."""
+    parts = [f"{label}: {_human(done)}" + (f"/{_human(total)}" if total else "") + " tokens"]
     if total:
-        pct = min(100.0, 100.0 * done / total)
-        eta = _duration((total - done) / rate) if rate > 0 else "?"
-        return (
-            f"{label}: {_human(done)}/{_human(total)} tokens ({pct:.0f}%), "
-            f"{_human(rate)} tokens/s, ETA {eta}"
-        )
-    return f"{label}: {_human(done)} tokens, {_human(rate)} tokens/s"
+        parts[0] += f" ({min(100.0, 100.0 * done / total):.0f}%)"
+    if rate is not None:
+        parts.append(f"{_human(rate)} tokens/s")
+        if total:
+            parts.append("ETA " + (_duration((total - done) / rate) if rate > 0 else "?"))
+    return ", ".join(parts)
 
 
 class ProgressPrinter:
@@ -80,6 +81,7 @@ class ProgressPrinter:
             interval,
         )
         self._first: tuple[float, float] | None = None  # (time, tokens) of first report
+        self._shown = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -93,13 +95,14 @@ class ProgressPrinter:
         except Exception:  # a slow poll must never kill the job it watches
             return
         done, now = snap.get("tokens", 0), time.monotonic()
-        if not done:
-            return  # still starting workers and data: nothing to show yet
+        if not done or done == self._shown:
+            return  # still starting, or nothing new since the last line
+        self._shown = done
         if self._first is None:
             self._first = (now, done)
         # Rate since work began, so start-up time does not dilute the ETA.
         elapsed = now - self._first[0]
-        rate = (done - self._first[1]) / elapsed if elapsed > 0 else 0.0
+        rate = (done - self._first[1]) / elapsed if elapsed > 0 else None
         log.info(progress_line(self.label, done, self.total, rate))
 
     def __enter__(self) -> "ProgressPrinter":
