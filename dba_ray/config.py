@@ -162,6 +162,56 @@ class Stage1Config(_Strict):
     )
 
 
+class DBAConfig(_Strict):
+    """The DBA update (see dba_ray/dba.py). All off is plain fine-tuning."""
+
+    ggb: bool = Field(
+        True,
+        description="Global gradient boosting: the optimizer sees "
+        "g_B = γ_t·ĝ_G + (1−γ_t)·g_D with γ_t = min(gamma_max, boost/T·(1 − t/T)).",
+    )
+    boost: float = Field(
+        200.0, ge=0, description="k0·T, the boost knob that does not depend on T (paper: 200)."
+    )
+    gamma_max: float = Field(1.0, ge=0, le=1, description="Upper clip of γ_t (paper: 1).")
+    dc: Literal["norm", "cosine", "pcgrad", "none"] = Field(
+        "norm",
+        description="Dynamic correction of the step's learning rate (never the gradient). "
+        "norm: c_t = (γ‖ĝ_G‖ + (1−γ)‖g_D‖)/‖g_B‖; cosine: c_t = 1 + kappa·(1 − cos)/2; "
+        "both clipped to [1, c_max]. pcgrad: drop g_D's component against ĝ_G, c_t = 1. "
+        "none: c_t = 1.",
+    )
+    kappa: float = Field(1.0, ge=0, description="Strength of the cosine correction.")
+    c_max: float = Field(2.0, ge=1, description="Largest learning-rate multiplier DC may apply.")
+    anchor: Literal["none", "fisher"] = Field(
+        "none",
+        description="fisher: add fisher_lambda·(v_G/mean(v_G))⊙(θ − θ0) to g_D, an EWC-style "
+        "pull to the base weights (needs the artifact's second moment).",
+    )
+    fisher_lambda: float = Field(0.03, ge=0, description="Strength of the fisher anchor.")
+    grad_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype ĝ_G is held in during training (bfloat16 halves it)."
+    )
+
+
+class ScheduleConfig(_Strict):
+    """The learning rate; `anneal: true` is DBA's AL."""
+
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    anneal: bool = Field(
+        True,
+        description="AL: warm up to lr, then decay to min_lr_ratio·lr. Off: constant lr.",
+    )
+    shape: Literal["cosine", "linear", "wsd"] = Field(
+        "cosine",
+        description="Decay shape. wsd: stay at lr, then decay linearly over the last "
+        "decay_ratio of the steps.",
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps warming up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr.")
+    decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps decaying.")
+
+
 class Config(_Strict):
     output_dir: str = Field("runs/dba", description="Where a run writes its outputs.")
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -1,0 +1,229 @@
+"""The DBA update, in plain PyTorch: usable in Ray Train, a Hugging Face Trainer, or a
+bare loop. No Ray here.
+
+Per optimizer step t of T (after backward, DDP averaging and gradient clipping, before
+``optimizer.step()``), with g_D the domain gradient in each parameter's ``.grad``:
+
+1. anchor (optional): g_D += λ·(v_G / mean(v_G))⊙(θ − θ0)
+2. pcgrad (DC mode): if ⟨g_D, ĝ_G⟩ < 0, g_D −= ⟨g_D, ĝ_G⟩/‖ĝ_G‖²·ĝ_G
+3. GGB: γ_t = min(γ_max, boost/T·(1 − t/T)); ``.grad`` becomes g_B = γ_t·ĝ_G + (1−γ_t)·g_D
+4. DC: the step's learning rate is multiplied by c_t (Adam cancels gradient scale, so
+   scaling the gradient would do nothing): see ``correction``.
+5. AL: the learning rate itself follows ``lr_at``.
+
+Everything is computed from three scalars (⟨g_D, ĝ_G⟩, ‖g_D‖², ‖ĝ_G‖²); ‖g_B‖ follows
+from them, so a step costs one read of g_D and ĝ_G for the dot products and one
+in-place update. Under sharded training pass ``all_reduce`` to sum those scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from dba_ray.config import DBAConfig, ScheduleConfig
+
+
+def gamma_at(t: int, total: int, boost: float, gamma_max: float) -> float:
+    """GGB weight of step t (0-based) of ``total``: min(γ_max, k0·(1 − t/T)), k0 = boost/T."""
+    return min(gamma_max, boost / total * (1.0 - t / total))
+
+
+def lr_at(t: int, total: int, cfg: ScheduleConfig) -> float:
+    """Learning rate of step t (0-based) of ``total``. With ``anneal`` off: constant."""
+    peak = cfg.lr
+    if not cfg.anneal:
+        return peak
+    floor = cfg.min_lr_ratio * peak
+    warmup = round(cfg.warmup_ratio * total)
+    if t < warmup:
+        return peak * (t + 1) / warmup
+    if cfg.shape == "wsd":
+        decay = max(1, round(cfg.decay_ratio * total))
+        start = max(warmup, total - decay)
+        if t < start:
+            return peak
+        p = (t - start) / max(total - start - 1, 1)
+        return peak - (peak - floor) * min(p, 1.0)
+    p = min((t - warmup) / max(total - warmup - 1, 1), 1.0)
+    if cfg.shape == "linear":
+        return peak - (peak - floor) * p
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def correction(
+    mode: str, gamma: float, norm_g: float, norm_d: float, norm_b: float, cos: float,
+    kappa: float, c_max: float,
+) -> float:
+    """c_t, the learning-rate multiplier of dynamic correction."""
+    if mode == "norm":
+        if norm_b == 0.0:
+            return 1.0
+        c = (gamma * norm_g + (1.0 - gamma) * norm_d) / norm_b
+    elif mode == "cosine":
+        c = 1.0 + kappa * (1.0 - cos) / 2.0
+    else:
+        return 1.0
+    return min(max(c, 1.0), c_max)
+
+
+@dataclass
+class StepStats:
+    """What one DBA step did; logged every step."""
+
+    gamma: float
+    cos: float  # cos(g_D, ĝ_G), before any pcgrad projection
+    c: float
+    norm_d: float  # ‖g_D‖ (after anchor and projection)
+    norm_b: float  # ‖g_B‖
+    projected: bool  # pcgrad removed a conflicting component
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+class DBA:
+    """Turns the domain gradient in ``.grad`` into DBA's boosted gradient.
+
+    ``params``: (name, parameter) pairs, as ``model.named_parameters()`` gives.
+    ``global_grad``: ĝ_G by the same names (an artifact's ``mean``), on any device.
+    ``second_moment``: v_G by name, needed for ``anchor: fisher``.
+    ``all_reduce``: sums a 1-D tensor across ranks in place (sharded training only).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[tuple[str, torch.nn.Parameter]],
+        global_grad: dict[str, torch.Tensor],
+        total_steps: int,
+        cfg: DBAConfig,
+        *,
+        second_moment: dict[str, torch.Tensor] | None = None,
+        all_reduce: Callable[[torch.Tensor], None] | None = None,
+    ):
+        if total_steps < 1:
+            raise ValueError("total_steps must be >= 1")
+        self.cfg, self.total, self.all_reduce = cfg, total_steps, all_reduce
+        self.params = [(n, p) for n, p in params if p.requires_grad]
+        missing = [n for n, _ in self.params if n not in global_grad]
+        if missing:
+            raise ValueError(f"global gradient lacks {len(missing)} parameters, e.g. {missing[0]}")
+        dtype = getattr(torch, cfg.grad_dtype)
+        self.g = [global_grad[n].to(p.device, dtype).view_as(p) for n, p in self.params]
+        self.norm_g = math.sqrt(self._reduce(torch.stack([h.float().pow(2).sum() for h in self.g]))[0])
+        self.anchor = None
+        if cfg.anchor == "fisher":
+            if second_moment is None:
+                raise ValueError("anchor: fisher needs the second moment v_G (stage1.second_moment)")
+            v = [second_moment[n].to(p.device, torch.float32).view_as(p) for n, p in self.params]
+            total = self._reduce(torch.stack([x.sum() for x in v] + [torch.tensor(float(sum(x.numel() for x in v)), device=v[0].device)]))
+            mean_v = sum(total[:-1]) / total[-1]
+            # Anchor weights and base weights θ0, both fixed for the run.
+            self.anchor = [
+                (x / mean_v if mean_v > 0 else torch.zeros_like(x), p.detach().clone())
+                for x, (_, p) in zip(v, self.params)
+            ]
+
+    def _reduce(self, values: torch.Tensor) -> list[float]:
+        values = values.to(torch.float64)
+        if self.all_reduce is not None:
+            self.all_reduce(values)
+        return values.tolist()
+
+    @torch.no_grad()
+    def apply(self, step: int) -> StepStats:
+        """Replace each ``.grad`` (g_D) by g_B for step ``step`` (0-based); return the
+        stats, whose ``c`` multiplies this step's learning rate."""
+        cfg = self.cfg
+        grads = [p.grad for _, p in self.params]
+        if any(g is None for g in grads):
+            raise RuntimeError("DBA.apply needs every trainable parameter's .grad (call after backward)")
+        if self.anchor is not None:
+            for g, (w, theta0), (_, p) in zip(grads, self.anchor, self.params):
+                g.add_(w * (p - theta0), alpha=cfg.fisher_lambda)
+        dot, nd2 = self._reduce(
+            torch.stack(
+                [torch.stack([(g.float() * h.float()).sum() for g, h in zip(grads, self.g)]).sum(),
+                 torch.stack([g.float().pow(2).sum() for g in grads]).sum()]
+            )
+        )
+        ng2 = self.norm_g**2
+        cos = dot / math.sqrt(nd2 * ng2) if nd2 > 0 and ng2 > 0 else 0.0
+        projected = False
+        if cfg.dc == "pcgrad" and dot < 0 and ng2 > 0:
+            coef = dot / ng2
+            for g, h in zip(grads, self.g):
+                g.add_(h, alpha=-coef)
+            nd2, dot, projected = max(nd2 - dot * dot / ng2, 0.0), 0.0, True
+        gamma = gamma_at(step, self.total, cfg.boost, cfg.gamma_max) if cfg.ggb else 0.0
+        if gamma > 0:
+            torch._foreach_mul_(grads, 1.0 - gamma)
+            for g, h in zip(grads, self.g):
+                g.add_(h, alpha=gamma)
+        nb2 = gamma**2 * ng2 + (1 - gamma) ** 2 * nd2 + 2 * gamma * (1 - gamma) * dot
+        norm_d, norm_b = math.sqrt(nd2), math.sqrt(max(nb2, 0.0))
+        c = correction(cfg.dc, gamma, self.norm_g, norm_d, norm_b, cos, cfg.kappa, cfg.c_max)
+        return StepStats(gamma=gamma, cos=cos, c=c, norm_d=norm_d, norm_b=norm_b, projected=projected)
+
+
+class DBAOptimizer(torch.optim.Optimizer):
+    """Wraps any optimizer so that each ``step()`` applies DBA first and scales the
+    learning rate by c_t for that step only. Drop-in for a bare loop or a Hugging Face
+    ``Trainer(optimizers=(DBAOptimizer(...), scheduler))``; the scheduler (AL) drives
+    the base learning rate as usual, e.g. ``schedule_lambda``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, dba: DBA, start_step: int = 0):
+        # Share the inner optimizer's state instead of calling Optimizer.__init__:
+        # schedulers, Accelerate and checkpoints then see one set of param groups.
+        self.optimizer, self.dba, self.t = optimizer, dba, start_step
+        self.last_stats: StepStats | None = None
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "dba_step": self.t}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.t = int(state_dict["dba_step"])
+
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        stats = self.dba.apply(self.t)
+        base = [g["lr"] for g in self.param_groups]
+        for g in self.param_groups:
+            g["lr"] = g["lr"] * stats.c
+        try:
+            self.optimizer.step()
+        finally:
+            for g, lr in zip(self.param_groups, base):
+                g["lr"] = lr
+        self.t += 1
+        self.last_stats = stats
+
+
+def schedule_lambda(total_steps: int, cfg: ScheduleConfig) -> Callable[[int], float]:
+    """For ``torch.optim.lr_scheduler.LambdaLR`` with the optimizer's lr set to cfg.lr."""
+    return lambda t: lr_at(min(t, total_steps - 1), total_steps, cfg) / cfg.lr

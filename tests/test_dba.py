@@ -1,0 +1,132 @@
+"""The DBA math against hand-computed values (plain PyTorch, no Ray)."""
+
+import math
+
+import pytest
+import torch
+
+from dba_ray.config import DBAConfig, ScheduleConfig
+from dba_ray.dba import DBA, DBAOptimizer, correction, gamma_at, lr_at, schedule_lambda
+
+
+def test_gamma_schedule_and_clip():
+    assert gamma_at(0, 1000, 200, 1.0) == pytest.approx(0.2)
+    assert gamma_at(500, 1000, 200, 1.0) == pytest.approx(0.1)
+    assert gamma_at(999, 1000, 200, 1.0) == pytest.approx(0.0002)
+    # T < boost: k0 = 2, so γ is clipped at γ_max for the first half.
+    assert gamma_at(0, 100, 200, 1.0) == 1.0
+    assert gamma_at(49, 100, 200, 1.0) == 1.0
+    assert gamma_at(60, 100, 200, 1.0) == pytest.approx(0.8)
+    assert gamma_at(99, 100, 200, 1.0) == pytest.approx(0.02)
+    assert gamma_at(0, 100, 200, 0.5) == 0.5
+
+
+def test_lr_schedules():
+    cos = ScheduleConfig(lr=1.0, warmup_ratio=0.2, min_lr_ratio=0.1, shape="cosine")
+    got = [lr_at(t, 10, cos) for t in range(10)]
+    assert got[:3] == pytest.approx([0.5, 1.0, 1.0])
+    # p = (t - 2) / 7 after warm-up; t = 9 is the floor.
+    assert got[9] == pytest.approx(0.1)
+    assert got[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 7)))
+    lin = cos.model_copy(update={"shape": "linear"})
+    assert [lr_at(t, 10, lin) for t in (2, 9)] == pytest.approx([1.0, 0.1])
+    assert lr_at(5, 10, lin) == pytest.approx(1.0 - 0.9 * 3 / 7)
+    wsd = cos.model_copy(update={"shape": "wsd", "decay_ratio": 0.2})
+    assert [lr_at(t, 10, wsd) for t in (1, 7, 8, 9)] == pytest.approx([1.0, 1.0, 1.0, 0.1])
+    flat = cos.model_copy(update={"anneal": False})
+    assert {lr_at(t, 10, flat) for t in range(10)} == {1.0}
+    lam = schedule_lambda(10, cos)
+    assert lam(0) == pytest.approx(0.5) and lam(50) == pytest.approx(0.1)
+
+
+def toy(g_d, g_hat, cfg: DBAConfig, total=100, **kw):
+    """One parameter vector with .grad = g_D, and a DBA over it."""
+    p = torch.nn.Parameter(torch.zeros(len(g_d)))
+    p.grad = torch.tensor(g_d, dtype=torch.float32)
+    dba = DBA([("w", p)], {"w": torch.tensor(g_hat, dtype=torch.float32)}, total, cfg, **kw)
+    return p, dba
+
+
+def test_boosted_gradient_and_norm_correction():
+    # T = 400, t = 0: γ = min(1, 200/400) = 0.5.
+    p, dba = toy([1.0, 0.0], [0.0, 1.0], DBAConfig(dc="norm", c_max=2.0), total=400)
+    s = dba.apply(0)
+    assert s.gamma == pytest.approx(0.5)
+    assert p.grad.tolist() == pytest.approx([0.5, 0.5])
+    assert s.cos == pytest.approx(0.0)
+    assert s.norm_d == pytest.approx(1.0) and s.norm_b == pytest.approx(math.sqrt(0.5))
+    assert s.c == pytest.approx((0.5 * 1 + 0.5 * 1) / math.sqrt(0.5))
+
+
+def test_correction_modes():
+    # γ = 0.5, ‖ĝ‖ = 1, ‖g_D‖ = 1, orthogonal: ‖g_B‖ = √0.5.
+    args = dict(gamma=0.5, norm_g=1.0, norm_d=1.0, norm_b=math.sqrt(0.5), cos=0.0, kappa=1.0)
+    assert correction("norm", **args, c_max=2.0) == pytest.approx(math.sqrt(2))
+    assert correction("norm", **args, c_max=1.2) == pytest.approx(1.2)
+    assert correction("cosine", **args, c_max=2.0) == pytest.approx(1.5)
+    assert correction("cosine", **{**args, "cos": -1.0, "kappa": 0.5}, c_max=5) == pytest.approx(1.5)
+    assert correction("cosine", **{**args, "cos": 1.0}, c_max=2.0) == 1.0
+    assert correction("pcgrad", **args, c_max=2.0) == 1.0
+    assert correction("none", **args, c_max=2.0) == 1.0
+    # Aligned gradients need no correction.
+    assert correction("norm", 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0) == 1.0
+
+
+def test_pcgrad_projection():
+    cfg = DBAConfig(ggb=False, dc="pcgrad")
+    p, dba = toy([1.0, -1.0], [0.0, 2.0], cfg)
+    s = dba.apply(0)
+    assert s.projected and s.cos == pytest.approx(-1 / math.sqrt(2))
+    assert p.grad.tolist() == pytest.approx([1.0, 0.0])
+    assert s.norm_d == pytest.approx(1.0) and s.c == 1.0
+    # No conflict, no projection.
+    p, dba = toy([1.0, 1.0], [0.0, 2.0], cfg)
+    assert not dba.apply(0).projected and p.grad.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("dc", ["norm", "cosine", "pcgrad", "none"])
+def test_zero_gradients_are_safe(dc):
+    cfg = DBAConfig(dc=dc)
+    p, dba = toy([3.0, 4.0], [0.0, 0.0], cfg, total=400)  # ĝ_G = 0
+    s = dba.apply(0)
+    assert p.grad.tolist() == pytest.approx([1.5, 2.0]) and s.cos == 0.0
+    assert s.c == (1.5 if dc == "cosine" else 1.0)
+    p, dba = toy([0.0, 0.0], [3.0, 4.0], cfg, total=400)  # g_D = 0
+    s = dba.apply(0)
+    assert p.grad.tolist() == pytest.approx([1.5, 2.0]) and s.norm_b == pytest.approx(2.5)
+    assert s.c == (1.5 if dc == "cosine" else 1.0)
+    p, dba = toy([0.0, 0.0], [0.0, 0.0], cfg, total=400)
+    s = dba.apply(0)
+    assert p.grad.tolist() == [0.0, 0.0] and all(math.isfinite(v) for v in s.as_dict().values())
+
+
+def test_everything_off_leaves_the_gradient_alone():
+    p, dba = toy([0.3, -0.7], [5.0, 5.0], DBAConfig(ggb=False, dc="none"))
+    s = dba.apply(0)
+    assert p.grad.tolist() == pytest.approx([0.3, -0.7]) and s.gamma == 0 and s.c == 1
+
+
+def test_fisher_anchor():
+    cfg = DBAConfig(ggb=False, dc="none", anchor="fisher", fisher_lambda=0.1)
+    p, dba = toy([0.0, 0.0], [1.0, 1.0], cfg, second_moment={"w": torch.tensor([1.0, 3.0])})
+    with torch.no_grad():
+        p.add_(torch.tensor([2.0, -1.0]))  # θ − θ0
+    dba.apply(0)
+    # v / mean(v) = [0.5, 1.5]
+    assert p.grad.tolist() == pytest.approx([0.1 * 0.5 * 2.0, 0.1 * 1.5 * -1.0])
+    with pytest.raises(ValueError, match="second moment"):
+        toy([0.0], [1.0], cfg)
+
+
+def test_optimizer_wrapper_scales_lr_for_the_step_only():
+    p, dba = toy([1.0, 0.0], [0.0, 1.0], DBAConfig(dc="norm"), total=400)
+    opt = DBAOptimizer(torch.optim.SGD([p], lr=0.1), dba)
+    opt.step()
+    c = math.sqrt(2)
+    assert p.detach().tolist() == pytest.approx([-0.1 * c * 0.5, -0.1 * c * 0.5])
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.t == 1
+    assert opt.last_stats.c == pytest.approx(c)
+    state = opt.state_dict()
+    fresh = DBAOptimizer(torch.optim.SGD([p], lr=0.1), dba)
+    fresh.load_state_dict(state)
+    assert fresh.t == 1
