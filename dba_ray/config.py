@@ -212,14 +212,89 @@ class ScheduleConfig(_Strict):
     decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps decaying.")
 
 
+class OptimizerConfig(_Strict):
+    """AdamW, the optimizer every method steps with."""
+
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam β1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="Adam β2.")
+    eps: float = Field(1e-8, gt=0, description="Adam ε.")
+    grad_clip: Optional[float] = Field(
+        1.0, gt=0, description="Clip g_D to this global norm before DBA; None: no clipping."
+    )
+
+
+class TrainConfig(_Strict):
+    data: Optional[DataConfig] = Field(None, description="The domain data (required).")
+    max_records: Optional[int] = Field(
+        None, ge=1, description="Record budget of the domain data, before tokenization."
+    )
+    global_gradient: Optional[str] = Field(
+        None,
+        description="ĝ_G artifact (path or URI). Default: <output_dir>/global_gradient.",
+    )
+    dba: DBAConfig = Field(default_factory=DBAConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per worker.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the domain data (T follows).")
+    max_steps: Optional[int] = Field(
+        None, ge=1, description="Optimizer steps T; overrides epochs when set."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker; its torch threads.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL, bf16 autocast).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: at the end only).")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Checkpoint every N steps (0: at the end only)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run.")
+    max_failures: int = Field(
+        0, ge=0, description="Worker failures survived by resuming from the last checkpoint."
+    )
+    seed: int = Field(0, description="Data order seed (per epoch: seed + epoch).")
+    progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
+    fail_once_at_step: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Testing fault tolerance: rank 1 (or 0) raises once at this step.",
+    )
+
+
+class EvalSetConfig(_Strict):
+    name: str = Field(description="Name in reports.")
+    kind: Literal["domain", "general"] = Field(description="Which score it counts toward.")
+    data: DataConfig = Field(description="Held-out text, tokenized like training data.")
+
+
+class EvalConfig(_Strict):
+    sets: list[EvalSetConfig] = Field(default_factory=list, description="Evaluation sets.")
+    max_sequences: int = Field(
+        256, ge=1, description="Sequences taken from each set (its first ones)."
+    )
+    batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
+
+
 class Config(_Strict):
     output_dir: str = Field("runs/dba", description="Where a run writes its outputs.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     stage1: Stage1Config = Field(default_factory=Stage1Config)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    methods: list[Literal["dba", "direct"]] = Field(
+        default_factory=lambda: ["dba", "direct"],
+        description="What `dba-ray run` trains and compares. dba: the configured DBA; "
+        "direct: plain fine-tuning (GGB, DC and AL off: constant lr).",
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
 
     def stage1_output(self) -> str:
         return self.stage1.output or f"{self.output_dir.rstrip('/')}/global_gradient"
+
+    def global_gradient_source(self) -> str:
+        return self.train.global_gradient or self.stage1_output()
 
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")

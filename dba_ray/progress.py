@@ -29,6 +29,9 @@ class Tracker:
         for k, v in deltas.items():
             self.counts[k] = self.counts.get(k, 0) + v
 
+    def set(self, **values: float) -> None:
+        self.counts.update(values)
+
     def add_skipped(self, n: int, first: str | None) -> None:
         self.skipped += n
         self.first_skip = self.first_skip or first
@@ -57,14 +60,19 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def progress_line(label: str, done: float, total: float | None, rate: float | None) -> str:
+def progress_line(
+    label: str, done: float, total: float | None, rate: float | None, unit: str = "tokens",
+    loss: float | None = None,
+) -> str:
     """e.g. ``stage1: 1.20M/2.00M tokens (60%), 12.3k tokens/s, ETA 1m05s``; ``rate``
     None (the first line) shows no speed yet."""
-    parts = [f"{label}: {_human(done)}" + (f"/{_human(total)}" if total else "") + " tokens"]
+    parts = [f"{label}: {_human(done)}" + (f"/{_human(total)}" if total else "") + f" {unit}"]
     if total:
         parts[0] += f" ({min(100.0, 100.0 * done / total):.0f}%)"
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
     if rate is not None:
-        parts.append(f"{_human(rate)} tokens/s")
+        parts.append(f"{_human(rate) if rate >= 10 else f'{rate:.2f}'} {unit}/s")
         if total:
             parts.append("ETA " + (_duration((total - done) / rate) if rate > 0 else "?"))
     return ", ".join(parts)
@@ -73,13 +81,11 @@ def progress_line(label: str, done: float, total: float | None, rate: float | No
 class ProgressPrinter:
     """Context manager: print a progress line every ``interval`` seconds."""
 
-    def __init__(self, tracker, label: str, total_tokens: float | None, interval: float):
-        self.tracker, self.label, self.total, self.interval = (
-            tracker,
-            label,
-            total_tokens,
-            interval,
-        )
+    def __init__(
+        self, tracker, label: str, total: float | None, interval: float, unit: str = "tokens"
+    ):
+        self.tracker, self.label, self.total, self.interval = tracker, label, total, interval
+        self.unit = unit
         self._first: tuple[float, float] | None = None  # (time, tokens) of first report
         self._shown = 0.0
         self._stop = threading.Event()
@@ -94,7 +100,7 @@ class ProgressPrinter:
             snap = ray.get(self.tracker.snapshot.remote(), timeout=30)
         except Exception:  # a slow poll must never kill the job it watches
             return
-        done, now = snap.get("tokens", 0), time.monotonic()
+        done, now = snap.get(self.unit, 0), time.monotonic()
         if not done or done == self._shown:
             return  # still starting, or nothing new since the last line
         self._shown = done
@@ -103,7 +109,7 @@ class ProgressPrinter:
         # Rate since work began, so start-up time does not dilute the ETA.
         elapsed = now - self._first[0]
         rate = (done - self._first[1]) / elapsed if elapsed > 0 else None
-        log.info(progress_line(self.label, done, self.total, rate))
+        log.info(progress_line(self.label, done, self.total, rate, self.unit, snap.get("loss")))
 
     def __enter__(self) -> "ProgressPrinter":
         self._thread.start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import ray
 import ray.data
 
@@ -104,3 +106,19 @@ def build_sequences(
     if max_tokens is not None:
         ds = ds.limit(math.ceil(max_tokens / data_cfg.seq_len))
     return ds
+
+
+def collect_arrays(ds: ray.data.Dataset, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Run a sequence Dataset in order and return its ``input_ids`` / ``labels`` as two
+    [N, seq_len] int32 arrays (for data small enough to hold: domain and eval sets)."""
+    ctx = ray.data.DataContext.get_current()
+    old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        if limit is not None:
+            ds = ds.limit(limit)
+        parts = list(ds.iter_batches(batch_size=4096, batch_format="numpy"))
+    finally:
+        ctx.execution_options.preserve_order = old
+    if not parts:
+        return {"input_ids": np.zeros((0, 0), np.int32), "labels": np.zeros((0, 0), np.int32)}
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("input_ids", "labels")}

@@ -1,0 +1,61 @@
+"""Evaluation metrics and scores (plain PyTorch).
+
+For a text set: mean token NLL, perplexity, and next-token top-1 accuracy, the
+normalized score (bounded, comparable across sets, and it drops with forgetting).
+S_D and S_G are the mean normalized scores of the domain and general sets;
+S = 2·S_D·S_G / (S_D + S_G).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dba_ray.data.tokenize import IGNORE
+
+
+@torch.no_grad()
+def text_sums(
+    model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray, batch_size: int, device
+) -> torch.Tensor:
+    """[NLL sum, correct top-1 predictions, tokens] over the given rows (float64)."""
+    out = torch.zeros(3, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(ids), batch_size):
+        x = torch.from_numpy(ids[i : i + batch_size].astype(np.int64)).to(device)
+        y = torch.from_numpy(labels[i : i + batch_size].astype(np.int64)).to(device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        target = y[:, 1:]
+        mask = target != IGNORE
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+            reduction="sum",
+        )
+        correct = ((logits.argmax(-1) == target) & mask).sum()
+        out += torch.stack([nll.double(), correct.double(), mask.sum().double()])
+    model.train(was_training)
+    return out
+
+
+def text_metrics(sums) -> dict[str, float]:
+    nll_sum, correct, tokens = (float(x) for x in sums)
+    nll = nll_sum / max(tokens, 1.0)
+    return {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "acc": correct / max(tokens, 1.0)}
+
+
+def harmonic(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def scores(metrics: dict[str, dict[str, float]], kinds: dict[str, str]) -> dict[str, float]:
+    """S_D, S_G, S from per-set metrics (``acc`` is each set's normalized score)."""
+    def mean(kind):
+        vals = [metrics[n]["acc"] for n, k in kinds.items() if k == kind]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    s_d, s_g = mean("domain"), mean("general")
+    s = harmonic(s_d, s_g) if not (math.isnan(s_d) or math.isnan(s_g)) else float("nan")
+    return {"S_D": s_d, "S_G": s_g, "S": s}

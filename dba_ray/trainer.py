@@ -1,0 +1,362 @@
+"""Stage 2: boosted annealing (or a baseline) on domain data, as a Ray Train job.
+
+Read ``_train_loop`` top to bottom: it is the whole training step. The domain data is
+read and tokenized by Ray Data, then held as two arrays in the object store; every
+worker walks the same seeded permutation per epoch and takes its slice of each global
+batch, so a run is reproducible and resumes exactly from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from dba_ray import artifact, storage
+from dba_ray.config import Config, DBAConfig, ScheduleConfig
+from dba_ray.data import build_sequences, collect_arrays
+from dba_ray.data.tokenize import IGNORE
+from dba_ray.dba import DBA, lr_at
+from dba_ray.errors import UserError, find_user_error
+from dba_ray.evaluate import scores, text_metrics, text_sums
+from dba_ray.global_gradient import token_loss_sum
+from dba_ray.model import load_model, load_tokenizer
+from dba_ray.progress import ProgressPrinter, Tracker
+from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray
+
+log = logging.getLogger("dba_ray")
+
+
+@dataclass
+class TrainResult:
+    method: str
+    model_dir: str  # save_pretrained output
+    metrics: dict  # the last evaluation (per set, plus S_D / S_G / S)
+    steps: int
+    tokens: int
+    wall_s: float
+
+
+def method_settings(cfg: Config, method: str) -> tuple[DBAConfig, ScheduleConfig]:
+    """The DBA and schedule settings a method trains with."""
+    t = cfg.train
+    if method == "dba":
+        return t.dba, t.schedule
+    if method == "direct":
+        off = t.dba.model_copy(update={"ggb": False, "dc": "none", "anchor": "none"})
+        return off, t.schedule.model_copy(update={"anneal": False})
+    raise UserError(f"unknown method {method!r}")
+
+
+def uses_global_gradient(d: DBAConfig) -> bool:
+    return d.ggb or d.dc != "none" or d.anchor != "none"
+
+
+def _param_shapes_on_meta(cfg: Config) -> torch.nn.Module:
+    """The model's parameters without memory, to check an artifact before training."""
+    with torch.device("meta"):
+        return load_model(cfg.model)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: str, model, optimizer, step: int, extra: dict) -> None:
+    st_save_model(model, os.path.join(path, "model.safetensors"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                opt[f"{names[id(p)]}::{key}"] = torch.as_tensor(value).detach().cpu().clone()
+    opt["__torch_rng__"] = torch.get_rng_state()
+    save_file(opt, os.path.join(path, "optimizer.safetensors"))
+    with open(os.path.join(path, "state.json"), "w") as f:
+        json.dump({"step": step, **extra}, f)
+
+
+def _load_checkpoint(path: str, model, optimizer) -> dict:
+    st_load_model(model, os.path.join(path, "model.safetensors"))
+    opt = load_file(os.path.join(path, "optimizer.safetensors"))
+    torch.set_rng_state(opt.pop("__torch_rng__"))
+    params = dict(model.named_parameters())
+    for key, value in opt.items():
+        name, field = key.split("::")
+        p = params[name]
+        optimizer.state[p][field] = value.to(p.device) if value.dim() > 0 else value
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _global_batch_rows(step: int, n: int, global_batch: int, steps_per_epoch: int, seed: int):
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = np.random.default_rng(seed + epoch).permutation(n)
+    return perm[i * global_batch : (i + 1) * global_batch]
+
+
+def _train_loop(config: dict) -> None:
+    cfg = Config.model_validate(config["cfg"])
+    t = cfg.train
+    dba_cfg = DBAConfig.model_validate(config["dba"])
+    sched = ScheduleConfig.model_validate(config["schedule"])
+    total, tracker = config["total_steps"], config["tracker"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(t.cpus_per_worker)
+    device = ray.train.torch.get_device()
+
+    model = load_model(cfg.model).to(device)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    dba = None
+    if uses_global_gradient(dba_cfg):
+        grad = artifact.load_any(config["grad_source"], model=model, model_name=cfg.model.name_or_path)
+        # Built before any checkpoint is loaded, so the fisher anchor's θ0 is the base.
+        dba = DBA(model.named_parameters(), grad.mean, total, dba_cfg, second_moment=grad.second_moment)
+        del grad
+    ddp = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    opt_cfg = t.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=sched.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
+        weight_decay=opt_cfg.weight_decay,
+    )
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            step = _load_checkpoint(d, model, optimizer)["step"]
+        log.info("rank %d resumed at step %d", rank, step)
+
+    data = ray.get(config["train_ref"])
+    ids_all, labels_all = data["input_ids"], data["labels"]
+    evals = {name: ray.get(ref) for name, ref in config["eval_refs"].items()}
+    B, accum = t.batch_size, t.grad_accum
+    global_batch = B * world * accum
+    steps_per_epoch = len(ids_all) // global_batch
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    history: list[dict] = []
+    tokens_seen = 0  # trained tokens since this (re)start
+    last_push = time.monotonic()
+
+    def evaluate() -> dict:
+        out = {}
+        for name, arr in evals.items():
+            sums = text_sums(model, arr["input_ids"][rank::world], arr["labels"][rank::world], cfg.eval.batch_size, device)
+            if world > 1:
+                dist.all_reduce(sums)
+            out[name] = text_metrics(sums)
+        return {"eval": out, **scores(out, config["eval_kinds"])}
+
+    while step < total:
+        rows = _global_batch_rows(step, len(ids_all), global_batch, steps_per_epoch, t.seed)
+        # Normalize by the whole global batch's trained tokens: the same loss as one
+        # process over the same rows (DDP then averages, hence × world).
+        n_global = int((labels_all[rows][:, 1:] != IGNORE).sum())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for a in range(accum):
+            mine = rows[a * B * world : (a + 1) * B * world][rank::world]
+            x = torch.from_numpy(ids_all[mine].astype(np.int64)).to(device)
+            y = torch.from_numpy(labels_all[mine].astype(np.int64)).to(device)
+            sync = a == accum - 1 or world == 1
+            with (ddp.no_sync() if not sync else nullcontext()), (autocast or nullcontext()):
+                loss, _ = token_loss_sum(ddp, x, y)
+                (loss * world / max(n_global, 1)).backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        step_loss = float(loss_sum) / max(n_global, 1)
+        if not math.isfinite(step_loss):
+            # Every rank sees the same reduced loss, so all stop together, cleanly.
+            ray.train.report({"nan_at_step": step + 1, "loss": step_loss})
+            return
+        if opt_cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+        stats = dba.apply(step).as_dict() if dba is not None else {"c": 1.0}
+        lr = lr_at(step, total, sched) * stats["c"]
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += n_global
+        history.append({"step": step, "loss": step_loss, "lr": lr, **stats})
+        if t.fail_once_at_step == step and rank == min(1, world - 1):
+            marker = os.path.join(config["run_dir"], "failed_once")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
+        if rank == 0 and (time.monotonic() - last_push > 1.0 or step == total):
+            tracker.set.remote(steps=step, loss=step_loss, tokens=tokens_seen)
+            last_push = time.monotonic()
+
+        do_eval = step == total or (t.eval_every and step % t.eval_every == 0)
+        do_ckpt = step == total or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        if not (do_eval or do_ckpt):
+            continue
+        metrics = {"step": step, "loss": step_loss, "history": history}
+        if do_eval:
+            metrics.update(evaluate())
+        history = []
+        if do_ckpt:
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    _save_checkpoint(d, model, optimizer, step, {"total_steps": total})
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+        else:
+            ray.train.report(metrics)
+
+    if rank == 0:
+        with storage.atomic_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
+            load_tokenizer(cfg.model).save_pretrained(d)
+            model.save_pretrained(d)
+
+
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def prepare_eval(cfg: Config) -> tuple[dict[str, ray.ObjectRef], dict[str, str]]:
+    """Tokenize every eval set once; (object refs of arrays, kinds) by set name."""
+    refs, kinds = {}, {}
+    for s in cfg.eval.sets:
+        arrays = collect_arrays(build_sequences(s.data, cfg.model), limit=cfg.eval.max_sequences)
+        if len(arrays["input_ids"]) == 0:
+            raise UserError(f"eval set {s.name!r} produced no sequences")
+        refs[s.name], kinds[s.name] = ray.put(arrays), s.kind
+    return refs, kinds
+
+
+def run_train(
+    cfg: Config,
+    method: str,
+    *,
+    grad_source: str | ray.ObjectRef | None = None,
+    train_ref: ray.ObjectRef | None = None,
+    eval_refs: tuple[dict, dict] | None = None,
+) -> TrainResult:
+    """Train one method on the domain data; save the model under
+    ``<output_dir>/<method>/model``. ``train_ref`` / ``eval_refs`` reuse data already
+    tokenized by an earlier call; ``grad_source`` overrides the configured artifact."""
+    t = cfg.train
+    if t.data is None and train_ref is None:
+        raise UserError("train.data is required: the domain data to fine-tune on")
+    dba_cfg, sched = method_settings(cfg, method)
+    grad_source = grad_source or storage.absolute(cfg.global_gradient_source())
+    if uses_global_gradient(dba_cfg):
+        if isinstance(grad_source, str):
+            meta = artifact.read_meta(grad_source)
+            # Refused here, before any worker starts, if made for another model.
+            artifact.check_fingerprint(meta, _param_shapes_on_meta(cfg), cfg.model.name_or_path)
+            if dba_cfg.anchor == "fisher" and not meta.get("has_second_moment"):
+                raise UserError(
+                    f"anchor: fisher needs v_G, but {grad_source} has none "
+                    "(run Stage 1 with stage1.second_moment: true)"
+                )
+    ensure_ray(cfg.ray)
+    check_cpu_headroom(t.num_workers * t.cpus_per_worker)
+    if train_ref is None:
+        train_ref = ray.put(collect_arrays(build_sequences(t.data, cfg.model, max_records=t.max_records)))
+    if eval_refs is None:
+        eval_refs = prepare_eval(cfg)
+    arrays = ray.get(train_ref)
+    n = len(arrays["input_ids"])
+    global_batch = t.batch_size * t.num_workers * t.grad_accum
+    steps_per_epoch = n // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"domain data has {n} sequences, fewer than one global batch of {global_batch} "
+            "(batch_size × num_workers × grad_accum)"
+        )
+    total = t.max_steps or steps_per_epoch * t.epochs
+    tokens = sum(
+        int((arrays["labels"][_global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)][:, 1:] != IGNORE).sum())
+        for s in range(total)
+    )
+    del arrays
+
+    out_dir = storage.absolute(cfg.output_dir)
+    run_dir = storage.join(out_dir, method)
+    os.makedirs(run_dir, exist_ok=True)
+    tracker = Tracker.remote()
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "dba": dba_cfg.model_dump(),
+            "schedule": sched.model_dump(),
+            "total_steps": total,
+            "tracker": tracker,
+            "grad_source": grad_source,
+            "train_ref": train_ref,
+            "eval_refs": eval_refs[0],
+            "eval_kinds": eval_refs[1],
+            "run_dir": run_dir,
+            "model_dir": storage.join(run_dir, "model"),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            # The same name and storage path resume an interrupted run.
+            name=f"train-{method}",
+            storage_path=storage.join(out_dir, "ray_train"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+    )
+    log.info("stage 2 (%s): %d steps of %d sequences on %d worker(s)", method, total, global_batch, t.num_workers)
+    start = time.monotonic()
+    with ProgressPrinter(tracker, f"train {method}", total, t.progress_interval_s, unit="steps"):
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            user = find_user_error(e)
+            if user is not None:
+                raise user from None
+            raise
+    metrics = result.metrics or {}
+    if "nan_at_step" in metrics:
+        ckpt = result.checkpoint.path if result.checkpoint else "none yet"
+        raise UserError(
+            f"training {method} stopped: the loss became {metrics['loss']} at step "
+            f"{metrics['nan_at_step']}; last good checkpoint: {ckpt} (lower the learning rate?)"
+        )
+    wall = time.monotonic() - start
+    log.info("stage 2 (%s) done in %.1fs: %s", method, wall, _summary(metrics))
+    return TrainResult(
+        method=method,
+        model_dir=storage.join(run_dir, "model"),
+        metrics={k: metrics[k] for k in ("eval", "S_D", "S_G", "S") if k in metrics},
+        steps=total,
+        tokens=tokens,
+        wall_s=wall,
+    )
+
+
+def _summary(metrics: dict) -> str:
+    keys = [k for k in ("S_D", "S_G", "S") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) or "no eval sets"
