@@ -113,7 +113,7 @@ def _global_batch_rows(step: int, n: int, global_batch: int, steps_per_epoch: in
     return perm[i * global_batch : (i + 1) * global_batch]
 
 
-def _train_loop(config: dict) -> None:
+def _train_loop(config: dict) -> dict:
     cfg = Config.model_validate(config["cfg"])
     t = cfg.train
     dba_cfg = DBAConfig.model_validate(config["dba"])
@@ -156,6 +156,7 @@ def _train_loop(config: dict) -> None:
     steps_per_epoch = len(ids_all) // global_batch
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     history: list[dict] = []
+    last_eval: dict = {}
     tokens_seen = 0  # trained tokens since this (re)start
     last_push = time.monotonic()
 
@@ -187,9 +188,9 @@ def _train_loop(config: dict) -> None:
             dist.all_reduce(loss_sum)
         step_loss = float(loss_sum) / max(n_global, 1)
         if not math.isfinite(step_loss):
-            # Every rank sees the same reduced loss, so all stop together, cleanly.
-            ray.train.report({"nan_at_step": step + 1, "loss": step_loss})
-            return
+            # Every rank sees the same reduced loss, so all stop together, cleanly,
+            # before a step that would spoil the weights of the next checkpoint.
+            return {"nan_at_step": step + 1, "loss": step_loss}
         if opt_cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
         stats = dba.apply(step).as_dict() if dba is not None else {"c": 1.0}
@@ -216,7 +217,8 @@ def _train_loop(config: dict) -> None:
             continue
         metrics = {"step": step, "loss": step_loss, "history": history}
         if do_eval:
-            metrics.update(evaluate())
+            last_eval = evaluate()
+            metrics.update(last_eval)
         history = []
         if do_ckpt:
             with tempfile.TemporaryDirectory() as d:
@@ -230,6 +232,7 @@ def _train_loop(config: dict) -> None:
         with storage.atomic_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
             load_tokenizer(cfg.model).save_pretrained(d)
             model.save_pretrained(d)
+    return {"final": last_eval}  # rank 0's return value reaches the driver
 
 
 
@@ -338,13 +341,14 @@ def run_train(
             if user is not None:
                 raise user from None
             raise
-    metrics = result.metrics or {}
-    if "nan_at_step" in metrics:
+    returned = result.return_value or {}
+    if "nan_at_step" in returned:
         ckpt = result.checkpoint.path if result.checkpoint else "none yet"
         raise UserError(
-            f"training {method} stopped: the loss became {metrics['loss']} at step "
-            f"{metrics['nan_at_step']}; last good checkpoint: {ckpt} (lower the learning rate?)"
+            f"training {method} stopped: the loss became {returned['loss']} at step "
+            f"{returned['nan_at_step']}; last good checkpoint: {ckpt} (lower the learning rate?)"
         )
+    metrics = returned.get("final", {})
     wall = time.monotonic() - start
     log.info("stage 2 (%s) done in %.1fs: %s", method, wall, _summary(metrics))
     return TrainResult(
