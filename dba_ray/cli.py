@@ -39,6 +39,42 @@ def cmd_global_gradient(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from dba_ray.config import load_config
+    from dba_ray.trainer import run_train
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_train(cfg, args.method)
+    print(f"{args.method}: model saved to {result.model_dir}")
+    for key in ("S_D", "S_G", "S"):
+        if key in result.metrics:
+            print(f"  {key} {result.metrics[key]:.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dba_ray import storage
+    from dba_ray.config import load_config
+    from dba_ray.report import build_report, write_report
+    from dba_ray.run import evaluate_models
+
+    cfg = load_config(args.config, args.overrides)
+    scored = evaluate_models(cfg, {"base": cfg.model.name_or_path, **cfg.eval.models})
+    base = scored.pop("base")
+    results = {name: {**m, "wall_s": 0.0, "tokens": 0} for name, m in scored.items()}
+    report = build_report(base, results, {"base_model": cfg.model.name_or_path})
+    print(write_report(storage.absolute(cfg.output_dir), report, name="eval"))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from dba_ray.config import load_config
+    from dba_ray.run import run_all
+
+    run_all(load_config(args.config, args.overrides))
+    return 0
+
+
 def _bytes(n: int) -> str:
     for unit in ("GiB", "MiB", "KiB"):
         div = {"GiB": 1024**3, "MiB": 1024**2, "KiB": 1024}[unit]
@@ -109,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_global_gradient)
+
+    p = sub.add_parser("train", help="Stage 2: fine-tune on the domain data with one method")
+    _add_config_args(p)
+    p.add_argument("--method", default="dba", choices=["dba", "direct"], help="default: dba")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score the base model and eval.models on eval.sets")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "run", help="the pipeline: base model, Stage 1, Stage 2 per method, evaluation, report"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="print the metadata of a global-gradient artifact")
     p.add_argument("path", help="artifact directory (local path or s3:// / gs:// URI)")

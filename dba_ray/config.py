@@ -275,12 +275,30 @@ class EvalConfig(_Strict):
         256, ge=1, description="Sequences taken from each set (its first ones)."
     )
     batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="`dba-ray eval`: models to score beside the base (name: path).",
+    )
+
+
+class PretrainConfig(_Strict):
+    """Optional: train the base model first (the offline quickstart does, so that its
+    tiny model has some general ability to lose). Cached: a second run reuses it."""
+
+    data: DataConfig = Field(description="General text to pretrain on.")
+    max_steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences per step per worker.")
+    schedule: ScheduleConfig = Field(
+        default_factory=lambda: ScheduleConfig(lr=3e-3, warmup_ratio=0.05, min_lr_ratio=0.1),
+        description="Learning rate schedule of pretraining.",
+    )
 
 
 class Config(_Strict):
     output_dir: str = Field("runs/dba", description="Where a run writes its outputs.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     stage1: Stage1Config = Field(default_factory=Stage1Config)
+    pretrain: Optional[PretrainConfig] = Field(None, description="Make the base model first.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     methods: list[Literal["dba", "direct"]] = Field(

@@ -163,6 +163,7 @@ def _worker_loop(config: dict) -> None:
             "batch_size": s1.batch_size,
             "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
             "loop_seconds": loop_s,
+            "stage1_budget": [s1.max_tokens, s1.max_records],
         },
     )
     meta = artifact.build_meta(

@@ -8,6 +8,7 @@ batch, so a run is reproducible and resumes exactly from a checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -58,9 +59,11 @@ def method_settings(cfg: Config, method: str) -> tuple[DBAConfig, ScheduleConfig
     t = cfg.train
     if method == "dba":
         return t.dba, t.schedule
+    off = t.dba.model_copy(update={"ggb": False, "dc": "none", "anchor": "none"})
     if method == "direct":
-        off = t.dba.model_copy(update={"ggb": False, "dc": "none", "anchor": "none"})
         return off, t.schedule.model_copy(update={"anneal": False})
+    if method == "pretrain" and cfg.pretrain is not None:
+        return off, cfg.pretrain.schedule
     raise UserError(f"unknown method {method!r}")
 
 
@@ -251,6 +254,14 @@ def prepare_eval(cfg: Config) -> tuple[dict[str, ray.ObjectRef], dict[str, str]]
     return refs, kinds
 
 
+def prepare_train_data(cfg: Config) -> ray.ObjectRef:
+    """Tokenize the domain data once, into the object store."""
+    if cfg.train.data is None:
+        raise UserError("train.data is required: the domain data to fine-tune on")
+    arrays = collect_arrays(build_sequences(cfg.train.data, cfg.model, max_records=cfg.train.max_records))
+    return ray.put(arrays)
+
+
 def run_train(
     cfg: Config,
     method: str,
@@ -263,8 +274,6 @@ def run_train(
     ``<output_dir>/<method>/model``. ``train_ref`` / ``eval_refs`` reuse data already
     tokenized by an earlier call; ``grad_source`` overrides the configured artifact."""
     t = cfg.train
-    if t.data is None and train_ref is None:
-        raise UserError("train.data is required: the domain data to fine-tune on")
     dba_cfg, sched = method_settings(cfg, method)
     grad_source = grad_source or storage.absolute(cfg.global_gradient_source())
     if uses_global_gradient(dba_cfg):
@@ -280,7 +289,7 @@ def run_train(
     ensure_ray(cfg.ray)
     check_cpu_headroom(t.num_workers * t.cpus_per_worker)
     if train_ref is None:
-        train_ref = ray.put(collect_arrays(build_sequences(t.data, cfg.model, max_records=t.max_records)))
+        train_ref = prepare_train_data(cfg)
     if eval_refs is None:
         eval_refs = prepare_eval(cfg)
     arrays = ray.get(train_ref)
@@ -324,8 +333,9 @@ def run_train(
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
         ),
         run_config=RunConfig(
-            # The same name and storage path resume an interrupted run.
-            name=f"train-{method}",
+            # The same name and storage path resume an interrupted run; the digest of the
+            # settings keeps a changed config from resuming a stale checkpoint.
+            name=f"train-{method}-{_settings_digest(cfg, dba_cfg, sched)}",
             storage_path=storage.join(out_dir, "ray_train"),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -359,6 +369,15 @@ def run_train(
         tokens=tokens,
         wall_s=wall,
     )
+
+
+def _settings_digest(cfg: Config, dba_cfg: DBAConfig, sched: ScheduleConfig) -> str:
+    keep = cfg.model_dump(include={"model", "train"})
+    keep["train"].pop("progress_interval_s")
+    keep["train"].pop("max_failures")
+    keep["train"].pop("fail_once_at_step")
+    keep["effective"] = [dba_cfg.model_dump(), sched.model_dump()]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _summary(metrics: dict) -> str:

@@ -1,0 +1,72 @@
+"""report.json and report.md: base model, every method, scores, raw metrics, deltas."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from dba_ray import storage
+
+
+def _deltas(metrics: dict, base: dict) -> dict:
+    return {
+        name: {k: v - base[name][k] for k, v in m.items() if k in base.get(name, {})}
+        for name, m in metrics.items()
+    }
+
+
+def build_report(base: dict, results: dict[str, dict], extra: dict) -> dict:
+    """``base``: {"eval": per-set metrics, "S_D", "S_G", "S"}; ``results``: the same
+    per method plus wall_s / tokens / steps."""
+    out = {"base": base, "results": {}, **extra}
+    for method, r in results.items():
+        out["results"][method] = {**r, "delta": _deltas(r["eval"], base["eval"])}
+    return out
+
+
+def verdict(report: dict) -> str:
+    """One plain sentence: which method kept more general ability, at what domain gain."""
+    res, base = report["results"], report["base"]
+    if "dba" not in res or "direct" not in res:
+        return ""
+    d, v = res["dba"], res["direct"]
+    kept = "dba" if d["S_G"] > v["S_G"] else "direct"
+    return (
+        f"{kept} kept more general ability (S_G {res[kept]['S_G']:.3f} vs "
+        f"{res['direct' if kept == 'dba' else 'dba']['S_G']:.3f}, base {base['S_G']:.3f}); "
+        f"domain score rose from {base['S_D']:.3f} to {d['S_D']:.3f} with dba and "
+        f"{v['S_D']:.3f} with direct, so the joint score S is {d['S']:.3f} for dba and "
+        f"{v['S']:.3f} for direct."
+    )
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def markdown(report: dict) -> str:
+    sets = list(report["base"]["eval"])
+    head = ["run", "S_D", "S_G", "S"] + [f"{s} NLL" for s in sets] + [f"{s} acc" for s in sets]
+    head += ["tokens", "wall s"]
+    rows = [("base", report["base"], None)] + [(m, r, r) for m, r in report["results"].items()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r, run in rows:
+        cells = [name, _fmt(r["S_D"]), _fmt(r["S_G"]), _fmt(r["S"])]
+        for s in sets:
+            delta = f" ({run['delta'][s]['nll']:+.3f})" if run else ""
+            cells.append(f"{r['eval'][s]['nll']:.3f}{delta}")
+        for s in sets:
+            delta = f" ({run['delta'][s]['acc']:+.3f})" if run else ""
+            cells.append(f"{r['eval'][s]['acc']:.3f}{delta}")
+        cells += [f"{run['tokens']:,}" if run else "", f"{run['wall_s']:.0f}" if run else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    sentence = verdict(report)
+    return text + ("\n\n" + sentence if sentence else "") + "\n"
+
+
+def write_report(out_dir: str, report: dict, name: str = "report") -> str:
+    md = markdown(report)
+    storage.write_bytes_atomic(storage.join(out_dir, f"{name}.json"), json.dumps(report, indent=1).encode())
+    storage.write_bytes_atomic(storage.join(out_dir, f"{name}.md"), md.encode())
+    return md
