@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -111,6 +112,23 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
         raise UserError(
             f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}"
         ) from None
+
+
+def load_empty_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The model's architecture on the meta device: parameter names and shapes with no
+    memory and no weights read, to check an artifact against it cheaply."""
+    with torch.device("meta"):
+        if cfg.name_or_path == BUILTIN_MODEL:
+            return load_model(cfg)
+        try:
+            config = AutoConfig.from_pretrained(
+                cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}"
+            ) from None
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
 def model_source(cfg: ModelConfig) -> dict:

@@ -9,7 +9,6 @@ import logging
 import time
 
 import ray
-import torch
 
 from dba_ray import artifact, storage
 from dba_ray.config import Config
@@ -17,7 +16,7 @@ from dba_ray.data import describe_source
 from dba_ray.errors import UserError
 from dba_ray.evaluate import scores, text_metrics, text_sums
 from dba_ray.global_gradient import run_global_gradient
-from dba_ray.model import load_model
+from dba_ray.model import load_empty_model, load_model
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import build_report, write_report
 from dba_ray.trainer import prepare_eval, prepare_train_data, run_train
@@ -37,7 +36,8 @@ def ensure_base_model(cfg: Config) -> Config:
     p = cfg.pretrain
     key = _digest({"model": cfg.model.model_dump(), "pretrain": p.model_dump()})
     base_dir = storage.join(storage.absolute(cfg.output_dir), "pretrain", key)
-    marker = storage.join(base_dir, "model", "config.json")
+    model_dir = storage.join(base_dir, "pretrain", "model")  # run_train's layout
+    marker = storage.join(model_dir, "config.json")
     if not storage.exists(marker):
         log.info("pretraining the base model (%d steps); cached under %s", p.max_steps, base_dir)
         pre = cfg.model_copy(deep=True)
@@ -50,8 +50,8 @@ def ensure_base_model(cfg: Config) -> Config:
     else:
         log.info("reusing the pretrained base model in %s", base_dir)
     out = cfg.model_copy(deep=True)
-    out.model.name_or_path = storage.join(base_dir, "model")
-    out.model.tokenizer = out.model.tokenizer or storage.join(base_dir, "model")
+    out.model.name_or_path = model_dir
+    out.model.tokenizer = out.model.tokenizer or model_dir
     out.pretrain = None
     return out
 
@@ -63,8 +63,7 @@ def ensure_global_gradient(cfg: Config) -> dict:
         return {"uri": uri, "reused": True, "wall_s": 0.0, "tokens": artifact.read_meta(uri)["tokens"]}
     if storage.exists(storage.join(uri, "meta.json")):
         meta = artifact.read_meta(uri)
-        with torch.device("meta"):
-            shapes = artifact.parameter_shapes(load_model(cfg.model))
+        shapes = artifact.parameter_shapes(load_empty_model(cfg.model))
         same = (
             meta["param_fingerprint"] == artifact.fingerprint_of(shapes)
             and meta["base_model"]["name_or_path"] == cfg.model.name_or_path

@@ -37,7 +37,7 @@ from dba_ray.dba import DBA, lr_at
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores, text_metrics, text_sums
 from dba_ray.global_gradient import token_loss_sum
-from dba_ray.model import load_model, load_tokenizer
+from dba_ray.model import load_empty_model, load_model, load_tokenizer
 from dba_ray.progress import ProgressPrinter, Tracker
 from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray
 
@@ -69,12 +69,6 @@ def method_settings(cfg: Config, method: str) -> tuple[DBAConfig, ScheduleConfig
 
 def uses_global_gradient(d: DBAConfig) -> bool:
     return d.ggb or d.dc != "none" or d.anchor != "none"
-
-
-def _param_shapes_on_meta(cfg: Config) -> torch.nn.Module:
-    """The model's parameters without memory, to check an artifact before training."""
-    with torch.device("meta"):
-        return load_model(cfg.model)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -280,7 +274,7 @@ def run_train(
         if isinstance(grad_source, str):
             meta = artifact.read_meta(grad_source)
             # Refused here, before any worker starts, if made for another model.
-            artifact.check_fingerprint(meta, _param_shapes_on_meta(cfg), cfg.model.name_or_path)
+            artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
             if dba_cfg.anchor == "fisher" and not meta.get("has_second_moment"):
                 raise UserError(
                     f"anchor: fisher needs v_G, but {grad_source} has none "
@@ -381,5 +375,5 @@ def _settings_digest(cfg: Config, dba_cfg: DBAConfig, sched: ScheduleConfig) -> 
 
 
 def _summary(metrics: dict) -> str:
-    keys = [k for k in ("S_D", "S_G", "S") if k in metrics]
+    keys = [k for k in ("S_D", "S_G", "S") if k in metrics and not math.isnan(metrics[k])]
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) or "no eval sets"
