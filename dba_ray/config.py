@@ -266,7 +266,13 @@ class TrainConfig(_Strict):
 class EvalSetConfig(_Strict):
     name: str = Field(description="Name in reports.")
     kind: Literal["domain", "general"] = Field(description="Which score it counts toward.")
-    data: DataConfig = Field(description="Held-out text, tokenized like training data.")
+    type: Literal["text", "choice"] = Field(
+        "text",
+        description="text: held-out text, tokenized like training data (NLL, perplexity, "
+        "next-token accuracy). choice: multiple-choice records {question, choices, "
+        "answer (index)}, scored by the log-likelihood of each choice (accuracy).",
+    )
+    data: DataConfig = Field(description="The set's records (a `path`, for choice sets).")
 
 
 class EvalConfig(_Strict):

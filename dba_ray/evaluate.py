@@ -2,6 +2,7 @@
 
 For a text set: mean token NLL, perplexity, and next-token top-1 accuracy, the
 normalized score (bounded, comparable across sets, and it drops with forgetting).
+For a multiple-choice set: accuracy, each choice scored by its log-likelihood.
 S_D and S_G are the mean normalized scores of the domain and general sets;
 S = 2·S_D·S_G / (S_D + S_G).
 """
@@ -38,6 +39,51 @@ def text_sums(
         out += torch.stack([nll.double(), correct.double(), mask.sum().double()])
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def choice_sums(
+    model: torch.nn.Module, arrays: dict, batch_size: int, device, rank: int = 0, world: int = 1
+) -> torch.Tensor:
+    """[correct, records] over this rank's records (``record % world == rank``)."""
+    group, answers = arrays["group"], arrays["answers"]
+    rows = np.nonzero(group % world == rank)[0]
+    loglik = np.zeros(len(group))
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        idx = rows[i : i + batch_size]
+        x = torch.from_numpy(arrays["input_ids"][idx].astype(np.int64)).to(device)
+        y = torch.from_numpy(arrays["labels"][idx].astype(np.int64)).to(device)
+        logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
+        target = y[:, 1:]
+        mask = target != IGNORE
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        loglik[idx] = (picked * mask).sum(-1).double().cpu().numpy()
+    model.train(was_training)
+    correct = total = 0
+    for r in range(rank, len(answers), world):
+        mine = np.nonzero(group == r)[0]
+        correct += int(np.argmax(loglik[mine]) == answers[r])
+        total += 1
+    return torch.tensor([correct, total], dtype=torch.float64, device=device)
+
+
+def set_sums(model, arrays: dict, batch_size: int, device, rank: int = 0, world: int = 1):
+    """This rank's share of one eval set's sums (all-reduce them across ranks)."""
+    if "answers" in arrays:
+        return choice_sums(model, arrays, batch_size, device, rank, world)
+    return text_sums(
+        model, arrays["input_ids"][rank::world], arrays["labels"][rank::world], batch_size, device
+    )
+
+
+def set_metrics(sums) -> dict[str, float]:
+    """Metrics from a set's reduced sums: text sets have 3, choice sets 2."""
+    if len(sums) == 2:
+        correct, total = (float(x) for x in sums)
+        return {"acc": correct / max(total, 1.0)}
+    return text_metrics(sums)
 
 
 def text_metrics(sums) -> dict[str, float]:

@@ -34,7 +34,7 @@ def verdict(report: dict) -> str:
     return (
         f"{kept} kept more general ability (S_G {res[kept]['S_G']:.3f} vs "
         f"{res['direct' if kept == 'dba' else 'dba']['S_G']:.3f}, base {base['S_G']:.3f}); "
-        f"domain score rose from {base['S_D']:.3f} to {d['S_D']:.3f} with dba and "
+        f"the domain score went from {base['S_D']:.3f} to {d['S_D']:.3f} with dba and "
         f"{v['S_D']:.3f} with direct, so the joint score S is {d['S']:.3f} for dba and "
         f"{v['S']:.3f} for direct."
     )
@@ -53,6 +53,9 @@ def markdown(report: dict) -> str:
     for name, r, run in rows:
         cells = [name, _fmt(r["S_D"]), _fmt(r["S_G"]), _fmt(r["S"])]
         for s in sets:
+            if "nll" not in r["eval"][s]:  # a multiple-choice set has accuracy only
+                cells.append("-")
+                continue
             delta = f" ({run['delta'][s]['nll']:+.3f})" if run else ""
             cells.append(f"{r['eval'][s]['nll']:.3f}{delta}")
         for s in sets:

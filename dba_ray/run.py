@@ -14,7 +14,7 @@ from dba_ray import artifact, storage
 from dba_ray.config import Config
 from dba_ray.data import describe_source
 from dba_ray.errors import UserError
-from dba_ray.evaluate import scores, text_metrics, text_sums
+from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.model import load_empty_model, load_model
 from dba_ray.ray_runtime import ensure_ray
@@ -93,9 +93,7 @@ def _evaluate_remote(cfg_dump: dict, model_path: str, eval_refs: dict, kinds: di
     model = load_model(cfg.model).to(device)
     metrics = {}
     for name, ref in eval_refs.items():
-        arr = ray.get(ref)
-        sums = text_sums(model, arr["input_ids"], arr["labels"], cfg.eval.batch_size, device)
-        metrics[name] = text_metrics(sums.cpu())
+        metrics[name] = set_metrics(set_sums(model, ray.get(ref), cfg.eval.batch_size, device).cpu())
     return {"eval": metrics, **scores(metrics, kinds)}
 
 

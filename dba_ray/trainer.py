@@ -32,10 +32,11 @@ from safetensors.torch import save_model as st_save_model
 from dba_ray import artifact, storage
 from dba_ray.config import Config, DBAConfig, ScheduleConfig
 from dba_ray.data import build_sequences, collect_arrays
-from dba_ray.data.tokenize import IGNORE
+from dba_ray.data.records import read_choice_records
+from dba_ray.data.tokenize import IGNORE, choice_arrays
 from dba_ray.dba import DBA, lr_at
 from dba_ray.errors import UserError, find_user_error
-from dba_ray.evaluate import scores, text_metrics, text_sums
+from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.global_gradient import token_loss_sum
 from dba_ray.model import load_empty_model, load_model, load_tokenizer
 from dba_ray.progress import ProgressPrinter, Tracker
@@ -160,10 +161,10 @@ def _train_loop(config: dict) -> dict:
     def evaluate() -> dict:
         out = {}
         for name, arr in evals.items():
-            sums = text_sums(model, arr["input_ids"][rank::world], arr["labels"][rank::world], cfg.eval.batch_size, device)
+            sums = set_sums(model, arr, cfg.eval.batch_size, device, rank, world)
             if world > 1:
                 dist.all_reduce(sums)
-            out[name] = text_metrics(sums)
+            out[name] = set_metrics(sums)
         return {"eval": out, **scores(out, config["eval_kinds"])}
 
     while step < total:
@@ -225,6 +226,8 @@ def _train_loop(config: dict) -> dict:
         else:
             ray.train.report(metrics)
 
+    if not last_eval and evals:
+        last_eval = evaluate()  # resumed from the final checkpoint: score it anyway
     if rank == 0:
         with storage.atomic_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
             load_tokenizer(cfg.model).save_pretrained(d)
@@ -239,9 +242,14 @@ def _train_loop(config: dict) -> dict:
 
 def prepare_eval(cfg: Config) -> tuple[dict[str, ray.ObjectRef], dict[str, str]]:
     """Tokenize every eval set once; (object refs of arrays, kinds) by set name."""
+    ensure_ray(cfg.ray)
     refs, kinds = {}, {}
     for s in cfg.eval.sets:
-        arrays = collect_arrays(build_sequences(s.data, cfg.model), limit=cfg.eval.max_sequences)
+        if s.type == "choice":
+            records = read_choice_records(s.data)[: cfg.eval.max_sequences]
+            arrays = choice_arrays(records, load_tokenizer(cfg.model), s.data.seq_len)
+        else:
+            arrays = collect_arrays(build_sequences(s.data, cfg.model), limit=cfg.eval.max_sequences)
         if len(arrays["input_ids"]) == 0:
             raise UserError(f"eval set {s.name!r} produced no sequences")
         refs[s.name], kinds[s.name] = ray.put(arrays), s.kind
@@ -252,6 +260,7 @@ def prepare_train_data(cfg: Config) -> ray.ObjectRef:
     """Tokenize the domain data once, into the object store."""
     if cfg.train.data is None:
         raise UserError("train.data is required: the domain data to fine-tune on")
+    ensure_ray(cfg.ray)
     arrays = collect_arrays(build_sequences(cfg.train.data, cfg.model, max_records=cfg.train.max_records))
     return ray.put(arrays)
 

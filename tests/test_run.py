@@ -20,6 +20,10 @@ def test_run_writes_report_then_eval_scores_models(tmp_path, capsys, caplog):
     gen_eval = write_jsonl(tmp_path / "gen_eval.jsonl", make_docs(8, seed=2))
     dom = write_jsonl(tmp_path / "dom.jsonl", [{"text": "def f(x):\n    return x + 1"}] * 40)
     dom_eval = write_jsonl(tmp_path / "dom_eval.jsonl", [{"text": "def g(y):\n    return y + 1"}] * 4)
+    mc = write_jsonl(
+        tmp_path / "mc.jsonl",
+        [{"question": "def f(x): return", "choices": ["x + 1", "the cat"], "answer": 0}] * 3,
+    )
     tree = {
         "output_dir": str(tmp_path / "out"),
         "pretrain": {"data": {"path": gen, "seq_len": 32}, "max_steps": 4, "batch_size": 4},
@@ -34,6 +38,7 @@ def test_run_writes_report_then_eval_scores_models(tmp_path, capsys, caplog):
             "sets": [
                 {"name": "dom", "kind": "domain", "data": {"path": dom_eval, "seq_len": 32}},
                 {"name": "gen", "kind": "general", "data": {"path": gen_eval, "seq_len": 32}},
+                {"name": "mc", "kind": "domain", "type": "choice", "data": {"path": mc, "seq_len": 32}},
             ]
         },
     }
@@ -51,6 +56,7 @@ def test_run_writes_report_then_eval_scores_models(tmp_path, capsys, caplog):
     assert dba["delta"]["dom"]["nll"] == pytest.approx(dba["eval"]["dom"]["nll"] - report["base"]["eval"]["dom"]["nll"])
     # Fine-tuning on the repeated domain line must lower its NLL.
     assert report["results"]["direct"]["delta"]["dom"]["nll"] < 0
+    assert set(report["base"]["eval"]["mc"]) == {"acc"}  # choice sets: accuracy only
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| base |" in md and "| dba |" in md and "kept more general ability" in md
 

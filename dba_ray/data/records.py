@@ -252,3 +252,32 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def read_choice_records(cfg: DataConfig) -> list[dict]:
+    """Multiple-choice records {question, choices, answer} from files, on the driver
+    (evaluation sets are small); a malformed one is named by file and line."""
+    if cfg.path is None:
+        raise UserError("a choice eval set needs data.path (JSON Lines, JSON or Parquet)")
+    out = []
+    for uri, _ in storage.list_files(cfg.path):
+        for loc, rec in _raw_records(uri, file_format(uri, cfg.file_format), cfg):
+            try:
+                if isinstance(rec, BadRecord):
+                    raise rec
+                if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
+                    raise BadRecord("field 'question' missing or not a string")
+                choices = rec.get("choices")
+                if not isinstance(choices, list) or len(choices) < 2 or not all(
+                    isinstance(c, str) for c in choices
+                ):
+                    raise BadRecord("field 'choices' must be a list of at least 2 strings")
+                answer = rec.get("answer")
+                if not isinstance(answer, int) or not 0 <= answer < len(choices):
+                    raise BadRecord("field 'answer' must be the index of the right choice")
+            except BadRecord as e:
+                raise UserError(f"malformed record at {loc}: {e}") from None
+            out.append({"question": rec["question"], "choices": choices, "answer": answer})
+    if not out:
+        raise UserError(f"choice eval set {cfg.path} is empty")
+    return out

@@ -105,3 +105,31 @@ class Tokenize:
             labs[start:end] = toks[start:end]
         toks, labs = toks[: self.cfg.seq_len], labs[: self.cfg.seq_len]
         return (toks, labs) if any(x != IGNORE for x in labs[1:]) else None
+
+
+def choice_arrays(records: list[dict], tok, seq_len: int) -> dict[str, np.ndarray]:
+    """One row per (record, choice): "question\nAnswer:" then " choice"; only the
+    choice's tokens are labelled, so a row's loss is the choice's log-likelihood.
+    ``group`` maps rows to records; ``answers`` holds each record's right index."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows, group = [], []
+    for r, rec in enumerate(records):
+        prompt = tok(f"{rec['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
+        for choice in rec["choices"]:
+            cont = tok(f" {choice}", add_special_tokens=False)["input_ids"]
+            # Keep the end of a long prompt: the choice must fit whole.
+            toks = (prompt + cont)[-seq_len:]
+            labs = ([IGNORE] * len(prompt) + cont)[-seq_len:]
+            rows.append((toks, labs))
+            group.append(r)
+    ids = np.full((len(rows), seq_len), pad, dtype=np.int32)
+    labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int32)
+    for k, (toks, labs) in enumerate(rows):
+        ids[k, : len(toks)] = toks
+        labels[k, : len(labs)] = labs
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "group": np.asarray(group, dtype=np.int32),
+        "answers": np.asarray([rec["answer"] for rec in records], dtype=np.int32),
+    }
