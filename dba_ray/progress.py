@@ -86,7 +86,7 @@ class ProgressPrinter:
     ):
         self.tracker, self.label, self.total, self.interval = tracker, label, total, interval
         self.unit = unit
-        self._first: tuple[float, float] | None = None  # (time, tokens) of first report
+        self._first: tuple[float, float, float] | None = None  # (time, done, tokens) at first
         self._shown = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -104,12 +104,16 @@ class ProgressPrinter:
         if not done or done == self._shown:
             return  # still starting, or nothing new since the last line
         self._shown = done
+        tokens = snap.get("tokens", 0)
         if self._first is None:
-            self._first = (now, done)
-        # Rate since work began, so start-up time does not dilute the ETA.
+            self._first = (now, done, tokens)
+        # Rates since work began, so start-up time does not dilute the ETA.
         elapsed = now - self._first[0]
         rate = (done - self._first[1]) / elapsed if elapsed > 0 else None
-        log.info(progress_line(self.label, done, self.total, rate, self.unit, snap.get("loss")))
+        line = progress_line(self.label, done, self.total, rate, self.unit, snap.get("loss"))
+        if self.unit != "tokens" and rate is not None:
+            line += f", {_human((tokens - self._first[2]) / elapsed)} tokens/s"
+        log.info(line)
 
     def __enter__(self) -> "ProgressPrinter":
         self._thread.start()

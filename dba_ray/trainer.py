@@ -155,7 +155,7 @@ def _train_loop(config: dict) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     history: list[dict] = []
     last_eval: dict = {}
-    tokens_seen = 0  # trained tokens since this (re)start
+    tokens_seen = 0  # trained tokens since this (re)start, for tokens/s
     last_push = time.monotonic()
 
     def evaluate() -> dict:
