@@ -61,8 +61,7 @@ def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     scored = evaluate_models(cfg, {"base": cfg.model.name_or_path, **cfg.eval.models})
     base = scored.pop("base")
-    results = {name: {**m, "wall_s": 0.0, "tokens": 0} for name, m in scored.items()}
-    report = build_report(base, results, {"base_model": cfg.model.name_or_path})
+    report = build_report(base, scored, {"base_model": cfg.model.name_or_path})
     print(write_report(storage.absolute(cfg.output_dir), report, name="eval"))
     return 0
 

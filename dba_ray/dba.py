@@ -27,6 +27,13 @@ import torch
 from dba_ray.config import DBAConfig, ScheduleConfig
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ in fp32 (or the tensors' dtype when it is wider)."""
+    if a.dtype != b.dtype or a.dtype in (torch.bfloat16, torch.float16):
+        a, b = a.float(), b.float()
+    return torch.dot(a.reshape(-1), b.reshape(-1)).float()
+
+
 def gamma_at(t: int, total: int, boost: float, gamma_max: float) -> float:
     """GGB weight of step t (0-based) of ``total``: min(γ_max, k0·(1 − t/T)), k0 = boost/T."""
     return min(gamma_max, boost / total * (1.0 - t / total))
@@ -144,12 +151,10 @@ class DBA:
         if self.anchor is not None:
             for g, (w, theta0), (_, p) in zip(grads, self.anchor, self.params):
                 g.add_(w * (p - theta0), alpha=cfg.fisher_lambda)
-        dot, nd2 = self._reduce(
-            torch.stack(
-                [torch.stack([(g.float() * h.float()).sum() for g, h in zip(grads, self.g)]).sum(),
-                 torch.stack([g.float().pow(2).sum() for g in grads]).sum()]
-            )
-        )
+        # Fused kernels: one dot product per tensor, one multi-tensor norm.
+        dots = torch.stack([_dot(g, h) for g, h in zip(grads, self.g)]).sum()
+        norms = torch.stack(torch._foreach_norm(grads)).float()
+        dot, nd2 = self._reduce(torch.stack([dots, norms.pow(2).sum()]))
         ng2 = self.norm_g**2
         cos = dot / math.sqrt(nd2 * ng2) if nd2 > 0 and ng2 > 0 else 0.0
         projected = False
@@ -161,8 +166,11 @@ class DBA:
         gamma = gamma_at(step, self.total, cfg.boost, cfg.gamma_max) if cfg.ggb else 0.0
         if gamma > 0:
             torch._foreach_mul_(grads, 1.0 - gamma)
-            for g, h in zip(grads, self.g):
-                g.add_(h, alpha=gamma)
+            if all(g.dtype == h.dtype for g, h in zip(grads, self.g)):
+                torch._foreach_add_(grads, self.g, alpha=gamma)
+            else:
+                for g, h in zip(grads, self.g):
+                    g.add_(h, alpha=gamma)
         nb2 = gamma**2 * ng2 + (1 - gamma) ** 2 * nd2 + 2 * gamma * (1 - gamma) * dot
         norm_d, norm_b = math.sqrt(nd2), math.sqrt(max(nb2, 0.0))
         c = correction(cfg.dc, gamma, self.norm_g, norm_d, norm_b, cos, cfg.kappa, cfg.c_max)

@@ -61,7 +61,8 @@ def markdown(report: dict) -> str:
         for s in sets:
             delta = f" ({run['delta'][s]['acc']:+.3f})" if run else ""
             cells.append(f"{r['eval'][s]['acc']:.3f}{delta}")
-        cells += [f"{run['tokens']:,}" if run else "", f"{run['wall_s']:.0f}" if run else ""]
+        trained = run is not None and run.get("tokens")  # `dba-ray eval` scores, trains nothing
+        cells += [f"{run['tokens']:,}" if trained else "", f"{run['wall_s']:.0f}" if trained else ""]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     sentence = verdict(report)

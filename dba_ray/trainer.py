@@ -8,6 +8,7 @@ batch, so a run is reproducible and resumes exactly from a checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -105,10 +106,15 @@ def _load_checkpoint(path: str, model, optimizer) -> dict:
 # ---------------------------------------------------------------- the loop
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n)
+
+
 def _global_batch_rows(step: int, n: int, global_batch: int, steps_per_epoch: int, seed: int):
+    """Rows of global batch ``step``: the same on every worker and after a resume."""
     epoch, i = divmod(step, steps_per_epoch)
-    perm = np.random.default_rng(seed + epoch).permutation(n)
-    return perm[i * global_batch : (i + 1) * global_batch]
+    return _epoch_permutation(n, seed + epoch)[i * global_batch : (i + 1) * global_batch]
 
 
 def _train_loop(config: dict) -> dict:
@@ -233,8 +239,6 @@ def _train_loop(config: dict) -> dict:
             load_tokenizer(cfg.model).save_pretrained(d)
             model.save_pretrained(d)
     return {"final": last_eval}  # rank 0's return value reaches the driver
-
-
 
 
 # ---------------------------------------------------------------- the driver
