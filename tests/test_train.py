@@ -119,3 +119,18 @@ def test_guards_stop_before_or_during_training(tmp_path):
     nan.train.optimizer.grad_clip = None
     with pytest.raises(UserError, match="loss became .* at step"):
         run_train(nan, "direct")
+
+
+def test_global_gradient_from_the_object_store_and_periodic_eval(tmp_path):
+    """Stage 1 → Stage 2 in one driver with no disk round trip for ĝ_G."""
+    cfg = make_config(tmp_path, "inmem", num_workers=1, max_steps=4, eval_every=2, checkpoint_every=0)
+    cfg.stage1.to_object_store = True
+    ref = run_global_gradient(cfg, write=False).ref
+    dom_eval = write_jsonl(tmp_path / "dom_eval.jsonl", make_docs(6, seed=3))
+    cfg.eval.sets = [{"name": "dom", "kind": "domain", "data": {"path": dom_eval, "seq_len": 32}}]
+    cfg = Config.model_validate(cfg.model_dump())
+    result = run_train(cfg, "dba", grad_source=ref)
+    assert not (tmp_path / "gg").exists()  # nothing was written for ĝ_G
+    base = {n: p.detach() for n, p in load_model(cfg.model).named_parameters()}
+    assert rel_error(saved_weights(result.model_dir), base) > 1e-3
+    assert 0 <= result.metrics["S_D"] <= 1 and "nll" in result.metrics["eval"]["dom"]
