@@ -14,12 +14,12 @@ drift of the machine hits both sides alike.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
+from common import emit, sized_llama
 
 from dba_ray.config import DBAConfig, ModelConfig
 from dba_ray.dba import DBA
@@ -43,13 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     mcfg = ModelConfig(
         dtype=args.dtype,
-        builtin_config={
-            "hidden_size": args.hidden,
-            "intermediate_size": args.hidden * 8 // 3,
-            "num_hidden_layers": args.layers,
-            "num_attention_heads": max(1, args.hidden // 64),
-            "num_key_value_heads": max(1, args.hidden // 64),
-        },
+        builtin_config=sized_llama(args.hidden, args.layers),
     )
     device = torch.device(args.device)
     model = load_model(mcfg).to(device)
@@ -107,10 +101,7 @@ def main() -> None:
         "dba_extra_bytes": mem_dba,
         "dba_extra_bytes_per_param": round(mem_dba / n_params, 3),
     }
-    print(json.dumps(res, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ start-up is reported beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -21,6 +20,7 @@ import time
 import numpy as np
 import ray
 import torch
+from common import emit, sized_llama
 
 from dba_ray.config import Config
 from dba_ray.data import build_sequences
@@ -72,13 +72,7 @@ def main() -> None:
             "model": {
                 "name_or_path": "builtin:tiny-llama",
                 "dtype": args.dtype,
-                "builtin_config": {
-                    "hidden_size": args.hidden,
-                    "intermediate_size": args.hidden * 8 // 3,
-                    "num_hidden_layers": args.layers,
-                    "num_attention_heads": max(1, args.hidden // 64),
-                    "num_key_value_heads": max(1, args.hidden // 64),
-                },
+                "builtin_config": sized_llama(args.hidden, args.layers),
             },
             "stage1": {
                 "data": {"path": os.path.abspath(args.data), "seq_len": args.seq_len},
@@ -118,10 +112,7 @@ def main() -> None:
         "stage1_end_to_end_s": round(wall, 1),
         "stage1_end_to_end_tokens_per_s": round(stage1_positions / wall, 1),
     }
-    print(json.dumps(res, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

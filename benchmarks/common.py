@@ -1,0 +1,25 @@
+"""Helpers shared by the benchmark scripts (run as `python benchmarks/NAME.py`)."""
+
+from __future__ import annotations
+
+import json
+
+
+def sized_llama(hidden: int, layers: int) -> dict:
+    """`model.builtin_config` for a builtin Llama of the given width and depth."""
+    heads = max(1, hidden // 64)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 8 // 3,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+    }
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Print the result as JSON, and write it to ``out`` when given."""
+    print(json.dumps(result, indent=1))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
