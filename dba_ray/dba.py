@@ -120,7 +120,8 @@ class DBA:
             raise ValueError(f"global gradient lacks {len(missing)} parameters, e.g. {missing[0]}")
         dtype = getattr(torch, cfg.grad_dtype)
         self.g = [global_grad[n].to(p.device, dtype).view_as(p) for n, p in self.params]
-        self.norm_g = math.sqrt(self._reduce(torch.stack([h.float().pow(2).sum() for h in self.g]))[0])
+        sq_norm_g = torch.stack([h.float().pow(2).sum() for h in self.g]).sum().reshape(1)
+        self.norm_g = math.sqrt(self._reduce(sq_norm_g)[0])
         self.anchor = None
         if cfg.anchor == "fisher":
             if second_moment is None:
@@ -145,15 +146,19 @@ class DBA:
         """Replace each ``.grad`` (g_D) by g_B for step ``step`` (0-based); return the
         stats, whose ``c`` multiplies this step's learning rate."""
         cfg = self.cfg
+        for _, p in self.params:
+            if p.grad is None:  # unused in this step's graph: its g_D is zero
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for _, p in self.params]
-        if any(g is None for g in grads):
-            raise RuntimeError("DBA.apply needs every trainable parameter's .grad (call after backward)")
         if self.anchor is not None:
             for g, (w, theta0), (_, p) in zip(grads, self.anchor, self.params):
-                g.add_(w * (p - theta0), alpha=cfg.fisher_lambda)
+                g.addcmul_(w, p - theta0, value=cfg.fisher_lambda)
         # Fused kernels: one dot product per tensor, one multi-tensor norm.
         dots = torch.stack([_dot(g, h) for g, h in zip(grads, self.g)]).sum()
-        norms = torch.stack(torch._foreach_norm(grads)).float()
+        if all(g.dtype == torch.float32 for g in grads):
+            norms = torch.stack(torch._foreach_norm(grads))
+        else:  # a bf16/fp16 norm would not match the fp32 dot products
+            norms = torch.stack([g.float().norm() for g in grads])
         dot, nd2 = self._reduce(torch.stack([dots, norms.pow(2).sum()]))
         ng2 = self.norm_g**2
         cos = dot / math.sqrt(nd2 * ng2) if nd2 > 0 and ng2 > 0 else 0.0
@@ -216,9 +221,10 @@ class DBAOptimizer(torch.optim.Optimizer):
         self.t = int(state_dict["dba_step"])
 
     def step(self, closure=None):
+        loss = None
         if closure is not None:
             with torch.enable_grad():
-                closure()
+                loss = closure()
         stats = self.dba.apply(self.t)
         base = [g["lr"] for g in self.param_groups]
         for g in self.param_groups:
@@ -230,6 +236,7 @@ class DBAOptimizer(torch.optim.Optimizer):
                 g["lr"] = lr
         self.t += 1
         self.last_stats = stats
+        return loss
 
 
 def schedule_lambda(total_steps: int, cfg: ScheduleConfig) -> Callable[[int], float]:

@@ -130,3 +130,20 @@ def test_optimizer_wrapper_scales_lr_for_the_step_only():
     fresh = DBAOptimizer(torch.optim.SGD([p], lr=0.1), dba)
     fresh.load_state_dict(state)
     assert fresh.t == 1
+
+
+def test_norms_and_cosine_span_every_parameter():
+    """ĝ_G and g_D spread over several tensors (and one unused parameter)."""
+    a, b, unused = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])  # ‖g_D‖ = 5
+    ghat = {"a": torch.tensor([0.0, 6.0]), "b": torch.tensor([0.0, 8.0]), "unused": torch.zeros(2)}
+    dba = DBA([("a", a), ("b", b), ("unused", unused)], ghat, 400, DBAConfig(dc="norm"))
+    assert dba.norm_g == pytest.approx(10.0)
+    s = dba.apply(0)  # γ = 0.5
+    # ⟨g_D, ĝ⟩ = 4·8 = 32, cos = 32 / 50
+    assert s.cos == pytest.approx(0.64) and s.norm_d == pytest.approx(5.0)
+    g_b = torch.cat([a.grad, b.grad])
+    assert g_b.tolist() == pytest.approx([1.5, 3.0, 0.0, 6.0])
+    assert s.norm_b == pytest.approx(float(g_b.norm()))
+    assert s.c == pytest.approx(min(2.0, (0.5 * 10 + 0.5 * 5) / float(g_b.norm())))
+    assert unused.grad.tolist() == [0.0, 0.0]
