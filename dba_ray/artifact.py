@@ -135,7 +135,9 @@ def _svd_compress(
             out[name] = t
             continue
         u, s, vh = torch.linalg.svd(t.float(), full_matrices=False)
-        us, v = (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
+        # Factors in the tensor's own (save) dtype, so bfloat16 halves them too.
+        us = (u[:, :rank] * s[:rank]).to(t.dtype).contiguous()
+        v = vh[:rank].to(t.dtype).contiguous()
         resid_sq = float(s[rank:].double().pow(2).sum())
         errors[name] = math.sqrt(resid_sq / norm_sq) if norm_sq > 0 else 0.0
         err_sq += resid_sq

@@ -1,11 +1,13 @@
 """Typed, validated configuration: YAML files plus dotted command-line overrides.
 
-Every option is documented once, here, in its field's description. ``dba-ray config
---help``-style listings and error messages are derived from these models.
+Every option is documented once, here, in its field's description. ``dba-ray options``
+and the error messages are derived from these models.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -48,7 +50,9 @@ class ModelConfig(_Strict):
         "the download-free byte-level tokenizer the builtin model uses.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the weights and the forward/backward pass."
+        "float32",
+        description="Dtype of the weights (Stage 2 on GPU also runs the forward pass "
+        "under bf16 autocast).",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the hub. Off unless you trust the repo."
@@ -278,7 +282,7 @@ class EvalSetConfig(_Strict):
 class EvalConfig(_Strict):
     sets: list[EvalSetConfig] = Field(default_factory=list, description="Evaluation sets.")
     max_sequences: int = Field(
-        256, ge=1, description="Sequences taken from each set (its first ones)."
+        256, ge=1, description="Sequences (choice sets: records) taken from each set, the first ones."
     )
     batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
     models: dict[str, str] = Field(
@@ -319,6 +323,11 @@ class Config(_Strict):
 
     def global_gradient_source(self) -> str:
         return self.train.global_gradient or self.stage1_output()
+
+
+def digest(obj: Any) -> str:
+    """A short, stable hash of settings (JSON-able), for cache keys and run names."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ray.data import ExecutionOptions
 from ray.train import DataConfig as TrainDataConfig
-from ray.train import RunConfig, ScalingConfig
+from ray.train import RunConfig
 from ray.train.torch import TorchTrainer
 
 from dba_ray import artifact, storage
@@ -33,7 +33,7 @@ from dba_ray.data.tokenize import IGNORE
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.model import load_model, model_source
 from dba_ray.progress import ProgressPrinter, Tracker
-from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray
+from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray, scaling
 
 log = logging.getLogger("dba_ray")
 DATASET = "general"
@@ -163,7 +163,7 @@ def _worker_loop(config: dict) -> None:
             "batch_size": s1.batch_size,
             "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
             "loop_seconds": loop_s,
-            "stage1_budget": [s1.max_tokens, s1.max_records],
+            "stage1_settings": stage1_settings(s1),
         },
     )
     meta = artifact.build_meta(
@@ -186,6 +186,11 @@ def _worker_loop(config: dict) -> None:
     if s1.to_object_store:
         ray.get(tracker.set_result.remote("grad", grad))
     ray.get(tracker.set_result.remote("meta", meta))
+
+
+def stage1_settings(s1) -> dict:
+    """The Stage 1 options that change the artifact (recorded, to decide reuse)."""
+    return s1.model_dump(include={"max_tokens", "max_records", "second_moment", "svd_rank", "save_dtype"})
 
 
 def run_global_gradient(
@@ -231,11 +236,7 @@ def run_global_gradient(
             "source": source,
             "data_description": description,
         },
-        scaling_config=ScalingConfig(
-            num_workers=s1.num_workers,
-            use_gpu=s1.use_gpu,
-            resources_per_worker={"CPU": s1.cpus_per_worker, **({"GPU": 1} if s1.use_gpu else {})},
-        ),
+        scaling_config=scaling(s1.num_workers, s1.cpus_per_worker, s1.use_gpu),
         datasets={DATASET: dataset},
         # Ordered execution makes the token budget take the same rows every run.
         dataset_config=TrainDataConfig(execution_options=ExecutionOptions(preserve_order=True)),

@@ -6,6 +6,7 @@ import logging
 import os
 
 import ray
+from ray.train import ScalingConfig
 
 from dba_ray.config import RayConfig
 from dba_ray.errors import UserError
@@ -23,6 +24,15 @@ def ensure_ray(cfg: RayConfig) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus)
     log.info("Ray cluster resources: %s", ray.cluster_resources())
+
+
+def scaling(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> ScalingConfig:
+    """Train's scaling: CPUs per worker reserved explicitly (also its torch threads)."""
+    return ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+    )
 
 
 def check_cpu_headroom(worker_cpus: int) -> None:

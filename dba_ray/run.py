@@ -3,7 +3,6 @@ evaluation of the base and of every result → report.json / report.md."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -11,12 +10,12 @@ import time
 import ray
 
 from dba_ray import artifact, storage
-from dba_ray.config import Config
+from dba_ray.config import Config, digest
 from dba_ray.data import describe_source
 from dba_ray.errors import UserError
 from dba_ray.evaluate import scores, set_metrics, set_sums
-from dba_ray.global_gradient import run_global_gradient
-from dba_ray.model import load_empty_model, load_model
+from dba_ray.global_gradient import run_global_gradient, stage1_settings
+from dba_ray.model import load_empty_model, load_model, model_source
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import build_report, write_report
 from dba_ray.trainer import prepare_eval, prepare_train_data, run_train
@@ -24,28 +23,23 @@ from dba_ray.trainer import prepare_eval, prepare_train_data, run_train
 log = logging.getLogger("dba_ray")
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def ensure_base_model(cfg: Config) -> Config:
-    """With a ``pretrain`` section, train the base model once (reused while the model
-    and pretrain settings are unchanged) and point ``model`` at it."""
+    """With a ``pretrain`` section, train the base model once (reused while every
+    setting pretraining depends on is unchanged) and point ``model`` at it."""
     if cfg.pretrain is None:
         return cfg
     p = cfg.pretrain
-    key = _digest({"model": cfg.model.model_dump(), "pretrain": p.model_dump()})
+    pre = cfg.model_copy(deep=True)
+    pre.train.data, pre.train.max_records = p.data, None
+    pre.train.max_steps, pre.train.batch_size, pre.train.grad_accum = p.max_steps, p.batch_size, 1
+    pre.train.eval_every = pre.train.checkpoint_every = 0
+    pre.eval.sets = [s for s in cfg.eval.sets if s.kind == "general"]
+    key = digest(pre.model_dump(include={"model", "pretrain", "train"}, exclude={"train": {"progress_interval_s"}}))
     base_dir = storage.join(storage.absolute(cfg.output_dir), "pretrain", key)
     model_dir = storage.join(base_dir, "pretrain", "model")  # run_train's layout
-    marker = storage.join(model_dir, "config.json")
-    if not storage.exists(marker):
+    if not storage.exists(storage.join(model_dir, "config.json")):
         log.info("pretraining the base model (%d steps); cached under %s", p.max_steps, base_dir)
-        pre = cfg.model_copy(deep=True)
         pre.output_dir = base_dir
-        pre.train.data, pre.train.max_records = p.data, None
-        pre.train.max_steps, pre.train.batch_size, pre.train.grad_accum = p.max_steps, p.batch_size, 1
-        pre.train.eval_every = pre.train.checkpoint_every = 0
-        pre.eval.sets = [s for s in cfg.eval.sets if s.kind == "general"]
         run_train(pre, "pretrain")
     else:
         log.info("reusing the pretrained base model in %s", base_dir)
@@ -66,10 +60,11 @@ def ensure_global_gradient(cfg: Config) -> dict:
         shapes = artifact.parameter_shapes(load_empty_model(cfg.model))
         same = (
             meta["param_fingerprint"] == artifact.fingerprint_of(shapes)
-            and meta["base_model"]["name_or_path"] == cfg.model.name_or_path
+            and meta["base_model"] == json.loads(json.dumps(model_source(cfg.model)))
+            and meta["dtype"] == cfg.model.dtype
             and cfg.stage1.data is not None
             and meta["data"]["description"] == json.loads(json.dumps(describe_source(cfg.stage1.data)))
-            and meta.get("stage1_budget") == [cfg.stage1.max_tokens, cfg.stage1.max_records]
+            and meta.get("stage1_settings") == stage1_settings(cfg.stage1)
         )
         if same:
             log.info("reusing the global gradient at %s", uri)

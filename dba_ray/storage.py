@@ -53,11 +53,6 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def is_dir(uri: str) -> bool:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
-
-
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:

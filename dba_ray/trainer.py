@@ -9,7 +9,6 @@ batch, so a run is reproducible and resumes exactly from a checkpoint.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -24,14 +23,14 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from dba_ray import artifact, storage
-from dba_ray.config import Config, DBAConfig, ScheduleConfig
+from dba_ray.config import Config, DBAConfig, ScheduleConfig, digest
 from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.data.records import read_choice_records
 from dba_ray.data.tokenize import IGNORE, choice_arrays
@@ -41,7 +40,7 @@ from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.global_gradient import token_loss_sum
 from dba_ray.model import load_empty_model, load_model, load_tokenizer
 from dba_ray.progress import ProgressPrinter, Tracker
-from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray
+from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray, scaling
 
 log = logging.getLogger("dba_ray")
 
@@ -85,6 +84,8 @@ def _save_checkpoint(path: str, model, optimizer, step: int, extra: dict) -> Non
             for key, value in optimizer.state.get(p, {}).items():
                 opt[f"{names[id(p)]}::{key}"] = torch.as_tensor(value).detach().cpu().clone()
     opt["__torch_rng__"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        opt["__cuda_rng__"] = torch.cuda.get_rng_state()
     save_file(opt, os.path.join(path, "optimizer.safetensors"))
     with open(os.path.join(path, "state.json"), "w") as f:
         json.dump({"step": step, **extra}, f)
@@ -94,6 +95,9 @@ def _load_checkpoint(path: str, model, optimizer) -> dict:
     st_load_model(model, os.path.join(path, "model.safetensors"))
     opt = load_file(os.path.join(path, "optimizer.safetensors"))
     torch.set_rng_state(opt.pop("__torch_rng__"))
+    cuda_rng = opt.pop("__cuda_rng__", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     params = dict(model.named_parameters())
     for key, value in opt.items():
         name, field = key.split("::")
@@ -281,11 +285,19 @@ def run_train(
     ``<output_dir>/<method>/model``. ``train_ref`` / ``eval_refs`` reuse data already
     tokenized by an earlier call; ``grad_source`` overrides the configured artifact."""
     t = cfg.train
+    if storage.is_remote(cfg.output_dir):
+        raise UserError(
+            "Stage 2 writes its model and checkpoints to a local output_dir for now "
+            f"(got {cfg.output_dir}); cloud URIs work for stage1.output"
+        )
     dba_cfg, sched = method_settings(cfg, method)
     grad_source = grad_source or storage.absolute(cfg.global_gradient_source())
+    grad_id = None  # which ĝ_G: part of the run's identity, so a new one means a new run
     if uses_global_gradient(dba_cfg):
+        grad_id = grad_source.hex() if isinstance(grad_source, ray.ObjectRef) else None
         if isinstance(grad_source, str):
             meta = artifact.read_meta(grad_source)
+            grad_id = [meta["created_at"], meta["data"]["fingerprint"], meta["global_norm"]]
             # Refused here, before any worker starts, if made for another model.
             artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
             if dba_cfg.anchor == "fisher" and not meta.get("has_second_moment"):
@@ -309,8 +321,9 @@ def run_train(
             "(batch_size × num_workers × grad_accum)"
         )
     total = t.max_steps or steps_per_epoch * t.epochs
+    row_tokens = (arrays["labels"][:, 1:] != IGNORE).sum(axis=1)
     tokens = sum(
-        int((arrays["labels"][_global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)][:, 1:] != IGNORE).sum())
+        int(row_tokens[_global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)].sum())
         for s in range(total)
     )
     del arrays
@@ -334,15 +347,11 @@ def run_train(
             "run_dir": run_dir,
             "model_dir": storage.join(run_dir, "model"),
         },
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
-        ),
+        scaling_config=scaling(t.num_workers, t.cpus_per_worker, t.use_gpu),
         run_config=RunConfig(
             # The same name and storage path resume an interrupted run; the digest of the
             # settings keeps a changed config from resuming a stale checkpoint.
-            name=f"train-{method}-{_settings_digest(cfg, dba_cfg, sched)}",
+            name=f"train-{method}-{_settings_digest(cfg, dba_cfg, sched, grad_id)}",
             storage_path=storage.join(out_dir, "ray_train"),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -378,13 +387,12 @@ def run_train(
     )
 
 
-def _settings_digest(cfg: Config, dba_cfg: DBAConfig, sched: ScheduleConfig) -> str:
+def _settings_digest(cfg: Config, dba_cfg: DBAConfig, sched: ScheduleConfig, grad_id) -> str:
     keep = cfg.model_dump(include={"model", "train"})
-    keep["train"].pop("progress_interval_s")
-    keep["train"].pop("max_failures")
-    keep["train"].pop("fail_once_at_step")
-    keep["effective"] = [dba_cfg.model_dump(), sched.model_dump()]
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    for key in ("progress_interval_s", "max_failures", "fail_once_at_step"):
+        keep["train"].pop(key)
+    keep["effective"] = [dba_cfg.model_dump(), sched.model_dump(), grad_id]
+    return digest(keep)
 
 
 def _summary(metrics: dict) -> str:

@@ -1,7 +1,6 @@
 """`dba-ray run` end to end on tiny data, and `dba-ray eval`, on the session's cluster."""
 
 import json
-import logging
 
 import pytest
 import yaml

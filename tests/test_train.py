@@ -3,7 +3,6 @@ tolerance, and the guards that stop a run early."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM

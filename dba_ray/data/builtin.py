@@ -28,8 +28,9 @@ _GENERAL_MODULES = (
     "warnings wave weakref xml zipfile zlib"
 ).split()
 
-# Code, with docstrings and comments removed, from modules whose docstrings are not in
-# the general corpus: a domain as far from English prose as a small corpus can be.
+# Code, with docstrings and comments removed (so none of the general corpus's prose is
+# in it, although many of these modules' docstrings are): a domain as far from English
+# prose as a small corpus can be.
 _CODE_MODULES = (
     "json.decoder json.encoder csv configparser shlex textwrap difflib heapq bisect "
     "fractions statistics string ipaddress calendar colorsys fnmatch glob graphlib "

@@ -25,6 +25,16 @@ def instruction_prompt(instruction: str, input_text: str) -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+def pad_rows(rows: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> dict:
+    """(tokens, labels) pairs -> [N, seq_len] int32 arrays, padded (labels with IGNORE)."""
+    ids = np.full((len(rows), seq_len), pad, dtype=np.int32)
+    labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int32)
+    for k, (toks, labs) in enumerate(rows):
+        ids[k, : len(toks)] = toks
+        labels[k, : len(labs)] = labs
+    return {"input_ids": ids, "labels": labels}
+
+
 class Tokenize:
     """Ray Data map_batches callable class: one tokenizer per actor."""
 
@@ -53,13 +63,7 @@ class Tokenize:
         else:
             rows = [self._chat(json.loads(str(m))) for m in batch["messages"]]
             rows = [r for r in rows if r is not None]
-        n, L = len(rows), self.cfg.seq_len
-        ids = np.full((n, L), self.pad, dtype=np.int32)
-        labels = np.full((n, L), IGNORE, dtype=np.int32)
-        for k, (toks, labs) in enumerate(rows):
-            ids[k, : len(toks)] = toks
-            labels[k, : len(labs)] = labs
-        return {"input_ids": ids, "labels": labels}
+        return pad_rows(rows, self.cfg.seq_len, self.pad)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return self.tok(texts, add_special_tokens=False)["input_ids"]
@@ -122,14 +126,8 @@ def choice_arrays(records: list[dict], tok, seq_len: int) -> dict[str, np.ndarra
             labs = ([IGNORE] * len(prompt) + cont)[-seq_len:]
             rows.append((toks, labs))
             group.append(r)
-    ids = np.full((len(rows), seq_len), pad, dtype=np.int32)
-    labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int32)
-    for k, (toks, labs) in enumerate(rows):
-        ids[k, : len(toks)] = toks
-        labels[k, : len(labs)] = labs
     return {
-        "input_ids": ids,
-        "labels": labels,
+        **pad_rows(rows, seq_len, pad),
         "group": np.asarray(group, dtype=np.int32),
         "answers": np.asarray([rec["answer"] for rec in records], dtype=np.int32),
     }
