@@ -133,3 +133,19 @@ def test_global_gradient_from_the_object_store_and_periodic_eval(tmp_path):
     base = {n: p.detach() for n, p in load_model(cfg.model).named_parameters()}
     assert rel_error(saved_weights(result.model_dir), base) > 1e-3
     assert 0 <= result.metrics["S_D"] <= 1 and "nll" in result.metrics["eval"]["dom"]
+
+
+def test_run_identity_follows_settings_and_global_gradient(tmp_path):
+    """Same settings and ĝ_G: same run (so a re-run resumes); any change: a new run."""
+    from dba_ray.trainer import _settings_digest, method_settings
+
+    cfg = make_config(tmp_path, "id")
+    d, s = method_settings(cfg, "dba")
+    first = _settings_digest(cfg, d, s, ["t0", "f0", 1.0])
+    assert _settings_digest(cfg, d, s, ["t0", "f0", 1.0]) == first
+    cfg.train.progress_interval_s = 99  # presentation only
+    assert _settings_digest(cfg, d, s, ["t0", "f0", 1.0]) == first
+    assert _settings_digest(cfg, d, s, ["t1", "f1", 2.0]) != first  # another ĝ_G
+    cfg.train.schedule.lr = 1e-4
+    d, s = method_settings(cfg, "dba")
+    assert _settings_digest(cfg, d, s, ["t0", "f0", 1.0]) != first
