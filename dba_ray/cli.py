@@ -41,9 +41,11 @@ def cmd_global_gradient(args) -> int:
 
 def cmd_train(args) -> int:
     from dba_ray.config import load_config
+    from dba_ray.run import ensure_base_model
     from dba_ray.trainer import run_train
 
-    cfg = load_config(args.config, args.overrides)
+    # A config with a `pretrain` section trains from that (cached) base, as `run` does.
+    cfg = ensure_base_model(load_config(args.config, args.overrides))
     result = run_train(cfg, args.method)
     print(f"{args.method}: model saved to {result.model_dir}")
     for key in ("S_D", "S_G", "S"):

@@ -300,6 +300,12 @@ def run_train(
             grad_id = [meta["created_at"], meta["data"]["fingerprint"], meta["global_norm"]]
             # Refused here, before any worker starts, if made for another model.
             artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
+            if meta["base_model"]["name_or_path"] != cfg.model.name_or_path:
+                # Same shapes, another name: maybe a copy, maybe other weights.
+                log.warning(
+                    "ĝ_G at %s was computed on %s, not %s (same parameter shapes)",
+                    grad_source, meta["base_model"]["name_or_path"], cfg.model.name_or_path,
+                )
             if dba_cfg.anchor == "fisher" and not meta.get("has_second_moment"):
                 raise UserError(
                     f"anchor: fisher needs v_G, but {grad_source} has none "
