@@ -105,12 +105,12 @@ def _worker_loop(config: dict) -> None:
         loss, n = token_loss_sum(model, ids, labels)
         loss.backward()
         if separate:
-            n_f = n.clamp(min=1).float()
+            inv_n2 = float(n.clamp(min=1)) ** -2  # squares of the micro-batch's mean gradient
             for name, p in params.items():
                 g = p.grad.float()
                 sums[name] += g
                 if sq is not None:
-                    sq[name] += (g / n_f) ** 2
+                    sq[name].addcmul_(g, g, value=inv_n2)
                 p.grad = None
         tokens += n
         loss_sum += loss.detach()

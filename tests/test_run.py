@@ -65,7 +65,13 @@ def test_run_writes_report_then_eval_scores_models(tmp_path, capsys, caplog):
     assert again.model.name_or_path.endswith("/pretrain/model")
     assert any("reusing the pretrained base model" in r.message for r in caplog.records)
 
+    # `dba-ray train` with the same config resumes the finished run: same model, scored.
     capsys.readouterr()
+    assert main(["train", str(cfg_file), "--method", "direct"]) == 0
+    out = capsys.readouterr().out
+    assert f"direct: model saved to {report['results']['direct']['model_dir']}" in out
+    assert f"S_D {report['results']['direct']['S_D']:.4f}" in out
+
     rc = main(["eval", str(cfg_file), "--set", f"model.name_or_path={again.model.name_or_path}",
                "--set", f"eval.models.tuned={dba['model_dir']}"])
     assert rc == 0
