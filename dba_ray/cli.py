@@ -44,9 +44,15 @@ def cmd_train(args) -> int:
     from dba_ray.run import ensure_base_model
     from dba_ray.trainer import run_train
 
+    from dba_ray.config import METHODS
+
     # A config with a `pretrain` section trains from that (cached) base, as `run` does.
     cfg = ensure_base_model(load_config(args.config, args.overrides))
-    result = run_train(cfg, args.method)
+    spec = next((m for m in cfg.methods if m.name == args.method), None)
+    if spec is None and args.method not in METHODS:
+        names = sorted({*METHODS, *(m.name for m in cfg.methods)})
+        raise UserError(f"--method {args.method}: not a method or a name in methods (choose from {', '.join(names)})")
+    result = run_train(cfg, spec or args.method)
     print(f"{args.method}: model saved to {result.model_dir}")
     for key in ("S_D", "S_G", "S"):
         if key in result.metrics:
@@ -73,6 +79,22 @@ def cmd_run(args) -> int:
     from dba_ray.run import run_all
 
     run_all(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from dba_ray.config import load_config
+    from dba_ray.tune import run_tune
+
+    run_tune(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from dba_ray.compare import run_compare
+    from dba_ray.config import load_config
+
+    run_compare(load_config(args.config, args.overrides))
     return 0
 
 
@@ -149,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="Stage 2: fine-tune on the domain data with one method")
     _add_config_args(p)
-    p.add_argument("--method", default="dba", choices=["dba", "direct"], help="default: dba")
+    p.add_argument(
+        "--method", default="dba",
+        help="dba, direct, mixture, lora, or the name of a variant in `methods` (default: dba)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score the base model and eval.models on eval.sets")
@@ -161,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "tune", help="Ray Tune sweep of one method's annealing knobs (ASHA on validation S)"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
+        "compare",
+        help="every method (× lrs × seeds) and the mixture ratio search on one base and one ĝ_G; "
+        "report with costs and plots",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("inspect", help="print the metadata of a global-gradient artifact")
     p.add_argument("path", help="artifact directory (local path or s3:// / gs:// URI)")

@@ -228,6 +228,35 @@ class OptimizerConfig(_Strict):
     )
 
 
+class LoraConfig(_Strict):
+    """The `lora` baseline (peft): adapters on the base weights, merged at the end."""
+
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale alpha/r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters (Llama-style names by default).",
+    )
+
+
+class MixtureConfig(_Strict):
+    """The `mixture` baseline: vanilla fine-tuning on general + domain data."""
+
+    ratio: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Fraction r of training sequences that are general: every domain "
+        "sequence is kept and round(n_domain·r/(1−r)) general ones are shuffled in, so "
+        "the domain data is seen as often as by the other methods (equal domain steps: "
+        "max_steps, when set, counts domain steps and becomes ceil(max_steps/(1−r))).",
+    )
+    data: Optional[DataConfig] = Field(
+        None, description="General data to mix in. Default: stage1.data (tokenized at train.data.seq_len)."
+    )
+
+
 class TrainConfig(_Strict):
     data: Optional[DataConfig] = Field(None, description="The domain data (required).")
     max_records: Optional[int] = Field(
@@ -240,6 +269,8 @@ class TrainConfig(_Strict):
     dba: DBAConfig = Field(default_factory=DBAConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per worker.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     epochs: int = Field(1, ge=1, description="Passes over the domain data (T follows).")
@@ -258,7 +289,9 @@ class TrainConfig(_Strict):
     max_failures: int = Field(
         0, ge=0, description="Worker failures survived by resuming from the last checkpoint."
     )
-    seed: int = Field(0, description="Data order seed (per epoch: seed + epoch).")
+    seed: int = Field(
+        0, description="Data order seed (per epoch: seed + epoch); also seeds LoRA's init."
+    )
     progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
     fail_once_at_step: Optional[int] = Field(
         None,
@@ -302,6 +335,98 @@ class PretrainConfig(_Strict):
         default_factory=lambda: ScheduleConfig(lr=3e-3, warmup_ratio=0.05, min_lr_ratio=0.1),
         description="Learning rate schedule of pretraining.",
     )
+    eval_every: int = Field(
+        0, ge=0, description="Score the general eval sets every N steps (curves.jsonl)."
+    )
+
+
+METHODS = ("dba", "direct", "mixture", "lora")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+
+
+class MethodSpec(_Strict):
+    """One training run of a comparison: a method plus overrides of `train` keys. A bare
+    string in `methods` is a spec named after its method."""
+
+    name: str = Field(description="Name in reports and the run's folder name.")
+    method: Literal["dba", "direct", "mixture", "lora", "pretrain"] = Field(
+        description="dba: train.dba and train.schedule as configured. direct: plain "
+        "fine-tuning (GGB, DC, anchor off; constant lr). mixture: direct on general + "
+        "domain data (train.mixture). lora: direct with peft adapters (train.lora). "
+        "pretrain: the base model's pretraining (used by the pretrain section).",
+    )
+    set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted keys under `train` applied after the method's own settings, "
+        "e.g. {dba.dc: pcgrad} or {schedule.anneal: true} (an ablation or a variant).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value, "method": value}
+        if isinstance(value, dict) and "name" in value and "method" not in value:
+            return {**value, "method": value["name"]}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "MethodSpec":
+        if not _NAME.match(self.name):
+            raise ValueError(f"run name {self.name!r} may use letters, digits and _ . = + - only")
+        return self
+
+
+class TuneConfig(_Strict):
+    """`dba-ray tune`: a Ray Tune sweep of one method's Stage 2 knobs (never a data ratio
+    for dba: DBA trains on domain data only)."""
+
+    method: MethodSpec = Field(
+        default_factory=lambda: MethodSpec(name="dba", method="dba"),
+        description="The method (or named variant) whose knobs are swept.",
+    )
+    search: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys under `train` → values: a list (grid), or {choice: [...]}, "
+        "{uniform: [lo, hi]}, {loguniform: [lo, hi]}. Allowed: schedule.lr, schedule.anneal, "
+        "schedule.shape, schedule.warmup_ratio, schedule.min_lr_ratio, schedule.decay_ratio, "
+        "dba.ggb, dba.boost, dba.gamma_max, dba.dc, dba.kappa, dba.c_max, dba.fisher_lambda, "
+        "and mixture.ratio for the mixture method only.",
+    )
+    num_samples: int = Field(
+        1, ge=1, description="Samples of the random parts of the space (grids multiply)."
+    )
+    max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
+    asha: bool = Field(
+        True, description="Stop weak trials early (ASHA on S; needs train.eval_every > 0)."
+    )
+    grace_evals: int = Field(1, ge=1, description="ASHA: evaluations before a trial may be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: halving rate.")
+    seed: int = Field(0, description="Seed of the search (random samples).")
+    validation_sets: list["EvalSetConfig"] = Field(
+        default_factory=list,
+        description="Sets S is measured on to pick the best trial (keep your test sets out of "
+        "model selection). Empty: eval.sets, with a warning.",
+    )
+
+
+class CompareConfig(_Strict):
+    """`dba-ray compare`: every listed method on one base model and one ĝ_G."""
+
+    lrs: list[float] = Field(
+        default_factory=list,
+        description="Peak learning rates each method runs at (a frontier of S_G against S_D "
+        "per method). Empty: train.schedule.lr only.",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], description="train.seed values each run is repeated with."
+    )
+    mixture_ratios: list[float] = Field(
+        default_factory=list,
+        description="The mixture ratio search: one extra `mixture` run per ratio (and lr, "
+        "seed); its total cost is charged to every mixture run.",
+    )
+    max_concurrent: int = Field(2, ge=1, description="Runs at once (as Ray Tune trials).")
 
 
 class Config(_Strict):
@@ -311,12 +436,22 @@ class Config(_Strict):
     pretrain: Optional[PretrainConfig] = Field(None, description="Make the base model first.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    methods: list[Literal["dba", "direct"]] = Field(
-        default_factory=lambda: ["dba", "direct"],
-        description="What `dba-ray run` trains and compares. dba: the configured DBA; "
-        "direct: plain fine-tuning (GGB, DC and AL off: constant lr).",
+    methods: list[MethodSpec] = Field(
+        default_factory=lambda: [MethodSpec(name="dba", method="dba"), MethodSpec(name="direct", method="direct")],
+        description="What `dba-ray run` and `compare` train: method names (dba, direct, "
+        "mixture, lora) or {name, method, set} variants.",
     )
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Config":
+        names = [m.name for m in self.methods]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"method names must be unique: {sorted(dup)} repeated")
+        return self
 
     def stage1_output(self) -> str:
         return self.stage1.output or f"{self.output_dir.rstrip('/')}/global_gradient"

@@ -40,6 +40,19 @@ def verdict(report: dict) -> str:
     )
 
 
+def best_per_method(report: dict) -> list[str]:
+    """For a comparison over learning rates and seeds: each method's best run by S."""
+    best: dict[str, tuple[float, str]] = {}
+    for name, r in report["results"].items():
+        method = r.get("method", name)
+        if not math.isnan(r["S"]) and r["S"] > best.get(method, (-1.0, ""))[0]:
+            best[method] = (r["S"], name)
+    if len(best) == len(report["results"]):
+        return []  # one run per method: the table says it all
+    ranked = sorted(best.items(), key=lambda x: -x[1][0])
+    return ["", "Best run per method by S: " + "; ".join(f"{m} {s:.4f} ({n})" for m, (s, n) in ranked) + "."]
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
@@ -48,6 +61,9 @@ def markdown(report: dict) -> str:
     sets = list(report["base"]["eval"])
     head = ["run", "S_D", "S_G", "S"] + [f"{s} NLL" for s in sets] + [f"{s} acc" for s in sets]
     head += ["tokens", "wall s"]
+    costed = any("cost" in r for r in report["results"].values())
+    if costed:  # `dba-ray compare`
+        head += ["peak MB", "total cost (tokens)"]
     rows = [("base", report["base"], None)] + [(m, r, r) for m, r in report["results"].items()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r, run in rows:
@@ -63,8 +79,10 @@ def markdown(report: dict) -> str:
             cells.append(f"{r['eval'][s]['acc']:.3f}{delta}")
         trained = run is not None and run.get("tokens")  # `dba-ray eval` scores, trains nothing
         cells += [f"{run['tokens']:,}" if trained else "", f"{run['wall_s']:.0f}" if trained else ""]
+        if costed:
+            cells += [f"{run['peak_mem_mb']:.0f}", f"{run['cost']['total_tokens']:,}"] if run else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
+    text = "\n".join(lines + best_per_method(report))
     sentence = verdict(report)
     return text + ("\n\n" + sentence if sentence else "") + "\n"
 

@@ -32,9 +32,13 @@ def ensure_base_model(cfg: Config) -> Config:
     pre = cfg.model_copy(deep=True)
     pre.train.data, pre.train.max_records = p.data, None
     pre.train.max_steps, pre.train.batch_size, pre.train.grad_accum = p.max_steps, p.batch_size, 1
-    pre.train.eval_every = pre.train.checkpoint_every = 0
+    pre.train.eval_every, pre.train.checkpoint_every = p.eval_every, 0
     pre.eval.sets = [s for s in cfg.eval.sets if s.kind == "general"]
-    key = digest(pre.model_dump(include={"model", "pretrain", "train"}, exclude={"train": {"progress_interval_s"}}))
+    # Only what shapes the pretrained weights: a new fine-tuning setting keeps the cache.
+    t = pre.train
+    key = digest(
+        [pre.model_dump(include={"model", "pretrain"}), t.optimizer.model_dump(), t.num_workers, t.seed, t.use_gpu]
+    )
     base_dir = storage.join(storage.absolute(cfg.output_dir), "pretrain", key)
     model_dir = storage.join(base_dir, "pretrain", "model")  # run_train's layout
     if not storage.exists(storage.join(model_dir, "config.json")):
@@ -118,9 +122,9 @@ def run_all(cfg: Config) -> dict:
     eval_refs = prepare_eval(cfg)
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, eval_refs)["base"]
     results, train_ref = {}, prepare_train_data(cfg)
-    for method in cfg.methods:
-        r = run_train(cfg, method, eval_refs=eval_refs, train_ref=train_ref)
-        results[method] = {**r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "model_dir": r.model_dir}
+    for spec in cfg.methods:
+        r = run_train(cfg, spec, eval_refs=eval_refs, train_ref=train_ref)
+        results[spec.name] = {**r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "model_dir": r.model_dir}
     report = build_report(
         base,
         results,

@@ -151,3 +151,15 @@ def atomic_directory(uri: str, overwrite: bool, marker: str = "meta.json") -> It
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_directory(src: str, dst: str, marker: str) -> None:
+    """Copy a finished directory (e.g. a saved model) to ``dst``, atomically: ``dst``
+    counts as complete only once its ``marker`` file exists."""
+    src = absolute(src)
+    files = [uri for uri, _ in list_files(src)]
+    names = {uri: uri[len(src) :].lstrip("/\\") for uri in files}
+    files.sort(key=lambda uri: names[uri] == marker)  # the marker last
+    with atomic_directory(dst, overwrite=True, marker=marker) as d:
+        for uri in files:
+            write_bytes_atomic(join(d, names[uri]), read_bytes(uri))

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -30,7 +31,8 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from dba_ray import artifact, storage
-from dba_ray.config import Config, DBAConfig, ScheduleConfig, digest
+from dba_ray.config import Config, DBAConfig, MethodSpec, ScheduleConfig, digest
+from dba_ray.curves import CurvesCallback
 from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.data.records import read_choice_records
 from dba_ray.data.tokenize import IGNORE, choice_arrays
@@ -38,6 +40,7 @@ from dba_ray.dba import DBA, lr_at
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.global_gradient import token_loss_sum
+from dba_ray.methods import as_spec, resolve, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, load_tokenizer
 from dba_ray.progress import ProgressPrinter, Tracker
 from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray, scaling
@@ -47,29 +50,37 @@ log = logging.getLogger("dba_ray")
 
 @dataclass
 class TrainResult:
-    method: str
+    method: str  # the run's name (a method or a named variant)
     model_dir: str  # save_pretrained output
     metrics: dict  # the last evaluation (per set, plus S_D / S_G / S)
     steps: int
-    tokens: int
+    tokens: int  # trained tokens, general ones of a mixture included
     wall_s: float
+    peak_mem_mb: float  # rank 0: peak GPU memory allocated, or peak RSS on CPU
+    resumed_at: int  # the checkpoint's step this run continued from (0: from the start)
 
 
-def method_settings(cfg: Config, method: str) -> tuple[DBAConfig, ScheduleConfig]:
-    """The DBA and schedule settings a method trains with."""
-    t = cfg.train
-    if method == "dba":
-        return t.dba, t.schedule
-    off = t.dba.model_copy(update={"ggb": False, "dc": "none", "anchor": "none"})
-    if method == "direct":
-        return off, t.schedule.model_copy(update={"anneal": False})
-    if method == "pretrain" and cfg.pretrain is not None:
-        return off, cfg.pretrain.schedule
-    raise UserError(f"unknown method {method!r}")
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def uses_global_gradient(d: DBAConfig) -> bool:
-    return d.ggb or d.dc != "none" or d.anchor != "none"
+def _wrap_lora(model, cfg: Config):
+    """peft adapters on the base model; the base weights are frozen."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError("method lora needs peft: pip install 'dba-ray[lora]'") from None
+    lc = cfg.train.lora
+    torch.manual_seed(cfg.train.seed)  # adapter init
+    return peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+            target_modules=lc.target_modules, task_type="CAUSAL_LM",
+        ),
+    )
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -133,6 +144,8 @@ def _train_loop(config: dict) -> dict:
     device = ray.train.torch.get_device()
 
     model = load_model(cfg.model).to(device)
+    if config["method"] == "lora":
+        model = _wrap_lora(model, cfg)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -155,6 +168,7 @@ def _train_loop(config: dict) -> dict:
         with checkpoint.as_directory() as d:
             step = _load_checkpoint(d, model, optimizer)["step"]
         log.info("rank %d resumed at step %d", rank, step)
+    resumed_at = step
 
     data = ray.get(config["train_ref"])
     ids_all, labels_all = data["input_ids"], data["labels"]
@@ -241,8 +255,10 @@ def _train_loop(config: dict) -> dict:
     if rank == 0:
         with storage.atomic_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
             load_tokenizer(cfg.model).save_pretrained(d)
-            model.save_pretrained(d)
-    return {"final": last_eval}  # rank 0's return value reaches the driver
+            # A LoRA result is saved merged: a plain model that loads like any other.
+            (model.merge_and_unload() if config["method"] == "lora" else model).save_pretrained(d)
+    # rank 0's return value reaches the driver
+    return {"final": last_eval, "peak_mem_mb": _peak_memory_mb(device), "resumed_at": resumed_at}
 
 
 # ---------------------------------------------------------------- the driver
@@ -273,24 +289,54 @@ def prepare_train_data(cfg: Config) -> ray.ObjectRef:
     return ray.put(arrays)
 
 
+def mixture_general_count(n_domain: int, ratio: float) -> int:
+    return round(n_domain * ratio / (1 - ratio))
+
+
+def prepare_general_data(cfg: Config, n: int) -> ray.ObjectRef:
+    """The first ``n`` general sequences for the mixture baseline, tokenized at the
+    domain data's sequence length (so the two stack into one array)."""
+    source = cfg.train.mixture.data or cfg.stage1.data
+    if source is None:
+        raise UserError("method mixture needs general data: set train.mixture.data or stage1.data")
+    source = source.model_copy(update={"seq_len": cfg.train.data.seq_len})
+    ensure_ray(cfg.ray)
+    arrays = collect_arrays(build_sequences(source, cfg.model), limit=n)
+    if len(arrays["input_ids"]) < n:
+        raise UserError(
+            f"mixture ratio {cfg.train.mixture.ratio} needs {n} general sequences; "
+            f"{source.path or source.hf_dataset} has {len(arrays['input_ids'])}"
+        )
+    return ray.put(arrays)
+
+
+def _mix(domain: dict, general: dict, n_general: int) -> dict:
+    return {k: np.concatenate([domain[k], general[k][:n_general]]) for k in ("input_ids", "labels")}
+
+
 def run_train(
     cfg: Config,
-    method: str,
+    method: str | MethodSpec,
     *,
     grad_source: str | ray.ObjectRef | None = None,
     train_ref: ray.ObjectRef | None = None,
     eval_refs: tuple[dict, dict] | None = None,
+    general_ref: ray.ObjectRef | None = None,
+    callbacks: tuple = (),
 ) -> TrainResult:
-    """Train one method on the domain data; save the model under
-    ``<output_dir>/<method>/model``. ``train_ref`` / ``eval_refs`` reuse data already
-    tokenized by an earlier call; ``grad_source`` overrides the configured artifact."""
+    """Train one method (or a named variant) on the domain data; save the model under
+    ``<output_dir>/<name>/model``. ``train_ref`` / ``eval_refs`` / ``general_ref`` reuse
+    data already tokenized by an earlier call; ``grad_source`` overrides the configured
+    artifact; ``callbacks`` are extra Ray Train callbacks (Tune's reporter)."""
+    spec = as_spec(method)
+    cfg = resolve(cfg, spec)
     t = cfg.train
     if storage.is_remote(cfg.output_dir):
         raise UserError(
             "Stage 2 writes its model and checkpoints to a local output_dir for now "
             f"(got {cfg.output_dir}); cloud URIs work for stage1.output"
         )
-    dba_cfg, sched = method_settings(cfg, method)
+    dba_cfg, sched = t.dba, t.schedule
     grad_source = grad_source or storage.absolute(cfg.global_gradient_source())
     grad_id = None  # which ĝ_G: part of the run's identity, so a new one means a new run
     if uses_global_gradient(dba_cfg):
@@ -318,6 +364,14 @@ def run_train(
     if eval_refs is None:
         eval_refs = prepare_eval(cfg)
     arrays = ray.get(train_ref)
+    max_steps = t.max_steps
+    if spec.method == "mixture":
+        n_general = mixture_general_count(len(arrays["input_ids"]), t.mixture.ratio)
+        general_ref = general_ref or prepare_general_data(cfg, n_general)
+        arrays = _mix(arrays, ray.get(general_ref), n_general)
+        train_ref = ray.put(arrays)
+        if max_steps:  # max_steps counts domain steps: every method sees as much domain data
+            max_steps = math.ceil(max_steps / (1 - t.mixture.ratio))
     n = len(arrays["input_ids"])
     global_batch = t.batch_size * t.num_workers * t.grad_accum
     steps_per_epoch = n // global_batch
@@ -326,7 +380,7 @@ def run_train(
             f"domain data has {n} sequences, fewer than one global batch of {global_batch} "
             "(batch_size × num_workers × grad_accum)"
         )
-    total = t.max_steps or steps_per_epoch * t.epochs
+    total = max_steps or steps_per_epoch * t.epochs
     row_tokens = (arrays["labels"][:, 1:] != IGNORE).sum(axis=1)
     tokens = sum(
         int(row_tokens[_global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)].sum())
@@ -335,13 +389,14 @@ def run_train(
     del arrays
 
     out_dir = storage.absolute(cfg.output_dir)
-    run_dir = storage.join(out_dir, method)
+    run_dir = storage.join(out_dir, spec.name)
     os.makedirs(run_dir, exist_ok=True)
     tracker = Tracker.remote()
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
             "cfg": cfg.model_dump(),
+            "method": spec.method,
             "dba": dba_cfg.model_dump(),
             "schedule": sched.model_dump(),
             "total_steps": total,
@@ -357,15 +412,16 @@ def run_train(
         run_config=RunConfig(
             # The same name and storage path resume an interrupted run; the digest of the
             # settings keeps a changed config from resuming a stale checkpoint.
-            name=f"train-{method}-{_settings_digest(cfg, dba_cfg, sched, grad_id)}",
+            name=f"train-{spec.name}-{_settings_digest(cfg, spec, grad_id)}",
             storage_path=storage.join(out_dir, "ray_train"),
+            callbacks=[CurvesCallback(run_dir), *callbacks],
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
     )
-    log.info("stage 2 (%s): %d steps of %d sequences on %d worker(s)", method, total, global_batch, t.num_workers)
+    log.info("stage 2 (%s): %d steps of %d sequences on %d worker(s)", spec.name, total, global_batch, t.num_workers)
     start = time.monotonic()
-    with ProgressPrinter(tracker, f"train {method}", total, t.progress_interval_s, unit="steps"):
+    with ProgressPrinter(tracker, f"train {spec.name}", total, t.progress_interval_s, unit="steps"):
         try:
             result = trainer.fit()
         except Exception as e:
@@ -377,27 +433,31 @@ def run_train(
     if "nan_at_step" in returned:
         ckpt = result.checkpoint.path if result.checkpoint else "none yet"
         raise UserError(
-            f"training {method} stopped: the loss became {returned['loss']} at step "
+            f"training {spec.name} stopped: the loss became {returned['loss']} at step "
             f"{returned['nan_at_step']}; last good checkpoint: {ckpt} (lower the learning rate?)"
         )
     metrics = returned.get("final", {})
     wall = time.monotonic() - start
-    log.info("stage 2 (%s) done in %.1fs: %s", method, wall, _summary(metrics))
+    log.info("stage 2 (%s) done in %.1fs: %s", spec.name, wall, _summary(metrics))
     return TrainResult(
-        method=method,
+        method=spec.name,
         model_dir=storage.join(run_dir, "model"),
         metrics={k: metrics[k] for k in ("eval", "S_D", "S_G", "S") if k in metrics},
         steps=total,
         tokens=tokens,
         wall_s=wall,
+        peak_mem_mb=returned.get("peak_mem_mb", float("nan")),
+        resumed_at=returned.get("resumed_at", 0),
     )
 
 
-def _settings_digest(cfg: Config, dba_cfg: DBAConfig, sched: ScheduleConfig, grad_id) -> str:
+def _settings_digest(cfg: Config, spec: MethodSpec, grad_id) -> str:
+    """``cfg`` as resolved for the run: its train section is what the run trains with."""
     keep = cfg.model_dump(include={"model", "train"})
     for key in ("progress_interval_s", "max_failures", "fail_once_at_step"):
         keep["train"].pop(key)
-    keep["effective"] = [dba_cfg.model_dump(), sched.model_dump(), grad_id]
+    keep["method"] = spec.method
+    keep["grad_id"] = grad_id
     return digest(keep)
 
 

@@ -137,15 +137,18 @@ def test_global_gradient_from_the_object_store_and_periodic_eval(tmp_path):
 
 def test_run_identity_follows_settings_and_global_gradient(tmp_path):
     """Same settings and ĝ_G: same run (so a re-run resumes); any change: a new run."""
-    from dba_ray.trainer import _settings_digest, method_settings
+    from dba_ray.config import MethodSpec
+    from dba_ray.methods import resolve
+    from dba_ray.trainer import _settings_digest
 
     cfg = make_config(tmp_path, "id")
-    d, s = method_settings(cfg, "dba")
-    first = _settings_digest(cfg, d, s, ["t0", "f0", 1.0])
-    assert _settings_digest(cfg, d, s, ["t0", "f0", 1.0]) == first
+    spec = MethodSpec(name="dba", method="dba")
+    first = _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0])
+    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) == first
     cfg.train.progress_interval_s = 99  # presentation only
-    assert _settings_digest(cfg, d, s, ["t0", "f0", 1.0]) == first
-    assert _settings_digest(cfg, d, s, ["t1", "f1", 2.0]) != first  # another ĝ_G
+    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) == first
+    assert _settings_digest(resolve(cfg, spec), spec, ["t1", "f1", 2.0]) != first  # another ĝ_G
+    variant = MethodSpec(name="dba", method="dba", set={"dba.dc": "none"})
+    assert _settings_digest(resolve(cfg, variant), variant, ["t0", "f0", 1.0]) != first
     cfg.train.schedule.lr = 1e-4
-    d, s = method_settings(cfg, "dba")
-    assert _settings_digest(cfg, d, s, ["t0", "f0", 1.0]) != first
+    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) != first

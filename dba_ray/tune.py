@@ -1,0 +1,267 @@
+"""Stage 2 runs as Ray Tune trials: `dba-ray tune` (a sweep of one method's annealing
+knobs, with ASHA) and the runs of `dba-ray compare`.
+
+Train V2 pattern: each trial is a small driver function that builds a ``TorchTrainer``
+(via ``run_train``); ``TuneReportCallback`` forwards the workers' reports to Tune. A
+trial's Stage 2 run lives under ``<output_dir>/<tune|compare>/trials/<trial id>``, so re-running an
+interrupted sweep restores the Tune experiment and each unfinished trial resumes its own
+Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from dba_ray import storage
+from dba_ray.config import Config, MethodSpec, TuneConfig
+from dba_ray.errors import UserError
+from dba_ray.methods import resolve, uses_global_gradient
+
+log = logging.getLogger("dba_ray")
+
+# Stage 2's annealing knobs: what a sweep may touch (keys under `train`).
+SEARCHABLE = {
+    "schedule.lr", "schedule.anneal", "schedule.shape", "schedule.warmup_ratio",
+    "schedule.min_lr_ratio", "schedule.decay_ratio", "dba.ggb", "dba.boost",
+    "dba.gamma_max", "dba.dc", "dba.kappa", "dba.c_max", "dba.fisher_lambda",
+}
+_DOMAINS = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform}
+
+
+def search_space(tc: TuneConfig) -> dict:
+    """``tune.search`` as Tune domains; refuses anything but the annealing knobs."""
+    method = tc.method.method
+    space = {}
+    for key, value in _flatten(tc.search).items():
+        if key.startswith("mixture.") and method != "mixture":
+            raise UserError(
+                f"tune.search.{key}: a data-mixture ratio is not a knob of {method}. DBA trains "
+                "on domain data only; general data enters once, through ĝ_G. To price the "
+                "mixture baseline's ratio search, sweep method: mixture or use compare.mixture_ratios"
+            )
+        if key not in SEARCHABLE and not (method == "mixture" and key == "mixture.ratio"):
+            raise UserError(
+                f"tune.search.{key} is not a Stage 2 annealing knob; allowed: {', '.join(sorted(SEARCHABLE))}"
+                + (", mixture.ratio" if method == "mixture" else "")
+            )
+        if isinstance(value, list):
+            space[key] = tune.grid_search(value)
+        elif _is_domain(value):
+            kind, args = next(iter(value.items()))
+            space[key] = _DOMAINS[kind](args) if kind == "choice" else _DOMAINS[kind](*args)
+        else:
+            raise UserError(
+                f"tune.search.{key}: give a list (grid) or one of {{choice: [...]}}, "
+                f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}} (got {value!r})"
+            )
+    if not space:
+        raise UserError("tune.search is empty: name at least one knob to sweep")
+    return space
+
+
+def _is_domain(value) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in _DOMAINS
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{dba: {boost: [..]}}`` and ``{dba.boost: [..]}`` (as --set writes it) alike."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not _is_domain(value):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _trial(params: dict, *, cfg_dump: dict, refs: dict, experiment: str, report_to_tune: bool) -> None:
+    """One trial: a Stage 2 run of ``params`` (``{name, method, set}``)."""
+    from dba_ray.trainer import run_train
+
+    run = params.get("run", params)
+    spec = MethodSpec.model_validate({**run, "set": dict(run.get("set", {}))})
+    cfg = Config.model_validate(cfg_dump)
+    cfg.output_dir = storage.join(cfg.output_dir, experiment, "trials", tune.get_context().get_trial_id())
+    result = run_train(
+        cfg, spec, grad_source=refs["grad_source"], train_ref=refs["train"], eval_refs=refs["eval"],
+        general_ref=refs.get("general"), callbacks=(TuneReportCallback(),) if report_to_tune else (),
+    )
+    tune.report(
+        {
+            **{k: result.metrics.get(k, math.nan) for k in ("S_D", "S_G", "S")},
+            "eval": result.metrics.get("eval", {}),
+            "final": True, "tokens": result.tokens, "steps": result.steps,
+            "run_wall_s": result.wall_s, "peak_mem_mb": result.peak_mem_mb, "resumed_at": result.resumed_at,
+            "model_dir": result.model_dir,
+        }
+    )
+
+
+def run_trials(
+    cfg: Config,
+    param_space: dict,
+    refs: dict,
+    *,
+    name: str,
+    max_concurrent: int,
+    scheduler=None,
+    num_samples: int = 1,
+    seed: int | None = None,
+) -> tune.ResultGrid:
+    """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``."""
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial, cfg_dump=cfg.model_dump(), refs=refs, experiment=name, report_to_tune=scheduler is not None
+        ),
+        {"CPU": 0.01},  # a trial's driver is light; its Train workers hold the CPUs
+    )
+    path = storage.join(storage.absolute(cfg.output_dir), name)
+    if tune.Tuner.can_restore(path):
+        log.info("resuming the sweep at %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent, scheduler=scheduler, num_samples=num_samples,
+                search_alg=tune.search.BasicVariantGenerator(random_state=seed) if seed is not None else None,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage.absolute(cfg.output_dir)),
+        )
+    return tuner.fit()
+
+
+def _grid_refs(cfg: Config, spec: MethodSpec) -> dict:
+    """Data and ĝ_G every trial shares: tokenized once, in the object store."""
+    from dba_ray.run import ensure_global_gradient
+    from dba_ray.trainer import mixture_general_count, prepare_eval, prepare_general_data, prepare_train_data
+
+    refs = {"grad_source": None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
+    # A dba sweep may switch GGB, DC or the anchor on in any trial.
+    if spec.method == "dba" or uses_global_gradient(resolve(cfg, spec).train.dba):
+        refs["grad_source"] = ensure_global_gradient(cfg)["uri"]
+    if spec.method == "mixture":
+        n = len(ray.get(refs["train"])["input_ids"])
+        refs["general"] = prepare_general_data(cfg, mixture_general_count(n, _largest_ratio(cfg)))
+    return refs
+
+
+def _largest_ratio(cfg: Config) -> float:
+    """The most general data any trial of a mixture sweep can ask for."""
+    ratios = [cfg.train.mixture.ratio, cfg.tune.method.set.get("mixture.ratio", 0.0)]
+    swept = _flatten(cfg.tune.search).get("mixture.ratio")
+    if isinstance(swept, list):
+        ratios += swept
+    elif isinstance(swept, dict):
+        ratios += list(swept.values())[0]  # choice values, or [lo, hi]
+    return max(float(r) for r in ratios)
+
+
+def trial_row(result) -> dict:
+    m = result.metrics or {}
+    run = result.config.get("run", result.config)
+    return {
+        "name": run["name"],
+        "set": run.get("set", {}),
+        "S_D": m.get("S_D", math.nan), "S_G": m.get("S_G", math.nan), "S": m.get("S", math.nan),
+        "status": "error" if result.error else ("done" if m.get("final") else "stopped early"),
+        "time_s": m.get("time_total_s", math.nan),
+        "model_dir": m.get("model_dir"),
+        "eval": m.get("eval", {}),
+        "tokens": m.get("tokens"), "steps": m.get("steps"),
+        "wall_s": m.get("run_wall_s", m.get("time_total_s", math.nan)),
+        "peak_mem_mb": m.get("peak_mem_mb", math.nan),
+        "resumed_at": m.get("resumed_at", 0),
+    }
+
+
+def run_tune(cfg: Config) -> dict:
+    """`dba-ray tune`: sweep, then a table of trials and the best configuration, whose
+    model is exported to ``<output_dir>/best/model``."""
+    from dba_ray.ray_runtime import ensure_ray
+    from dba_ray.run import ensure_base_model, evaluate_models
+
+    tc = cfg.tune
+    space = search_space(tc)
+    if tc.asha and cfg.train.eval_every == 0:
+        raise UserError("tune.asha needs train.eval_every > 0 (ASHA compares trials at evaluations)")
+    if not cfg.eval.sets and not tc.validation_sets:
+        raise UserError("dba-ray tune needs tune.validation_sets (or eval.sets) to measure S on")
+    ensure_ray(cfg.ray)
+    start = time.monotonic()
+    cfg = ensure_base_model(cfg)
+    test_sets = cfg.eval.sets
+    if tc.validation_sets:
+        cfg.eval.sets = tc.validation_sets
+    else:
+        log.warning("tune.validation_sets is empty: selecting on eval.sets, which then overstate the best S")
+    # Every report then carries an evaluation for ASHA to compare.
+    cfg.train.checkpoint_every = cfg.train.eval_every
+    refs = _grid_refs(cfg, tc.method)
+    scheduler = None
+    if tc.asha:
+        scheduler = tune.schedulers.ASHAScheduler(
+            metric="S", mode="max", grace_period=tc.grace_evals, reduction_factor=tc.reduction_factor,
+        )
+    param_space = {"name": tc.method.name, "method": tc.method.method, "set": {**tc.method.set, **space}}
+    grid = run_trials(
+        cfg, param_space, refs, name="tune", max_concurrent=tc.max_concurrent, scheduler=scheduler,
+        num_samples=tc.num_samples, seed=tc.seed,
+    )
+    rows = [trial_row(r) for r in grid]
+    errors = [r for r in rows if r["status"] == "error"]
+    done = [r for r in rows if r["status"] == "done" and not math.isnan(r["S"])]
+    if not done:
+        raise UserError(f"no trial finished ({len(errors)} errored); re-run the same command to resume")
+    best = max(done, key=lambda r: r["S"])
+    out = storage.absolute(cfg.output_dir)
+    best_model = storage.join(out, "best", "model")
+    storage.copy_directory(best["model_dir"], best_model, marker="config.json")
+    best_spec = {"name": tc.method.name, "method": tc.method.method, "set": best["set"]}
+    test = None
+    if tc.validation_sets and test_sets:  # the best model, scored on data it was not picked on
+        test_cfg = cfg.model_copy(deep=True)
+        test_cfg.eval.sets = test_sets
+        test = evaluate_models(test_cfg, {"best": best_model})["best"]
+    summary = {
+        "trials": rows, "best": {**best, "spec": best_spec, "exported_to": best_model, "test": test},
+        "errored": len(errors), "total_wall_s": time.monotonic() - start,
+    }
+    storage.write_bytes_atomic(storage.join(out, "tune.json"), _json(summary))
+    storage.write_bytes_atomic(storage.join(out, "best.yaml"), yaml.safe_dump({"methods": [best_spec]}).encode())
+    md = tune_markdown(summary, list(space))
+    storage.write_bytes_atomic(storage.join(out, "tune.md"), md.encode())
+    print(md)
+    if errors:
+        log.warning("%d trial(s) errored; re-run the same command to resume them", len(errors))
+    return summary
+
+
+def _json(obj) -> bytes:
+    import json
+
+    return json.dumps(obj, indent=1, default=str).encode()
+
+
+def tune_markdown(summary: dict, knobs: list[str]) -> str:
+    head = ["trial", *knobs, "S_D", "S_G", "S", "time s", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(sorted(summary["trials"], key=lambda r: -r["S"] if not math.isnan(r["S"]) else 1)):
+        cells = [str(i + 1), *[f"{r['set'].get(k)}" for k in knobs]]
+        cells += [f"{r[k]:.4f}" for k in ("S_D", "S_G", "S")] + [f"{r['time_s']:.0f}", r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    b = summary["best"]
+    knob_text = ", ".join(f"{k}={b['set'].get(k)}" for k in knobs)
+    lines.append(f"\nBest (S {b['S']:.4f} on the validation sets): {knob_text}; model exported to {b['exported_to']}")
+    if b.get("test"):
+        t = b["test"]
+        lines.append(f"On eval.sets: S_D {t['S_D']:.4f}, S_G {t['S_G']:.4f}, S {t['S']:.4f}")
+    return "\n".join(lines) + "\n"
