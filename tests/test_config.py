@@ -68,3 +68,33 @@ def test_cli_user_error_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
     r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_methods_are_names_or_variants_resolved_in_order():
+    from dba_ray.methods import resolve
+
+    cfg = load_config(None, [
+        "methods=[direct, {name: direct-al, method: direct, set: {schedule.anneal: true}}, mixture]",
+        "train.schedule.anneal=true",
+    ])
+    direct, direct_al, mixture = cfg.methods
+    assert (direct.name, direct.method, mixture.method) == ("direct", "direct", "mixture")
+    # A baseline forces constant lr; the variant's own `set` comes after and wins.
+    assert resolve(cfg, direct).train.schedule.anneal is False
+    assert resolve(cfg, direct_al).train.schedule.anneal is True
+    assert resolve(cfg, direct).train.dba.ggb is False and resolve(cfg, "dba").train.dba.ggb is True
+    with pytest.raises(UserError, match="unknown key"):
+        resolve(cfg, {"name": "x", "method": "dba", "set": {"dba.bost": 3}})
+
+
+@pytest.mark.parametrize(
+    ("methods", "expected"),
+    [
+        ("[dba, dba]", "must be unique"),
+        ("[{name: 'a b', method: dba}]", "letters, digits"),
+        ("[galore]", "method"),
+    ],
+)
+def test_bad_methods_are_refused(methods, expected):
+    with pytest.raises(UserError, match=expected):
+        load_config(None, [f"methods={methods}"])

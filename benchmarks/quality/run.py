@@ -1,0 +1,186 @@
+"""The quality benchmark on real text: every method's S_G-against-S_D frontier per domain.
+
+    python benchmarks/quality/run.py ../shared/data --out benchmarks/quality/out
+
+DATA is a folder laid out like ../shared/data (general/wikitext2.{train,eval}.jsonl,
+medicine/pubmedqa.*, finance/tatqa.*); any files with a "text" field work. Steps:
+
+1. pretrain the base model on the general training text (cached; its eval-loss curve is
+   recorded to show where it flattens);
+2. ĝ_G and v_G once on the general training text, reused by every domain;
+3. per domain, `dba-ray compare` of every method at three learning rates, equal domain
+   steps (the mixture ratio search at r = 0.1 and 0.25 is part of it);
+4. per domain, seeds 1 and 2 at each method's best learning rate (seed 0 is the grid's
+   run), for mean ± std;
+5. results.json, one frontier PNG per domain, and results.md (tables, costs).
+
+Nothing here is tuned toward an answer: the grid is fixed before any run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import yaml
+
+from dba_ray.compare import run_compare
+from dba_ray.config import Config
+from dba_ray.curves import read_curves
+from dba_ray.model import load_model
+from dba_ray.run import ensure_base_model
+
+HERE = Path(__file__).parent
+DOMAINS = {
+    "medicine": ("medicine/pubmedqa.train.jsonl", "medicine/pubmedqa.eval.jsonl"),
+    "finance": ("finance/tatqa.train.jsonl", "finance/tatqa.eval.jsonl"),
+}
+LRS = [1e-4, 3e-4, 1e-3]
+# Every method of the issue; each sets the knobs it depends on explicitly.
+METHODS = [
+    "direct",
+    "lora",
+    {"name": "dba", "method": "dba"},  # the paper's defaults (base.yaml: boost 200, γ_max 1, DC norm, AL cosine)
+    {"name": "dba-no-ggb", "method": "dba", "set": {"dba.ggb": False}},
+    {"name": "dba-no-dc", "method": "dba", "set": {"dba.dc": "none"}},
+    {"name": "dba-no-al", "method": "dba", "set": {"schedule.anneal": False}},
+    {"name": "dba-pcgrad", "method": "dba", "set": {"dba.dc": "pcgrad"}},
+    *[
+        {"name": f"fisher-{lam:g}", "method": "dba",
+         "set": {"dba.ggb": False, "dba.dc": "none", "dba.anchor": "fisher", "dba.fisher_lambda": lam}}
+        for lam in (0.01, 0.1)
+    ],
+]
+MIXTURE_RATIOS = [0.1, 0.25]
+SEEDS = [1, 2]
+
+
+def domain_config(data: Path, out: Path, domain: str | None) -> dict:
+    train, evalset = DOMAINS[domain or "medicine"]
+    text = (HERE / "base.yaml").read_text()
+    text = text.replace("DOMAIN_TRAIN", train).replace("DOMAIN_EVAL", evalset)
+    text = text.replace("DOMAIN", domain or "medicine").replace("DATA", str(data.resolve()))
+    tree = yaml.safe_load(text)
+    tree["output_dir"] = str(out / (domain or "shared"))
+    tree["stage1"]["output"] = str(out / "global_gradient")
+    return tree
+
+
+def pretrain(data: Path, out: Path) -> tuple[str, dict]:
+    tree = domain_config(data, out, None)
+    tree["train"]["cpus_per_worker"] = 2  # one run: both cores
+    cfg = ensure_base_model(Config.model_validate(tree))
+    path = cfg.model.name_or_path
+    curve = [r for r in read_curves(str(Path(path).parent)) if r["kind"] == "eval"]
+    n_params = sum(p.numel() for p in load_model(cfg.model).parameters())
+    p = tree["pretrain"]
+    info = {
+        "path": path, "parameters": n_params,
+        "tokens": p["max_steps"] * p["batch_size"] * p["data"]["seq_len"],
+        "eval_curve": [{"step": r["step"], "nll": r.get("wikitext/nll"), "acc": r.get("wikitext/acc")} for r in curve],
+    }
+    return path, info
+
+
+def compare(data: Path, out: Path, domain: str, base: str, methods: list, lrs: list, seeds: list,
+            mixture_ratios: list, sub: str = "") -> dict:
+    tree = domain_config(data, out, domain)
+    tree.pop("pretrain")
+    tree["model"]["name_or_path"] = tree["model"]["tokenizer"] = base
+    tree["model"].pop("builtin_config")
+    tree["methods"] = methods
+    tree["compare"] = {"lrs": lrs, "seeds": seeds, "mixture_ratios": mixture_ratios, "max_concurrent": 2}
+    if sub:
+        tree["output_dir"] += f"/{sub}"
+    return run_compare(Config.model_validate(tree))
+
+
+def best_points(report: dict) -> dict[str, float]:
+    """Each method's learning rate with the highest S."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in report["results"].values():
+        if not math.isnan(r["S"]) and r["S"] > best.get(r["method"], (-1.0, 0.0))[0]:
+            best[r["method"]] = (r["S"], r["lr"])
+    return {m: lr for m, (_, lr) in best.items()}
+
+
+def seed_methods(best: dict[str, float]) -> list:
+    """The grid's methods again, each at its best learning rate."""
+    specs = []
+    for m in METHODS + [{"name": f"mixture-r{r:g}", "method": "mixture", "set": {"mixture.ratio": r}} for r in MIXTURE_RATIOS]:
+        spec = {"name": m, "method": m} if isinstance(m, str) else dict(m)
+        spec["set"] = {**spec.get("set", {}), "schedule.lr": best[spec["name"]]}
+        specs.append(spec)
+    return specs
+
+
+def summarize(grid: dict, seeds: dict) -> dict:
+    rows = {}
+    for method, lr in best_points(grid).items():
+        runs = [r for r in grid["results"].values() if r["method"] == method and r["lr"] == lr]
+        runs += [r for r in seeds["results"].values() if r["method"] == method]
+        row = {"lr": lr, "n": len(runs)}
+        for k in ("S_D", "S_G", "S"):
+            vals = [r[k] for r in runs]
+            row[k] = statistics.mean(vals)
+            row[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        row["cost_tokens"] = runs[0]["cost"]["total_tokens"]
+        row["wall_s"] = statistics.mean(r["wall_s"] for r in runs)
+        rows[method] = row
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Base model: {results['base']['parameters']:,} parameters, pretrained on "
+             f"{results['base']['tokens']:,} tokens; eval NLL by step: "
+             + ", ".join(f"{p['step']}: {p['nll']:.3f}" for p in results["base"]["eval_curve"]), ""]
+    for domain, d in results["domains"].items():
+        b = d["grid"]["base"]
+        lines += [f"### {domain}", "", f"Base: S_D {b['S_D']:.4f}, S_G {b['S_G']:.4f}, S {b['S']:.4f}.", "",
+                  "Grid (seed 0): S_D / S_G / S per learning rate", "",
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |", "|---|" + "---|" * len(LRS)]
+        by = {}
+        for r in d["grid"]["results"].values():
+            by.setdefault(r["method"], {})[r["lr"]] = r
+        for m, per in by.items():
+            cells = [f"{per[lr]['S_D']:.3f} / {per[lr]['S_G']:.3f} / {per[lr]['S']:.3f}" if lr in per else "" for lr in LRS]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", "Best lr per method, 3 seeds (mean ± std); total cost in trained tokens (Stage 1 "
+                  "charged to methods that use ĝ_G, the ratio search to mixture)", "",
+                  "| method | lr | S_D | S_G | S | total cost (tokens) | wall s / run |", "|---|---|---|---|---|---|---|"]
+        for m, r in sorted(d["summary"].items(), key=lambda x: -x[1]["S"]):
+            lines.append(
+                f"| {m} | {r['lr']:g} | {r['S_D']:.4f} ± {r['S_D_std']:.4f} | {r['S_G']:.4f} ± {r['S_G_std']:.4f} "
+                f"| {r['S']:.4f} ± {r['S_std']:.4f} | {r['cost_tokens']:,} | {r['wall_s']:.0f} |"
+            )
+        lines += ["", f"![{domain} frontier]({domain}_frontier.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", type=Path, help="folder laid out like ../shared/data")
+    ap.add_argument("--out", type=Path, default=HERE / "out")
+    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = args.out.resolve()
+    base, info = pretrain(args.data, out)
+    results = {"base": info, "domains": {}}
+    for domain in args.domains:
+        grid = compare(args.data, out, domain, base, METHODS, LRS, [0], MIXTURE_RATIOS)
+        seeds = compare(args.data, out, domain, base, seed_methods(best_points(grid)), [], SEEDS, [], sub="seeds")
+        results["domains"][domain] = {"grid": grid, "seeds": seeds, "summary": summarize(grid, seeds)}
+        shutil.copy(out / domain / "frontier.png", HERE / f"{domain}_frontier.png")
+        (HERE / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (HERE / "results.md").write_text(markdown(results))
+    print((HERE / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
