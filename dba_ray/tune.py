@@ -113,7 +113,7 @@ def run_trials(
     max_concurrent: int,
     scheduler=None,
     num_samples: int = 1,
-    seed: int | None = None,
+    seed: int = 0,
 ) -> tune.ResultGrid:
     """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``."""
     trainable = tune.with_resources(
@@ -131,8 +131,8 @@ def run_trials(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent, scheduler=scheduler, num_samples=num_samples,
-                search_alg=tune.search.BasicVariantGenerator(random_state=seed) if seed is not None else None,
+                scheduler=scheduler, num_samples=num_samples,
+                search_alg=tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage.absolute(cfg.output_dir)),
         )

@@ -45,7 +45,7 @@ def tiny_tree(tmp_path) -> dict:
 
 def test_compare_every_baseline_writes_report_costs_and_plots(tmp_path):
     tree = tiny_tree(tmp_path)
-    tree["methods"] = ["dba", "direct", "mixture", "lora", {"name": "dba-no-dc", "method": "dba", "set": {"dba.dc": "none"}}]
+    tree["methods"] = ["dba", "mixture", "lora"]
     tree["compare"] = {"mixture_ratios": [0.25]}
     tree["train"]["mixture"] = {"ratio": 0.5}
     tree["train"]["lora"] = {"r": 4}
@@ -56,18 +56,18 @@ def test_compare_every_baseline_writes_report_costs_and_plots(tmp_path):
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     res = report["results"]
-    assert set(res) == {"dba", "direct", "mixture", "lora", "dba-no-dc", "mixture-r0.25"}
+    assert set(res) == {"dba", "mixture", "lora", "mixture-r0.25"}
     for r in res.values():
         assert 0 <= r["S_D"] <= 1 and 0 <= r["S_G"] <= 1
         assert r["tokens"] > 0 and r["wall_s"] > 0 and r["peak_mem_mb"] > 10
         assert set(r["delta"]) == {"dom", "gen"}
     # Equal domain steps: a mixture at r trains 4 / (1 - r) steps, the others 4.
-    assert res["direct"]["steps"] == 4 and res["mixture"]["steps"] == 8 and res["mixture-r0.25"]["steps"] == 6
+    assert res["lora"]["steps"] == 4 and res["mixture"]["steps"] == 8 and res["mixture-r0.25"]["steps"] == 6
     # Costs: DBA pays for Stage 1, a mixture for its whole ratio search.
     s1 = report["stage1"]["tokens"]
     assert s1 > 0
     assert res["dba"]["cost"]["total_tokens"] == res["dba"]["tokens"] + s1
-    assert res["direct"]["cost"]["total_tokens"] == res["direct"]["tokens"]
+    assert res["lora"]["cost"]["total_tokens"] == res["lora"]["tokens"]
     search = res["mixture"]["tokens"] + res["mixture-r0.25"]["tokens"]
     assert res["mixture"]["cost"]["total_tokens"] == search == res["mixture-r0.25"]["cost"]["total_tokens"]
     assert res["mixture"]["cost"]["ratio_search_runs"] == 2
