@@ -211,9 +211,9 @@ def _train_loop(config: dict) -> dict:
         tokens_seen += n_global
         history.append({"step": step, "loss": step_loss, "lr": lr, **stats})
         if t.fail_once_at_step == step and rank == min(1, world - 1):
-            marker = os.path.join(config["run_dir"], "failed_once")
-            if not os.path.exists(marker):
-                open(marker, "w").close()
+            marker = storage.join(config["run_dir"], "failed_once")
+            if not storage.exists(marker):
+                storage.write_bytes_atomic(marker, b"")
                 raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
         if rank == 0 and (time.monotonic() - last_push > 1.0 or step == total):
             tracker.set.remote(steps=step, loss=step_loss, tokens=tokens_seen)
@@ -239,7 +239,7 @@ def _train_loop(config: dict) -> dict:
     if not last_eval and evals:
         last_eval = evaluate()  # resumed from the final checkpoint: score it anyway
     if rank == 0:
-        with storage.atomic_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
+        with storage.staged_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
             load_tokenizer(cfg.model).save_pretrained(d)
             model.save_pretrained(d)
     return {"final": last_eval}  # rank 0's return value reaches the driver
@@ -285,11 +285,6 @@ def run_train(
     ``<output_dir>/<method>/model``. ``train_ref`` / ``eval_refs`` reuse data already
     tokenized by an earlier call; ``grad_source`` overrides the configured artifact."""
     t = cfg.train
-    if storage.is_remote(cfg.output_dir):
-        raise UserError(
-            "Stage 2 writes its model and checkpoints to a local output_dir for now "
-            f"(got {cfg.output_dir}); cloud URIs work for stage1.output"
-        )
     dba_cfg, sched = method_settings(cfg, method)
     grad_source = grad_source or storage.absolute(cfg.global_gradient_source())
     grad_id = None  # which ĝ_G: part of the run's identity, so a new one means a new run
@@ -336,7 +331,6 @@ def run_train(
 
     out_dir = storage.absolute(cfg.output_dir)
     run_dir = storage.join(out_dir, method)
-    os.makedirs(run_dir, exist_ok=True)
     tracker = Tracker.remote()
     trainer = TorchTrainer(
         _train_loop,
@@ -358,7 +352,7 @@ def run_train(
             # The same name and storage path resume an interrupted run; the digest of the
             # settings keeps a changed config from resuming a stale checkpoint.
             name=f"train-{method}-{_settings_digest(cfg, dba_cfg, sched, grad_id)}",
-            storage_path=storage.join(out_dir, "ray_train"),
+            **storage.ray_storage(storage.join(out_dir, "ray_train")),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
