@@ -242,7 +242,7 @@ def run_global_gradient(
         dataset_config=TrainDataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=f"stage1-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=_train_storage(cfg),
+            **storage.ray_storage(_train_storage(cfg)),
         ),
     )
     log.info("stage 1: global gradient of %s on %d worker(s)", source, s1.num_workers)

@@ -1,6 +1,8 @@
 """Loading causal LMs and tokenizers, plus a download-free builtin pair for tests.
 
-Any Hugging Face causal LM loads by name or path. ``builtin:tiny-llama`` is a small
+Any Hugging Face causal LM loads by name or path, or from an ``s3://`` / ``gs://``
+directory (a ``save_pretrained`` output whose ``config.json`` marks it complete), which
+is first copied to a local cache. ``builtin:tiny-llama`` is a small
 Llama built from a config in code (seeded random weights) and ``builtin:bytes`` a
 byte-level tokenizer built in code: neither needs a network.
 """
@@ -18,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from dba_ray import storage
 from dba_ray.config import ModelConfig
 from dba_ray.errors import UserError
 
@@ -34,6 +37,9 @@ _CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+
+# Weight files, left out when only a model's config is needed.
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 
 _SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -75,7 +81,9 @@ def load_tokenizer(cfg: ModelConfig):
         return byte_tokenizer()
     try:
         tok = AutoTokenizer.from_pretrained(
-            name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            storage.local_copy(name, "config.json", skip=_WEIGHTS),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
@@ -103,7 +111,7 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
         return model.to(dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path,
+            storage.local_copy(cfg.name_or_path, "config.json"),
             revision=cfg.revision,
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
@@ -122,7 +130,8 @@ def load_empty_model(cfg: ModelConfig) -> torch.nn.Module:
             return load_model(cfg)
         try:
             config = AutoConfig.from_pretrained(
-                cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+                storage.local_copy(cfg.name_or_path, "config.json", skip=_WEIGHTS),
+                revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
             )
         except (OSError, ValueError) as e:
             raise UserError(

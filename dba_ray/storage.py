@@ -1,16 +1,23 @@
 """Local paths and cloud URIs (s3://, gs://) behind one small API, with atomic writes.
 
 Atomicity: a single file is written to a temporary name and renamed (local) or sent as
-one upload that only exists once complete (object stores). A directory artifact is
-complete only when its ``meta.json`` exists, and that file is always written last; a
-local directory is additionally built under a temporary name and renamed into place.
+one upload that only exists once complete (object stores). A directory is complete only
+when its marker file (``meta.json`` for artifacts, ``config.json`` for models) exists,
+and that file is always written last; a local directory is additionally built under a
+temporary name and renamed into place.
+
+Endpoints and credentials come from the environment (pyarrow's defaults): AWS and GCS
+default credentials, and ``AWS_ENDPOINT_URL`` for S3-compatible servers (MinIO, moto).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +26,8 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from dba_ray.errors import UserError
+
+_CHUNK = 16 * 1024**2
 
 
 def is_remote(uri: str) -> bool:
@@ -126,8 +135,11 @@ def atomic_directory(uri: str, overwrite: bool, marker: str = "meta.json") -> It
         if not overwrite:
             raise UserError(f"{uri} already exists (set overwrite: true to replace it)")
     if is_remote(uri):
-        # No directory rename on object stores: un-commit first, then fill in place.
+        # No directory rename on object stores: un-commit first, then clear what an
+        # older version left (stale shards), then fill in place.
         delete(join(uri, marker))
+        fs, path = resolve(uri)
+        fs.delete_dir_contents(path, missing_dir_ok=True)
         yield uri
         return
     final = Path(resolve(uri)[1])
@@ -153,13 +165,95 @@ def atomic_directory(uri: str, overwrite: bool, marker: str = "meta.json") -> It
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def staged_directory(uri: str, overwrite: bool, marker: str) -> Iterator[str]:
+    """Like ``atomic_directory``, but always a local directory to fill, for writers that
+    need a real filesystem (``save_pretrained``). A remote ``uri`` is uploaded on clean
+    exit under the same protocol, ``marker`` last; if the body raises, nothing is sent."""
+    if not is_remote(uri):
+        with atomic_directory(uri, overwrite=overwrite, marker=marker) as d:
+            yield d
+        return
+    if exists(uri) and not overwrite:
+        raise UserError(f"{uri} already exists (set overwrite: true to replace it)")
+    with tempfile.TemporaryDirectory(prefix="dba-ray-upload-") as local:
+        yield local
+        upload_directory(local, uri, marker)
+
+
+def upload_directory(local: str, uri: str, marker: str) -> None:
+    """Replace the directory at ``uri`` with the files of ``local``, ``marker`` last."""
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names
+    )
+    if marker not in files:
+        raise ValueError(f"{local} has no {marker}: nothing would mark the upload complete")
+    files.sort(key=lambda rel: rel == marker)  # stable sort: only moves the marker last
+    with atomic_directory(uri, overwrite=True, marker=marker) as target:
+        fs, root = resolve(target)
+        for rel in files:
+            dest = posixpath.join(root, *Path(rel).parts)
+            with open(os.path.join(local, rel), "rb") as src, fs.open_output_stream(dest) as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def local_copy(uri: str, marker: str, skip: tuple[str, ...] = ()) -> str:
+    """A local directory with the files of the complete remote directory ``uri`` (one
+    holding ``marker``), for readers that need a real directory (``from_pretrained``).
+
+    Copies are cached under ``$XDG_CACHE_HOME/dba-ray/remote`` (default ``~/.cache``),
+    keyed by the URI and every file's name, size and modification time, so an unchanged
+    directory is downloaded once per machine. Files whose names end in one of ``skip``
+    are left out (a separate cache entry). A local path is returned as it is.
+    """
+    if not is_remote(uri):
+        return uri
+    fs, root = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    listing = sorted(
+        (posixpath.relpath(i.path, root), i.size, i.mtime_ns)
+        for i in infos
+        if i.type == pafs.FileType.File and not i.path.endswith(skip)
+    )
+    if marker not in {name for name, _, _ in listing}:
+        raise UserError(
+            f"{uri} is not a complete directory (no {marker}): missing, or an interrupted upload"
+        )
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dba-ray" / "remote"
+    final = cache / key
+    if (final / marker).exists():
+        return str(final)
+    tmp = cache / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        for name, _, _ in listing:
+            dest = tmp.joinpath(*name.split("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(posixpath.join(root, name)) as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process on this machine finished the same copy first.
+            if not (final / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def ray_storage(uri: str) -> dict:
+    """``RunConfig`` storage arguments for a local path or URI. A remote filesystem is
+    resolved here and travels to Ray Train's controller and workers with its settings
+    (endpoint included) instead of being resolved again from the URI there."""
+    if not is_remote(uri):
+        return {"storage_path": absolute(uri)}
+    fs, path = resolve(uri)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
 def copy_directory(src: str, dst: str, marker: str) -> None:
     """Copy a finished directory (e.g. a saved model) to ``dst``, atomically: ``dst``
     counts as complete only once its ``marker`` file exists."""
-    src = absolute(src)
-    files = [uri for uri, _ in list_files(src)]
-    names = {uri: uri[len(src) :].lstrip("/\\") for uri in files}
-    files.sort(key=lambda uri: names[uri] == marker)  # the marker last
-    with atomic_directory(dst, overwrite=True, marker=marker) as d:
-        for uri in files:
-            write_bytes_atomic(join(d, names[uri]), read_bytes(uri))
+    with staged_directory(dst, overwrite=True, marker=marker) as d:
+        shutil.copytree(local_copy(absolute(src), marker), d, dirs_exist_ok=True)

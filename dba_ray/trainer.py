@@ -225,9 +225,9 @@ def _train_loop(config: dict) -> dict:
         tokens_seen += n_global
         history.append({"step": step, "loss": step_loss, "lr": lr, **stats})
         if t.fail_once_at_step == step and rank == min(1, world - 1):
-            marker = os.path.join(config["run_dir"], "failed_once")
-            if not os.path.exists(marker):
-                open(marker, "w").close()
+            marker = storage.join(config["run_dir"], "failed_once")
+            if not storage.exists(marker):
+                storage.write_bytes_atomic(marker, b"")
                 raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
         if rank == 0 and (time.monotonic() - last_push > 1.0 or step == total):
             tracker.set.remote(steps=step, loss=step_loss, tokens=tokens_seen)
@@ -253,7 +253,7 @@ def _train_loop(config: dict) -> dict:
     if not last_eval and evals:
         last_eval = evaluate()  # resumed from the final checkpoint: score it anyway
     if rank == 0:
-        with storage.atomic_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
+        with storage.staged_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
             load_tokenizer(cfg.model).save_pretrained(d)
             # A LoRA result is saved merged: a plain model that loads like any other.
             (model.merge_and_unload() if config["method"] == "lora" else model).save_pretrained(d)
@@ -331,11 +331,6 @@ def run_train(
     spec = as_spec(method)
     cfg = resolve(cfg, spec)
     t = cfg.train
-    if storage.is_remote(cfg.output_dir):
-        raise UserError(
-            "Stage 2 writes its model and checkpoints to a local output_dir for now "
-            f"(got {cfg.output_dir}); cloud URIs work for stage1.output"
-        )
     dba_cfg, sched = t.dba, t.schedule
     grad_source = grad_source or storage.absolute(cfg.global_gradient_source())
     grad_id = None  # which ĝ_G: part of the run's identity, so a new one means a new run
@@ -390,7 +385,6 @@ def run_train(
 
     out_dir = storage.absolute(cfg.output_dir)
     run_dir = storage.join(out_dir, spec.name)
-    os.makedirs(run_dir, exist_ok=True)
     tracker = Tracker.remote()
     trainer = TorchTrainer(
         _train_loop,
@@ -413,7 +407,7 @@ def run_train(
             # The same name and storage path resume an interrupted run; the digest of the
             # settings keeps a changed config from resuming a stale checkpoint.
             name=f"train-{spec.name}-{_settings_digest(cfg, spec, grad_id)}",
-            storage_path=storage.join(out_dir, "ray_train"),
+            **storage.ray_storage(storage.join(out_dir, "ray_train")),
             callbacks=[CurvesCallback(run_dir), *callbacks],
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),

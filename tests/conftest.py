@@ -1,8 +1,10 @@
-"""Shared fixtures: one real local Ray cluster for the whole session, offline hubs."""
+"""Shared fixtures: one real local Ray cluster for the whole session, offline hubs, and
+a real S3 API (the moto server on 127.0.0.1) for the tests that ask for one."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 # No hub access in tests: anything that tries to download fails loudly.
@@ -20,8 +22,47 @@ NUM_CPUS = 6
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+def s3_env():
+    """A moto S3 server on 127.0.0.1 (a free port), and the environment that points
+    pyarrow at it; set in this process and returned for Ray workers."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request):
+    # Workers of this session must see the S3 settings if any collected test uses them.
+    # They go in the job's runtime_env, which Ray applies to every worker it starts for
+    # this driver, however the cluster was started: inheriting the driver's environment
+    # would only hold for a cluster this process starts after the variables are set.
+    wants_s3 = any("s3_env" in item.fixturenames for item in request.session.items)
+    env = request.getfixturevalue("s3_env") if wants_s3 else {}
+    ray.init(
+        num_cpus=NUM_CPUS,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": env} if env else None,
+    )
     yield
     ray.shutdown()
 
