@@ -29,25 +29,31 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_global_gradient(args) -> int:
+def _load_config(args):
     from dba_ray.config import load_config
-    from dba_ray.global_gradient import run_global_gradient
+    from dba_ray.ray_runtime import warn_if_output_in_job_dir
 
     cfg = load_config(args.config, args.overrides)
+    warn_if_output_in_job_dir(cfg.output_dir)
+    return cfg
+
+
+def cmd_global_gradient(args) -> int:
+    from dba_ray.global_gradient import run_global_gradient
+
+    cfg = _load_config(args)
     result = run_global_gradient(cfg)
     print(f"global gradient written to {result.uri}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from dba_ray.config import load_config
+    from dba_ray.config import METHODS
     from dba_ray.run import ensure_base_model
     from dba_ray.trainer import run_train
 
-    from dba_ray.config import METHODS
-
     # A config with a `pretrain` section trains from that (cached) base, as `run` does.
-    cfg = ensure_base_model(load_config(args.config, args.overrides))
+    cfg = ensure_base_model(_load_config(args))
     spec = next((m for m in cfg.methods if m.name == args.method), None)
     if spec is None and args.method not in METHODS:
         names = sorted({*METHODS, *(m.name for m in cfg.methods)})
@@ -62,11 +68,10 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from dba_ray import storage
-    from dba_ray.config import load_config
     from dba_ray.report import build_report, write_report
     from dba_ray.run import evaluate_models
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     scored = evaluate_models(cfg, {"base": cfg.model.name_or_path, **cfg.eval.models})
     base = scored.pop("base")
     report = build_report(base, scored, {"base_model": cfg.model.name_or_path})
@@ -75,26 +80,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from dba_ray.config import load_config
     from dba_ray.run import run_all
 
-    run_all(load_config(args.config, args.overrides))
+    run_all(_load_config(args))
     return 0
 
 
 def cmd_tune(args) -> int:
-    from dba_ray.config import load_config
     from dba_ray.tune import run_tune
 
-    run_tune(load_config(args.config, args.overrides))
+    run_tune(_load_config(args))
     return 0
 
 
 def cmd_compare(args) -> int:
     from dba_ray.compare import run_compare
-    from dba_ray.config import load_config
 
-    run_compare(load_config(args.config, args.overrides))
+    run_compare(_load_config(args))
     return 0
 
 

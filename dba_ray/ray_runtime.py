@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 from ray.train import ScalingConfig
 
+from dba_ray import storage
 from dba_ray.config import RayConfig
 from dba_ray.errors import UserError
 
@@ -15,15 +17,46 @@ log = logging.getLogger("dba_ray")
 
 
 def ensure_ray(cfg: RayConfig) -> None:
-    """Join the configured cluster, the one this job was submitted to, or start one."""
+    """Join the configured cluster, the one this job was submitted to, or one `ray start`
+    started on this machine; else start an embedded local cluster of ``cfg.num_cpus``."""
     if ray.is_initialized():
         return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or _started_here()
     if address:
+        # A running cluster has its own resources: ray.init refuses num_cpus when joining.
+        if cfg.num_cpus is not None:
+            log.info("joining the Ray cluster at %s: ray.num_cpus does not apply", address)
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.num_cpus)
+        ray.init(address="local", num_cpus=cfg.num_cpus)
     log.info("Ray cluster resources: %s", ray.cluster_resources())
+
+
+def _started_here() -> str | None:
+    """The address `ray start` recorded on this machine (what a bare ray.init() would
+    join), e.g. on the head node of a launched cluster; None when there is none."""
+    from ray._private.services import find_bootstrap_address
+
+    return find_bootstrap_address(None)
+
+
+def in_submitted_job() -> bool:
+    """True in the driver of a `ray job submit` job (Ray hands it the job's config)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def warn_if_output_in_job_dir(output_dir: str) -> None:
+    """Inside a job the current directory is the uploaded working dir: relative data
+    paths find the uploaded files there, but outputs written there are lost with it."""
+    if not in_submitted_job() or storage.is_remote(output_dir):
+        return
+    local = storage.absolute(output_dir)
+    if Path(local).is_relative_to(Path.cwd()):
+        log.warning(
+            "output_dir %s is inside this job's uploaded working dir, which Ray deletes "
+            "later: use an s3:// or gs:// URI or an absolute path on shared storage",
+            local,
+        )
 
 
 def scaling(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> ScalingConfig:
