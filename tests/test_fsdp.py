@@ -37,16 +37,19 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
     assert rel_error(ddp, base) > 1e-3  # the run moved the weights
 
     fsdp = saved_weights(run_train(fsdp_config(tmp_path, "fsdp", parallel="fsdp"), "dba").model_dir)
-    # fp32 throughout; the only differences are summation orders (reduce-scatter per
-    # micro-batch vs one all-reduce of accumulated gradients, per-shard partial dot
-    # products and norms). Those are ~1e-7 relative per step; 1e-5 after 6 steps is
-    # the bound DDP itself meets against one process (test_train). Without the
-    # all-reduced statistics c_t differs per rank and the error is orders larger.
-    assert rel_error(fsdp, ddp) < 1e-5
+    # fp32 throughout, and with two ranks a reduce-scatter adds the same two numbers as
+    # an all-reduce. What differs is summation order: FSDP reduces each micro-batch and
+    # sums the results where DDP sums then reduces, and the dot products and norms
+    # (clipping, DBA) are summed shard by shard. Each is float32 rounding, ~1e-7
+    # relative per element and step, which Adam's normalized update does not amplify;
+    # measured 5e-9 after 6 steps. Without the all-reduced DBA statistics each rank
+    # computes its own c_t and the error is far above the bound.
+    assert rel_error(fsdp, ddp) < 1e-6
 
     faulty = fsdp_config(tmp_path, "faulty", parallel="fsdp", fail_once_at_step=3, max_failures=1)
     resumed = run_train(faulty, "dba")
     assert (tmp_path / "faulty" / "dba" / "failed_once").exists()  # it did fail
+    # The restart replays the same steps from restored shards: measured bit-identical.
     assert rel_error(saved_weights(resumed.model_dir), fsdp) < 1e-6
     ckpt = next((tmp_path / "faulty" / "ray_train").glob("*/checkpoint_*"))
     assert sorted(os.listdir(ckpt)) == [sharding.shard_file(r, 2) for r in range(2)] + ["state.json"]
