@@ -11,7 +11,7 @@ from dba_ray import sharding
 from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.model import load_model
-from dba_ray.trainer import run_train
+from dba_ray.trainer import prepare_train_data, run_train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -32,11 +32,13 @@ def fsdp_config(tmp_path, out: str, **train):
 def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
     ddp_cfg = fsdp_config(tmp_path, "ddp")
     run_global_gradient(ddp_cfg)
-    ddp = saved_weights(run_train(ddp_cfg, "dba").model_dir)
+    # The three runs read the same domain data: tokenize it once, and no eval sets.
+    data = {"train_ref": prepare_train_data(ddp_cfg), "eval_refs": ({}, {})}
+    ddp = saved_weights(run_train(ddp_cfg, "dba", **data).model_dir)
     base = {n: p.detach() for n, p in load_model(ddp_cfg.model).named_parameters()}
     assert rel_error(ddp, base) > 1e-3  # the run moved the weights
 
-    fsdp = saved_weights(run_train(fsdp_config(tmp_path, "fsdp", parallel="fsdp"), "dba").model_dir)
+    fsdp = saved_weights(run_train(fsdp_config(tmp_path, "fsdp", parallel="fsdp"), "dba", **data).model_dir)
     # fp32 throughout, and with two ranks a reduce-scatter adds the same two numbers as
     # an all-reduce. What differs is summation order: FSDP reduces each micro-batch and
     # sums the results where DDP sums then reduces, and the dot products and norms
@@ -47,7 +49,7 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
     assert rel_error(fsdp, ddp) < 1e-6
 
     faulty = fsdp_config(tmp_path, "faulty", parallel="fsdp", fail_once_at_step=3, max_failures=1)
-    resumed = run_train(faulty, "dba")
+    resumed = run_train(faulty, "dba", **data)
     assert (tmp_path / "faulty" / "dba" / "failed_once").exists()  # it did fail
     # The restart replays the same steps from restored shards: measured bit-identical.
     assert rel_error(saved_weights(resumed.model_dir), fsdp) < 1e-6
