@@ -277,7 +277,15 @@ class TrainConfig(_Strict):
     max_steps: Optional[int] = Field(
         None, ge=1, description="Optimizer steps T; overrides epochs when set."
     )
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP or FSDP ranks).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole model, its gradients, AdamW state "
+        "and ĝ_G (fastest while they fit). fsdp: FSDP2, each worker holds 1/num_workers "
+        "of each (one transformer block is gathered at a time), for models too big for "
+        "one device; the DBA statistics are all-reduced. Its checkpoints are sharded "
+        "(a file per worker) and resume only with the same num_workers.",
+    )
     cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker; its torch threads.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL, bf16 autocast).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")

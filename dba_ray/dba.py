@@ -13,7 +13,9 @@ Per optimizer step t of T (after backward, DDP averaging and gradient clipping, 
 
 Everything is computed from three scalars (⟨g_D, ĝ_G⟩, ‖g_D‖², ‖ĝ_G‖²); ‖g_B‖ follows
 from them, so a step costs one read of g_D and ĝ_G for the dot products and one
-in-place update. Under sharded training pass ``all_reduce`` to sum those scalars.
+in-place update. Under sharded training pass ``all_reduce`` to sum those scalars; with
+FSDP2 (DTensor parameters) pass each rank's shard of ĝ_G and v_G, and every tensor op
+here runs on the local shards.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dba_ray.config import DBAConfig, ScheduleConfig
 
@@ -32,6 +35,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype != b.dtype or a.dtype in (torch.bfloat16, torch.float16):
         a, b = a.float(), b.float()
     return torch.dot(a.reshape(-1), b.reshape(-1)).float()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the same storage under no_grad); a tensor unchanged."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def gamma_at(t: int, total: int, boost: float, gamma_max: float) -> float:
@@ -119,19 +127,19 @@ class DBA:
         if missing:
             raise ValueError(f"global gradient lacks {len(missing)} parameters, e.g. {missing[0]}")
         dtype = getattr(torch, cfg.grad_dtype)
-        self.g = [global_grad[n].to(p.device, dtype).view_as(p) for n, p in self.params]
+        self.g = [global_grad[n].to(p.device, dtype).view_as(local(p)) for n, p in self.params]
         sq_norm_g = torch.stack([h.float().pow(2).sum() for h in self.g]).sum().reshape(1)
         self.norm_g = math.sqrt(self._reduce(sq_norm_g)[0])
         self.anchor = None
         if cfg.anchor == "fisher":
             if second_moment is None:
                 raise ValueError("anchor: fisher needs the second moment v_G (stage1.second_moment)")
-            v = [second_moment[n].to(p.device, torch.float32).view_as(p) for n, p in self.params]
+            v = [second_moment[n].to(p.device, torch.float32).view_as(local(p)) for n, p in self.params]
             total = self._reduce(torch.stack([x.sum() for x in v] + [torch.tensor(float(sum(x.numel() for x in v)), device=v[0].device)]))
             mean_v = sum(total[:-1]) / total[-1]
             # Anchor weights and base weights θ0, both fixed for the run.
             self.anchor = [
-                (x / mean_v if mean_v > 0 else torch.zeros_like(x), p.detach().clone())
+                (x / mean_v if mean_v > 0 else torch.zeros_like(x), local(p).detach().clone())
                 for x, (_, p) in zip(v, self.params)
             ]
 
@@ -149,10 +157,10 @@ class DBA:
         for _, p in self.params:
             if p.grad is None:  # unused in this step's graph: its g_D is zero
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for _, p in self.params]
+        grads = [local(p.grad) for _, p in self.params]
         if self.anchor is not None:
             for g, (w, theta0), (_, p) in zip(grads, self.anchor, self.params):
-                g.addcmul_(w, p - theta0, value=cfg.fisher_lambda)
+                g.addcmul_(w, local(p) - theta0, value=cfg.fisher_lambda)
         # Fused kernels: one dot product per tensor, one multi-tensor norm.
         dots = torch.stack([_dot(g, h) for g, h in zip(grads, self.g)]).sum()
         if all(g.dtype == torch.float32 for g in grads):

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from dba_ray import artifact, storage
+from dba_ray import artifact, sharding, storage
 from dba_ray.config import Config, DBAConfig, MethodSpec, ScheduleConfig, digest
 from dba_ray.curves import CurvesCallback
 from dba_ray.data import build_sequences, collect_arrays
@@ -149,13 +149,22 @@ def _train_loop(config: dict) -> dict:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
+    fsdp = t.parallel == "fsdp"
+    if fsdp:  # before DBA: it keeps the (sharded) parameters and their shards of ĝ_G
+        sharding.shard_model(model)
     dba = None
     if uses_global_gradient(dba_cfg):
         grad = artifact.load_any(config["grad_source"], model=model, model_name=cfg.model.name_or_path)
+        mean, second = grad.mean, grad.second_moment
+        if fsdp:
+            mean, second = sharding.local_shards(model, mean), sharding.local_shards(model, second)
         # Built before any checkpoint is loaded, so the fisher anchor's θ0 is the base.
-        dba = DBA(model.named_parameters(), grad.mean, total, dba_cfg, second_moment=grad.second_moment)
-        del grad
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+        dba = DBA(
+            model.named_parameters(), mean, total, dba_cfg, second_moment=second,
+            all_reduce=sharding.all_reduce_sum if fsdp else None,
+        )
+        del grad, mean, second
+    ddp = model if fsdp else ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
     opt_cfg = t.optimizer
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=sched.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
@@ -166,7 +175,10 @@ def _train_loop(config: dict) -> dict:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            step = _load_checkpoint(d, model, optimizer)["step"]
+            if fsdp:
+                step = sharding.load_checkpoint(d, model, optimizer, rank, world)["step"]
+            else:
+                step = _load_checkpoint(d, model, optimizer)["step"]
         log.info("rank %d resumed at step %d", rank, step)
     resumed_at = step
 
@@ -184,9 +196,12 @@ def _train_loop(config: dict) -> dict:
 
     def evaluate() -> dict:
         out = {}
+        # FSDP ranks must run the same forward passes (each gathers weights), so every
+        # rank scores the whole set; DDP ranks split it.
+        r, w = (0, 1) if fsdp else (rank, world)
         for name, arr in evals.items():
-            sums = set_sums(model, arr, cfg.eval.batch_size, device, rank, world)
-            if world > 1:
+            sums = set_sums(model, arr, cfg.eval.batch_size, device, r, w)
+            if w > 1:
                 dist.all_reduce(sums)
             out[name] = set_metrics(sums)
         return {"eval": out, **scores(out, config["eval_kinds"])}
@@ -201,7 +216,8 @@ def _train_loop(config: dict) -> dict:
             mine = rows[a * B * world : (a + 1) * B * world][rank::world]
             x = torch.from_numpy(ids_all[mine].astype(np.int64)).to(device)
             y = torch.from_numpy(labels_all[mine].astype(np.int64)).to(device)
-            sync = a == accum - 1 or world == 1
+            # FSDP reduce-scatters every micro-batch, keeping the summed gradients sharded.
+            sync = a == accum - 1 or world == 1 or fsdp
             with (ddp.no_sync() if not sync else nullcontext()), (autocast or nullcontext()):
                 loss, _ = token_loss_sum(ddp, x, y)
                 (loss * world / max(n_global, 1)).backward()
@@ -213,7 +229,7 @@ def _train_loop(config: dict) -> dict:
             # Every rank sees the same reduced loss, so all stop together, cleanly,
             # before a step that would spoil the weights of the next checkpoint.
             return {"nan_at_step": step + 1, "loss": step_loss}
-        if opt_cfg.grad_clip is not None:
+        if opt_cfg.grad_clip is not None:  # FSDP: DTensor grads, so the norm is global
             torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
         stats = dba.apply(step).as_dict() if dba is not None else {"c": 1.0}
         lr = lr_at(step, total, sched) * stats["c"]
@@ -244,19 +260,25 @@ def _train_loop(config: dict) -> dict:
         history = []
         if do_ckpt:
             with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
+                if fsdp:  # every rank writes its shard; Ray Train merges the directories
+                    sharding.save_checkpoint(d, model, optimizer, step, {"total_steps": total}, rank, world)
+                elif rank == 0:
                     _save_checkpoint(d, model, optimizer, step, {"total_steps": total})
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+                writes = rank == 0 or fsdp
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if writes else None)
         else:
             ray.train.report(metrics)
 
     if not last_eval and evals:
         last_eval = evaluate()  # resumed from the final checkpoint: score it anyway
+    full = sharding.full_state_dict(model) if fsdp else None  # a collective: all ranks
     if rank == 0:
         with storage.staged_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
             load_tokenizer(cfg.model).save_pretrained(d)
-            # A LoRA result is saved merged: a plain model that loads like any other.
-            (model.merge_and_unload() if config["method"] == "lora" else model).save_pretrained(d)
+            if config["method"] == "lora":  # saved merged: a plain model that loads like any other
+                model.merge_and_unload().save_pretrained(d)
+            else:
+                model.save_pretrained(d, state_dict=full)
     # rank 0's return value reaches the driver
     return {"final": last_eval, "peak_mem_mb": _peak_memory_mb(device), "resumed_at": resumed_at}
 
