@@ -50,17 +50,17 @@ def expand_runs(cfg: Config) -> list[dict]:
                 if len(c.seeds) > 1:
                     name += f"_s{seed}"
                 if name in seen:
-                    continue
+                    raise UserError(f"two runs of the comparison are named {name!r}: rename one method")
                 seen.add(name)
                 runs.append({"name": name, "method": spec.method, "group": spec.name,
                              "set": {"schedule.lr": lr, "seed": seed, **spec.set}})
     return runs
 
 
-def _cost(rows: dict[str, dict], stage1: dict | None, num_workers: int) -> None:
+def _cost(rows: dict[str, dict], stage1: dict | None) -> None:
     """Adds ``cost`` to each row (see the module docstring for what is charged)."""
     for r in rows.values():
-        r["cost"] = {"own_tokens": r["tokens"], "own_wall_s": r["wall_s"], "worker_s": r["wall_s"] * num_workers}
+        r["cost"] = {"own_tokens": r["tokens"], "own_wall_s": r["wall_s"], "worker_s": r["wall_s"] * r["num_workers"]}
         extra_tokens, extra_wall = 0, 0.0
         if r["uses_global_gradient"] and stage1:
             extra_tokens += stage1["tokens"]
@@ -77,7 +77,7 @@ def _cost(rows: dict[str, dict], stage1: dict | None, num_workers: int) -> None:
 
 def run_compare(cfg: Config) -> dict:
     from dba_ray.run import ensure_base_model, ensure_global_gradient, evaluate_models
-    from dba_ray.trainer import mixture_general_count, prepare_eval, prepare_general_data, prepare_train_data
+    from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data
 
     if not cfg.eval.sets:
         raise UserError("dba-ray compare needs eval.sets (domain and general) to score the methods")
@@ -89,10 +89,9 @@ def run_compare(cfg: Config) -> dict:
     needs_grad = {n for n, c in resolved.items() if uses_global_gradient(c.train.dba)}
     stage1 = ensure_global_gradient(cfg) if needs_grad else None
     refs = {"grad_source": stage1["uri"] if stage1 else None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
-    ratios = [c.train.mixture.ratio for n, c in resolved.items() if next(r for r in runs if r["name"] == n)["method"] == "mixture"]
+    ratios = [resolved[r["name"]].train.mixture.ratio for r in runs if r["method"] == "mixture"]
     if ratios:
-        n = len(ray.get(refs["train"])["input_ids"])
-        refs["general"] = prepare_general_data(cfg, mixture_general_count(n, max(ratios)))
+        refs["general"] = prepare_mixture_data(cfg, refs["train"], ratios)
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, refs["eval"])["base"]
     log.info("compare: %d runs (%d at a time)", len(runs), cfg.compare.max_concurrent)
     trial_runs = [{k: r[k] for k in ("name", "method", "set")} for r in runs]
@@ -110,12 +109,12 @@ def run_compare(cfg: Config) -> dict:
         rows[row["name"]] = {
             **{k: row[k] for k in ("S_D", "S_G", "S", "eval", "tokens", "steps", "wall_s", "peak_mem_mb", "model_dir")},
             "method": spec["group"], "family": spec["method"], "lr": t.schedule.lr, "seed": t.seed,
-            "set": spec["set"], "uses_global_gradient": row["name"] in needs_grad,
+            "set": spec["set"], "uses_global_gradient": row["name"] in needs_grad, "num_workers": t.num_workers,
             **({"ratio": t.mixture.ratio} if spec["method"] == "mixture" else {}),
         }
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; re-run the same command to resume them")
-    _cost(rows, stage1, cfg.train.num_workers)
+    _cost(rows, stage1)
     ordered = {r["name"]: rows[r["name"]] for r in runs}
     report = build_report(base, ordered, {
         "base_model": cfg.model.name_or_path, "stage1": stage1,

@@ -505,6 +505,17 @@ def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+def flatten(tree: dict, keep=lambda value: False, prefix: str = "") -> dict:
+    """``{a: {b: 1}}`` → ``{"a.b": 1}``; dicts for which ``keep`` is true stay values."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and not keep(value):
+            out.update(flatten(value, keep, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The config model class that owns the key at ``loc`` (for listing allowed keys)."""
     model: Any = Config
@@ -585,6 +596,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         parts, value = parse_override(item)
         _set_dotted(tree, parts, value)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise UserError(format_validation_error(e, origin)) from None
+    # Ray Train runs workers in other directories: a local model path must be absolute.
+    for key in ("name_or_path", "tokenizer"):
+        value = getattr(cfg.model, key)
+        if value and "://" not in value and not value.startswith("builtin:") and Path(value).exists():
+            setattr(cfg.model, key, str(Path(value).absolute()))
+    return cfg

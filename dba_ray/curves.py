@@ -44,12 +44,8 @@ class CurvesCallback(UserCallback):
         self._writer = None
 
     def _load(self, first_step: int) -> None:
-        # A resumed run continues the file: keep what came before the resume point.
-        path = storage.join(self.run_dir, CURVES)
-        self.rows = []
-        if storage.exists(path):
-            old = [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line]
-            self.rows = [r for r in old if r["step"] < first_step]
+        # A resumed run continues the file (after_report drops what it repeats).
+        self.rows = read_curves(self.run_dir)
         if not storage.is_remote(self.run_dir):
             from tensorboardX import SummaryWriter
 
@@ -58,8 +54,12 @@ class CurvesCallback(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]  # rank 0's report
         history = m.get("history", [])
+        first = history[0]["step"] if history else m.get("step", 0)
         if self.rows is None:
-            self._load(history[0]["step"] if history else m.get("step", 0))
+            self._load(first)
+        # After a worker failure Train resumes from the last checkpoint: steps after it
+        # come again and replace the ones the failed attempt reported.
+        self.rows = [r for r in self.rows if r["step"] < first]
         new = [{"kind": "train", **{k: h[k] for k in ("step", *STEP_KEYS) if k in h}} for h in history]
         if "S" in m:
             new.append(eval_row(m["step"], m))

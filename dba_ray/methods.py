@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from dba_ray.config import Config, DBAConfig, MethodSpec, TrainConfig, _set_dotted, format_validation_error
+from dba_ray.config import (
+    Config,
+    DBAConfig,
+    MethodSpec,
+    TrainConfig,
+    _set_dotted,
+    flatten,
+    format_validation_error,
+)
 from dba_ray.errors import UserError
 
 
@@ -36,7 +44,7 @@ def resolve(cfg: Config, method: str | MethodSpec) -> Config:
         t.schedule = cfg.pretrain.schedule
     if spec.set:
         tree = t.model_dump()
-        for key, value in spec.set.items():
+        for key, value in flatten(spec.set).items():  # nested or dotted: merged, not replaced
             _set_dotted(tree, key.split("."), value)
         try:
             out.train = TrainConfig.model_validate(tree)

@@ -15,6 +15,7 @@ from dba_ray.data import describe_source
 from dba_ray.errors import UserError
 from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.global_gradient import run_global_gradient, stage1_settings
+from dba_ray.methods import resolve, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, model_source
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import build_report, write_report
@@ -118,7 +119,8 @@ def run_all(cfg: Config) -> dict:
     ensure_ray(cfg.ray)
     start = time.monotonic()
     cfg = ensure_base_model(cfg)
-    stage1 = ensure_global_gradient(cfg)
+    needs_grad = any(uses_global_gradient(resolve(cfg, spec).train.dba) for spec in cfg.methods)
+    stage1 = ensure_global_gradient(cfg) if needs_grad else None
     eval_refs = prepare_eval(cfg)
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, eval_refs)["base"]
     results, train_ref = {}, prepare_train_data(cfg)

@@ -74,13 +74,13 @@ def _wrap_lora(model, cfg: Config):
         raise UserError("method lora needs peft: pip install 'dba-ray[lora]'") from None
     lc = cfg.train.lora
     torch.manual_seed(cfg.train.seed)  # adapter init
-    return peft.get_peft_model(
-        model,
-        peft.LoraConfig(
-            r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-            target_modules=lc.target_modules, task_type="CAUSAL_LM",
-        ),
+    config = peft.LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules, task_type="CAUSAL_LM"
     )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:  # e.g. target modules this architecture does not have
+        raise UserError(f"train.lora: {' '.join(str(e).split())}") from None
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -330,6 +330,12 @@ def prepare_general_data(cfg: Config, n: int) -> ray.ObjectRef:
             f"{source.path or source.hf_dataset} has {len(arrays['input_ids'])}"
         )
     return ray.put(arrays)
+
+
+def prepare_mixture_data(cfg: Config, train_ref: ray.ObjectRef, ratios: list[float]) -> ray.ObjectRef:
+    """General sequences enough for the largest of ``ratios``, shared by mixture runs."""
+    n_domain = len(ray.get(train_ref)["input_ids"])
+    return prepare_general_data(cfg, mixture_general_count(n_domain, max(ratios)))
 
 
 def _mix(domain: dict, general: dict, n_general: int) -> dict:

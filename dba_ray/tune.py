@@ -10,17 +10,17 @@ Ray Train checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 
-import ray
 import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from dba_ray import storage
-from dba_ray.config import Config, MethodSpec, TuneConfig
+from dba_ray.config import Config, MethodSpec, flatten
 from dba_ray.errors import UserError
 from dba_ray.methods import resolve, uses_global_gradient
 
@@ -35,11 +35,13 @@ SEARCHABLE = {
 _DOMAINS = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform}
 
 
-def search_space(tc: TuneConfig) -> dict:
-    """``tune.search`` as Tune domains; refuses anything but the annealing knobs."""
+def search_space(cfg: Config) -> tuple[dict, dict[str, list]]:
+    """``tune.search`` as Tune domains, plus every concrete value each key can take (grid
+    values, choices, bounds), each checked against the config before any trial starts."""
+    tc = cfg.tune
     method = tc.method.method
-    space = {}
-    for key, value in _flatten(tc.search).items():
+    space, values = {}, {}
+    for key, value in flatten(tc.search, keep=_is_domain).items():
         if key.startswith("mixture.") and method != "mixture":
             raise UserError(
                 f"tune.search.{key}: a data-mixture ratio is not a knob of {method}. DBA trains "
@@ -51,34 +53,33 @@ def search_space(tc: TuneConfig) -> dict:
                 f"tune.search.{key} is not a Stage 2 annealing knob; allowed: {', '.join(sorted(SEARCHABLE))}"
                 + (", mixture.ratio" if method == "mixture" else "")
             )
-        if isinstance(value, list):
-            space[key] = tune.grid_search(value)
-        elif _is_domain(value):
-            kind, args = next(iter(value.items()))
-            space[key] = _DOMAINS[kind](args) if kind == "choice" else _DOMAINS[kind](*args)
+        kind, args = ("grid", value) if isinstance(value, list) else next(iter(value.items())) if _is_domain(value) else (None, None)
+        if kind in ("uniform", "loguniform"):
+            try:
+                lo, hi = (float(a) for a in args)  # YAML reads 1e-5 as a string
+            except (TypeError, ValueError):
+                raise UserError(f"tune.search.{key}: {kind} needs [lo, hi] numbers (got {args!r})") from None
+            if not lo < hi or (kind == "loguniform" and lo <= 0):
+                raise UserError(f"tune.search.{key}: {kind} needs 0 {'<' if kind == 'loguniform' else '<='} lo < hi (got {args!r})")
+            space[key], values[key] = _DOMAINS[kind](lo, hi), [lo, hi]
+        elif kind in ("grid", "choice") and isinstance(args, list) and args:
+            space[key] = tune.grid_search(args) if kind == "grid" else tune.choice(args)
+            values[key] = args
         else:
             raise UserError(
-                f"tune.search.{key}: give a list (grid) or one of {{choice: [...]}}, "
+                f"tune.search.{key}: give a non-empty list (grid) or one of {{choice: [...]}}, "
                 f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}} (got {value!r})"
             )
     if not space:
         raise UserError("tune.search is empty: name at least one knob to sweep")
-    return space
+    for key, candidates in values.items():
+        for v in candidates:  # a bad value fails here, in one line, not in every trial
+            resolve(cfg, tc.method.model_copy(update={"set": {**tc.method.set, key: v}}))
+    return space, values
 
 
 def _is_domain(value) -> bool:
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in _DOMAINS
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """``{dba: {boost: [..]}}`` and ``{dba.boost: [..]}`` (as --set writes it) alike."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and not _is_domain(value):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _trial(params: dict, *, cfg_dump: dict, refs: dict, experiment: str, report_to_tune: bool) -> None:
@@ -116,13 +117,15 @@ def run_trials(
     seed: int = 0,
 ) -> tune.ResultGrid:
     """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``."""
+    # Tune moves each trial into its own directory: relative paths would follow it.
+    cfg = cfg.model_copy(update={"output_dir": storage.absolute(cfg.output_dir)})
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial, cfg_dump=cfg.model_dump(), refs=refs, experiment=name, report_to_tune=scheduler is not None
         ),
         {"CPU": 0.01},  # a trial's driver is light; its Train workers hold the CPUs
     )
-    path = storage.join(storage.absolute(cfg.output_dir), name)
+    path = storage.join(cfg.output_dir, name)
     if tune.Tuner.can_restore(path):
         log.info("resuming the sweep at %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
@@ -134,35 +137,24 @@ def run_trials(
                 scheduler=scheduler, num_samples=num_samples,
                 search_alg=tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage.absolute(cfg.output_dir)),
+            run_config=tune.RunConfig(name=name, **storage.ray_storage(cfg.output_dir)),
         )
     return tuner.fit()
 
 
-def _grid_refs(cfg: Config, spec: MethodSpec) -> dict:
+def _grid_refs(cfg: Config, spec: MethodSpec, values: dict[str, list]) -> dict:
     """Data and ĝ_G every trial shares: tokenized once, in the object store."""
     from dba_ray.run import ensure_global_gradient
-    from dba_ray.trainer import mixture_general_count, prepare_eval, prepare_general_data, prepare_train_data
+    from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data
 
     refs = {"grad_source": None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
     # A dba sweep may switch GGB, DC or the anchor on in any trial.
     if spec.method == "dba" or uses_global_gradient(resolve(cfg, spec).train.dba):
         refs["grad_source"] = ensure_global_gradient(cfg)["uri"]
     if spec.method == "mixture":
-        n = len(ray.get(refs["train"])["input_ids"])
-        refs["general"] = prepare_general_data(cfg, mixture_general_count(n, _largest_ratio(cfg)))
+        ratios = [resolve(cfg, spec).train.mixture.ratio, *map(float, values.get("mixture.ratio", []))]
+        refs["general"] = prepare_mixture_data(cfg, refs["train"], ratios)
     return refs
-
-
-def _largest_ratio(cfg: Config) -> float:
-    """The most general data any trial of a mixture sweep can ask for."""
-    ratios = [cfg.train.mixture.ratio, cfg.tune.method.set.get("mixture.ratio", 0.0)]
-    swept = _flatten(cfg.tune.search).get("mixture.ratio")
-    if isinstance(swept, list):
-        ratios += swept
-    elif isinstance(swept, dict):
-        ratios += list(swept.values())[0]  # choice values, or [lo, hi]
-    return max(float(r) for r in ratios)
 
 
 def trial_row(result) -> dict:
@@ -190,7 +182,7 @@ def run_tune(cfg: Config) -> dict:
     from dba_ray.run import ensure_base_model, evaluate_models
 
     tc = cfg.tune
-    space = search_space(tc)
+    space, values = search_space(cfg)
     if tc.asha and cfg.train.eval_every == 0:
         raise UserError("tune.asha needs train.eval_every > 0 (ASHA compares trials at evaluations)")
     if not cfg.eval.sets and not tc.validation_sets:
@@ -203,13 +195,16 @@ def run_tune(cfg: Config) -> dict:
         cfg.eval.sets = tc.validation_sets
     else:
         log.warning("tune.validation_sets is empty: selecting on eval.sets, which then overstate the best S")
-    # Every report then carries an evaluation for ASHA to compare.
-    cfg.train.checkpoint_every = cfg.train.eval_every
-    refs = _grid_refs(cfg, tc.method)
+    refs = _grid_refs(cfg, tc.method, values)
     scheduler = None
     if tc.asha:
+        if cfg.train.checkpoint_every != cfg.train.eval_every:
+            # Train reports at checkpoints too; ASHA needs S in every report.
+            log.info("tune.asha: checkpointing at every evaluation (train.checkpoint_every = %d)", cfg.train.eval_every)
+            cfg.train.checkpoint_every = cfg.train.eval_every
         scheduler = tune.schedulers.ASHAScheduler(
-            metric="S", mode="max", grace_period=tc.grace_evals, reduction_factor=tc.reduction_factor,
+            time_attr="training_iteration", metric="S", mode="max", grace_period=tc.grace_evals,
+            reduction_factor=tc.reduction_factor, max_t=10**6, stop_last_trials=False,
         )
     param_space = {"name": tc.method.name, "method": tc.method.method, "set": {**tc.method.set, **space}}
     grid = run_trials(
@@ -220,12 +215,14 @@ def run_tune(cfg: Config) -> dict:
     errors = [r for r in rows if r["status"] == "error"]
     done = [r for r in rows if r["status"] == "done" and not math.isnan(r["S"])]
     if not done:
-        raise UserError(f"no trial finished ({len(errors)} errored); re-run the same command to resume")
+        first = next((r.error for r in grid if r.error), None)
+        cause = f"; first error: {str(first).strip().splitlines()[-1]}" if first else ""
+        raise UserError(f"no trial finished ({len(errors)} errored{cause}); re-run the same command to resume")
     best = max(done, key=lambda r: r["S"])
     out = storage.absolute(cfg.output_dir)
     best_model = storage.join(out, "best", "model")
     storage.copy_directory(best["model_dir"], best_model, marker="config.json")
-    best_spec = {"name": tc.method.name, "method": tc.method.method, "set": best["set"]}
+    best_spec = {"name": f"{tc.method.name}-best", "method": tc.method.method, "set": best["set"]}
     test = None
     if tc.validation_sets and test_sets:  # the best model, scored on data it was not picked on
         test_cfg = cfg.model_copy(deep=True)
@@ -235,7 +232,7 @@ def run_tune(cfg: Config) -> dict:
         "trials": rows, "best": {**best, "spec": best_spec, "exported_to": best_model, "test": test},
         "errored": len(errors), "total_wall_s": time.monotonic() - start,
     }
-    storage.write_bytes_atomic(storage.join(out, "tune.json"), _json(summary))
+    storage.write_bytes_atomic(storage.join(out, "tune.json"), json.dumps(summary, indent=1, default=str).encode())
     storage.write_bytes_atomic(storage.join(out, "best.yaml"), yaml.safe_dump({"methods": [best_spec]}).encode())
     md = tune_markdown(summary, list(space))
     storage.write_bytes_atomic(storage.join(out, "tune.md"), md.encode())
@@ -243,12 +240,6 @@ def run_tune(cfg: Config) -> dict:
     if errors:
         log.warning("%d trial(s) errored; re-run the same command to resume them", len(errors))
     return summary
-
-
-def _json(obj) -> bytes:
-    import json
-
-    return json.dumps(obj, indent=1, default=str).encode()
 
 
 def tune_markdown(summary: dict, knobs: list[str]) -> str:
