@@ -85,6 +85,10 @@ def test_methods_are_names_or_variants_resolved_in_order():
     assert resolve(cfg, direct).train.dba.ggb is False and resolve(cfg, "dba").train.dba.ggb is True
     with pytest.raises(UserError, match="unknown key"):
         resolve(cfg, {"name": "x", "method": "dba", "set": {"dba.bost": 3}})
+    # Nested overrides merge into the section instead of replacing it.
+    nested = resolve(cfg, {"name": "y", "method": "direct", "set": {"schedule": {"shape": "linear", "lr": 1e-3}}})
+    assert nested.train.schedule.shape == "linear" and nested.train.schedule.lr == 1e-3
+    assert nested.train.schedule.anneal is False and nested.train.schedule.warmup_ratio == 0.05
 
 
 @pytest.mark.parametrize(

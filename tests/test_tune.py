@@ -60,3 +60,10 @@ def test_a_mixture_ratio_is_refused_in_a_dba_sweep(tmp_path, capsys):
     assert "\n" not in err and "not a knob of dba" in err and "domain data only" in err
     assert main(["tune", cfg, "--set", "tune.search.train.epochs=[1, 2]"]) == 2
     assert "not a Stage 2 annealing knob" in capsys.readouterr().err
+    # Bad values fail at once, in one line, before any trial runs.
+    assert main(["tune", cfg, "--set", "tune.search.dba.boost={loguniform: [0, 10]}"]) == 2
+    assert "loguniform needs 0 < lo < hi" in capsys.readouterr().err
+    assert main(["tune", cfg, "--set", "tune.search.dba.dc=[norm, bogus]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "dba.dc" in err
+    assert not (tmp_path / "out" / "tune").exists()
