@@ -21,36 +21,33 @@ def write_sweep(tmp_path, **train) -> str:
     return str(path)
 
 
-def test_two_trial_sweep_reports_the_best_and_exports_its_model(tmp_path, capsys):
-    cfg = write_sweep(tmp_path)
-    assert main(["tune", cfg]) == 0
+def test_interrupted_sweep_resumes_then_reports_the_best_and_exports_it(tmp_path, capsys):
+    # Each trial's worker dies at step 3, after the evaluation and checkpoint of step 2,
+    # with no retries left: the sweep ends without a finished trial and says so.
+    cfg = write_sweep(tmp_path, fail_once_at_step=3, max_failures=0)
+    assert main(["tune", cfg]) == 2
+    assert "re-run the same command to resume" in capsys.readouterr().err
     out = tmp_path / "out"
+    first_ids = sorted(p.name for p in (out / "tune" / "trials").iterdir())
+    assert len(first_ids) == 2  # both trials ran (ASHA may have stopped one at step 2)
+
+    # The same command again: the errored trials continue from step 2 and finish.
+    assert main(["tune", cfg]) == 0
     summary = json.loads((out / "tune.json").read_text())
     trials = summary["trials"]
     assert sorted(t["set"]["schedule.lr"] for t in trials) == [3e-4, 3e-3]
     done = [t for t in trials if t["status"] == "done"]
+    assert done and all(t["resumed_at"] == 2 for t in done)
+    assert all(t["status"] in ("done", "stopped early") for t in trials)
+    assert sorted(p.name for p in (out / "tune" / "trials").iterdir()) == first_ids
+
     best = summary["best"]
     assert best["S"] == max(t["S"] for t in done)
     assert (out / "best" / "model" / "config.json").is_file()
-    assert yaml.safe_load((out / "best.yaml").read_text())["methods"][0]["set"]["schedule.lr"] == best["set"]["schedule.lr"]
+    best_spec = yaml.safe_load((out / "best.yaml").read_text())["methods"][0]
+    assert best_spec["name"] == "dba-best" and best_spec["set"]["schedule.lr"] == best["set"]["schedule.lr"]
     printed = capsys.readouterr().out
     assert "| trial | schedule.lr | S_D | S_G | S |" in printed and "Best (S " in printed
-
-
-def test_interrupted_sweep_resumes_each_trial_from_its_checkpoint(tmp_path):
-    # Every trial's worker dies at step 3, after the checkpoint of step 2, with no
-    # retries left: the sweep ends with errored trials and says how to resume.
-    cfg = write_sweep(tmp_path, fail_once_at_step=3, max_failures=0)
-    assert main(["tune", cfg, "--set", "tune.asha=false"]) == 2
-    trials_dir = tmp_path / "out" / "tune" / "trials"
-    first_ids = sorted(p.name for p in trials_dir.iterdir())
-    assert len(first_ids) == 2
-    # The same command again: the same trials continue at step 2 and finish.
-    assert main(["tune", cfg, "--set", "tune.asha=false"]) == 0
-    summary = json.loads((tmp_path / "out" / "tune.json").read_text())
-    assert [t["status"] for t in summary["trials"]] == ["done", "done"]
-    assert [t["resumed_at"] for t in summary["trials"]] == [2, 2]
-    assert sorted(p.name for p in trials_dir.iterdir()) == first_ids
 
 
 def test_a_mixture_ratio_is_refused_in_a_dba_sweep(tmp_path, capsys):
