@@ -176,7 +176,8 @@ def main() -> None:
         grid = compare(args.data, out, domain, base, METHODS, LRS, [0], MIXTURE_RATIOS)
         seeds = compare(args.data, out, domain, base, seed_methods(best_points(grid)), [], SEEDS, [], sub="seeds")
         results["domains"][domain] = {"grid": grid, "seeds": seeds, "summary": summarize(grid, seeds)}
-        shutil.copy(out / domain / "frontier.png", HERE / f"{domain}_frontier.png")
+        for plot in ("frontier", "dba_curves"):
+            shutil.copy(out / domain / f"{plot}.png", HERE / f"{domain}_{plot}.png")
         (HERE / "results.json").write_text(json.dumps(results, indent=1, default=str))
         (HERE / "results.md").write_text(markdown(results))
     print((HERE / "results.md").read_text())
