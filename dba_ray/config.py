@@ -108,8 +108,11 @@ class DataConfig(_Strict):
         description="A malformed record fails the run naming its file and line, or is "
         "skipped and counted.",
     )
-    tokenizer_actors: int = Field(
-        1, ge=1, description="Ray Data actors that tokenize (one tokenizer each)."
+    tokenize_concurrency: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Most Ray Data tasks tokenizing at once (None: as many as there are "
+        "free CPUs). Each worker process loads the tokenizer once and keeps it.",
     )
 
     @model_validator(mode="after")

@@ -29,32 +29,30 @@ def fsdp_config(tmp_path, out: str, **train):
     return cfg
 
 
-def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
+def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     ddp_cfg = fsdp_config(tmp_path, "ddp")
     run_global_gradient(ddp_cfg)
-    # The three runs read the same domain data: tokenize it once, and no eval sets.
+    # Both runs read the same domain data: tokenize it once, and no eval sets.
     data = {"train_ref": prepare_train_data(ddp_cfg), "eval_refs": ({}, {})}
     ddp = saved_weights(run_train(ddp_cfg, "dba", **data).model_dir)
     base = {n: p.detach() for n, p in load_model(ddp_cfg.model).named_parameters()}
     assert rel_error(ddp, base) > 1e-3  # the run moved the weights
 
-    fsdp = saved_weights(run_train(fsdp_config(tmp_path, "fsdp", parallel="fsdp"), "dba", **data).model_dir)
+    # The FSDP run loses a worker after step 3 and restarts from its step-2 sharded
+    # checkpoint (measured: bit-identical to an uninterrupted FSDP run).
+    faulty = fsdp_config(tmp_path, "faulty", parallel="fsdp", fail_once_at_step=3, max_failures=1)
+    fsdp = run_train(faulty, "dba", **data)
+    assert (tmp_path / "faulty" / "dba" / "failed_once").exists() and fsdp.resumed_at == 2
+    ckpt = next((tmp_path / "faulty" / "ray_train").glob("*/checkpoint_*"))
+    assert sorted(os.listdir(ckpt)) == [sharding.shard_file(r, 2) for r in range(2)] + ["state.json"]
     # fp32 throughout, and with two ranks a reduce-scatter adds the same two numbers as
     # an all-reduce. What differs is summation order: FSDP reduces each micro-batch and
     # sums the results where DDP sums then reduces, and the dot products and norms
     # (clipping, DBA) are summed shard by shard. Each is float32 rounding, ~1e-7
     # relative per element and step, which Adam's normalized update does not amplify;
     # measured 5e-9 after 6 steps. Without the all-reduced DBA statistics each rank
-    # computes its own c_t and the error is far above the bound.
-    assert rel_error(fsdp, ddp) < 1e-6
-
-    faulty = fsdp_config(tmp_path, "faulty", parallel="fsdp", fail_once_at_step=3, max_failures=1)
-    resumed = run_train(faulty, "dba", **data)
-    assert (tmp_path / "faulty" / "dba" / "failed_once").exists()  # it did fail
-    # The restart replays the same steps from restored shards: measured bit-identical.
-    assert rel_error(saved_weights(resumed.model_dir), fsdp) < 1e-6
-    ckpt = next((tmp_path / "faulty" / "ray_train").glob("*/checkpoint_*"))
-    assert sorted(os.listdir(ckpt)) == [sharding.shard_file(r, 2) for r in range(2)] + ["state.json"]
+    # computes its own c_t, and a resume that lost a shard's moments is off by far more.
+    assert rel_error(saved_weights(fsdp.model_dir), ddp) < 1e-6
 
 
 def test_sharded_checkpoint_refuses_another_world_size(tmp_path):

@@ -100,7 +100,6 @@ def working_dir(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "cluster", wd / "cluster", ignore=skip)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, wd / name)
-    write_jsonl(wd / "data/gen.jsonl", make_docs(12, seed=0))
     write_jsonl(wd / "data/gen_eval.jsonl", make_docs(2, seed=2))
     write_jsonl(wd / "data/dom.jsonl", [{"text": "def f(x):\n    return x + 1"}] * 8)
     write_jsonl(wd / "data/dom_eval.jsonl", [{"text": "def g(y):\n    return y + 1"}] * 2)
@@ -116,13 +115,13 @@ def working_dir(tmp_path: Path) -> Path:
             "builtin_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                "num_attention_heads": 2, "num_key_value_heads": 2},
         },
-        "stage1": {"data": {"path": "data/gen.jsonl", "seq_len": seq}, "batch_size": 8},
         "train": {"data": {"path": "data/dom.jsonl", "seq_len": seq}, "batch_size": 4, "max_steps": 2},
         "eval": {"sets": [
             {"name": "dom", "kind": "domain", "data": {"path": "data/dom_eval.jsonl", "seq_len": seq}},
             {"name": "gen", "kind": "general", "data": {"path": "data/gen_eval.jsonl", "seq_len": seq}},
         ]},
-        "methods": ["dba"],
+        # The job's mechanics are under test, not Stage 1: `direct` needs no ĝ_G.
+        "methods": ["direct"],
     }  # fmt: skip
     (wd / "run.yaml").write_text(yaml.safe_dump(run))
     return wd
@@ -166,9 +165,9 @@ def test_ray_job_submit_runs_dba_ray_on_a_cluster(tmp_path):
         assert "CPUS 4.0" in probe.stdout, probe.stderr[-3000:]
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert set(report["results"]) == {"dba"}
-    assert report["results"]["dba"]["steps"] == 2
-    assert 0 <= report["results"]["dba"]["S"] <= 1
+    assert set(report["results"]) == {"direct"}
+    assert report["results"]["direct"]["steps"] == 2
+    assert 0 <= report["results"]["direct"]["S"] <= 1
 
 
 def test_relative_output_dir_in_a_job_warns(tmp_path, monkeypatch, caplog):

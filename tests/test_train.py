@@ -85,21 +85,19 @@ def rel_error(a, b) -> float:
     return num / math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in b))
 
 
-def test_ddp_matches_reference_and_survives_a_worker_failure(tmp_path):
-    cfg = make_config(tmp_path, "plain")
+def test_ddp_matches_reference_through_a_worker_failure(tmp_path):
+    # One run does both jobs: a worker dies after step 3, the group restarts from the
+    # step-2 checkpoint, and the result must still be the one-process loop's. A resume
+    # that lost the AdamW moments, the DBA state or the data position misses by >1e-3.
+    cfg = make_config(tmp_path, "faulty", fail_once_at_step=3, max_failures=1)
     run_global_gradient(cfg)
-    plain = run_train(cfg, "dba")
-    assert plain.steps == 6 and plain.tokens > 0
-    ours = saved_weights(plain.model_dir)
+    resumed = run_train(cfg, "dba")
+    assert (tmp_path / "faulty" / "dba" / "failed_once").exists()  # it did fail
+    assert resumed.resumed_at == 2 and resumed.steps == 6 and resumed.tokens > 0
     ref = reference_weights(cfg)
     base = {n: p.detach() for n, p in load_model(cfg.model).named_parameters()}
     assert rel_error(ref, base) > 1e-3  # the run moved the weights
-    assert rel_error(ours, ref) < 1e-5
-
-    faulty = make_config(tmp_path, "faulty", fail_once_at_step=3, max_failures=1)
-    resumed = run_train(faulty, "dba")
-    assert (tmp_path / "faulty" / "dba" / "failed_once").exists()  # it did fail
-    assert rel_error(saved_weights(resumed.model_dir), ours) < 1e-6
+    assert rel_error(saved_weights(resumed.model_dir), ref) < 1e-5
 
 
 def test_guards_stop_before_or_during_training(tmp_path):

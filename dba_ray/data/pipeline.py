@@ -13,7 +13,7 @@ from dba_ray import storage
 from dba_ray.config import DataConfig, ModelConfig
 from dba_ray.data.builtin import PREFIX, builtin_records
 from dba_ray.data.records import NormalizeRows, ReadFiles, file_format
-from dba_ray.data.tokenize import Tokenize
+from dba_ray.data.tokenize import tokenize_batch
 from dba_ray.errors import UserError
 
 
@@ -97,11 +97,11 @@ def build_sequences(
     if max_records is not None:
         ds = ds.limit(max_records)
     ds = ds.map_batches(
-        Tokenize,
-        fn_constructor_args=(model_cfg, data_cfg),
+        tokenize_batch,
+        fn_args=(model_cfg.model_dump_json(), data_cfg.model_dump_json()),
         batch_size=256,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=data_cfg.tokenizer_actors),
+        concurrency=data_cfg.tokenize_concurrency,
     )
     if max_tokens is not None:
         ds = ds.limit(math.ceil(max_tokens / data_cfg.seq_len))

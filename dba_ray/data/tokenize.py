@@ -8,6 +8,7 @@ happens in the loss, so a sequence's trained tokens are ``labels[1:] != -100``.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -35,8 +36,21 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], seq_len: int, pad: int) ->
     return {"input_ids": ids, "labels": labels}
 
 
+def tokenize_batch(batch: dict, model_json: str, data_json: str) -> dict:
+    """Ray Data map_batches function. It runs as a plain task, so the worker processes
+    Ray keeps warm are reused across datasets (an actor pool would start, and import
+    torch and transformers in, a new process for every dataset); the tokenizer is loaded
+    once per process and configuration."""
+    return _tokenizer(model_json, data_json)(batch)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_json: str, data_json: str) -> "Tokenize":
+    return Tokenize(ModelConfig.model_validate_json(model_json), DataConfig.model_validate_json(data_json))
+
+
 class Tokenize:
-    """Ray Data map_batches callable class: one tokenizer per actor."""
+    """Records -> sequences with one loaded tokenizer."""
 
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig):
         from dba_ray.model import load_tokenizer
