@@ -43,7 +43,7 @@ def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     faulty = fsdp_config(tmp_path, "faulty", parallel="fsdp", fail_once_at_step=3, max_failures=1)
     fsdp = run_train(faulty, "dba", **data)
     assert (tmp_path / "faulty" / "dba" / "failed_once").exists() and fsdp.resumed_at == 2
-    ckpt = next((tmp_path / "faulty" / "ray_train").glob("*/checkpoint_*"))
+    ckpt = next(p for p in (tmp_path / "faulty" / "ray_train").glob("*/checkpoint_*") if p.is_dir())
     assert sorted(os.listdir(ckpt)) == [sharding.shard_file(r, 2) for r in range(2)] + ["state.json"]
     # fp32 throughout, and with two ranks a reduce-scatter adds the same two numbers as
     # an all-reduce. What differs is summation order: FSDP reduces each micro-batch and
