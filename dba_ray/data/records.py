@@ -13,6 +13,8 @@ import json
 import logging
 from typing import Any, Iterator
 
+import ray
+
 from dba_ray import storage
 from dba_ray.config import DataConfig
 from dba_ray.errors import UserError
@@ -198,7 +200,9 @@ class _Columns:
         if self.skipped:
             log.warning("skipped %d malformed records in %s, first: %s", self.skipped, where, self.first_skip)
             if tracker is not None:
-                tracker.add_skipped.remote(self.skipped, self.first_skip)
+                # Waited for: a count still in flight when the dataset finishes would be
+                # missing from the driver's summary.
+                ray.get(tracker.add_skipped.remote(self.skipped, self.first_skip))
         self.skipped, self.first_skip = 0, None
 
 
