@@ -35,6 +35,13 @@ class RayConfig(_Strict):
         description="Logical CPUs of an embedded local cluster. Keep it above the CPUs "
         "given to Train workers so Ray Data has some left to stream with.",
     )
+    tokenize_concurrency: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Most Ray Data tasks tokenizing at once (None: as many as there are "
+        "free CPUs). Each worker process loads the tokenizer once and keeps it. Here, not "
+        "under data, because it changes how data is made, not which: caches stay valid.",
+    )
 
 
 class ModelConfig(_Strict):
@@ -107,12 +114,6 @@ class DataConfig(_Strict):
         "fail",
         description="A malformed record fails the run naming its file and line, or is "
         "skipped and counted.",
-    )
-    tokenize_concurrency: Optional[int] = Field(
-        None,
-        ge=1,
-        description="Most Ray Data tasks tokenizing at once (None: as many as there are "
-        "free CPUs). Each worker process loads the tokenizer once and keeps it.",
     )
 
     @model_validator(mode="after")

@@ -218,7 +218,7 @@ def run_global_gradient(
     if dataset is None:
         dataset = build_sequences(
             s1.data, cfg.model, max_records=s1.max_records, max_tokens=s1.max_tokens,
-            tracker=tracker,
+            tracker=tracker, concurrency=cfg.ray.tokenize_concurrency,
         )
         description = describe_source(s1.data)
         source = s1.data.path or s1.data.hf_dataset

@@ -295,7 +295,8 @@ def prepare_eval(cfg: Config) -> tuple[dict[str, ray.ObjectRef], dict[str, str]]
             records = read_choice_records(s.data)[: cfg.eval.max_sequences]
             arrays = choice_arrays(records, load_tokenizer(cfg.model), s.data.seq_len)
         else:
-            arrays = collect_arrays(build_sequences(s.data, cfg.model), limit=cfg.eval.max_sequences)
+            seqs = build_sequences(s.data, cfg.model, concurrency=cfg.ray.tokenize_concurrency)
+            arrays = collect_arrays(seqs, limit=cfg.eval.max_sequences)
         if len(arrays["input_ids"]) == 0:
             raise UserError(f"eval set {s.name!r} produced no sequences")
         refs[s.name], kinds[s.name] = ray.put(arrays), s.kind
@@ -307,7 +308,9 @@ def prepare_train_data(cfg: Config) -> ray.ObjectRef:
     if cfg.train.data is None:
         raise UserError("train.data is required: the domain data to fine-tune on")
     ensure_ray(cfg.ray)
-    arrays = collect_arrays(build_sequences(cfg.train.data, cfg.model, max_records=cfg.train.max_records))
+    arrays = collect_arrays(build_sequences(
+        cfg.train.data, cfg.model, max_records=cfg.train.max_records, concurrency=cfg.ray.tokenize_concurrency
+    ))
     return ray.put(arrays)
 
 
@@ -323,7 +326,8 @@ def prepare_general_data(cfg: Config, n: int) -> ray.ObjectRef:
         raise UserError("method mixture needs general data: set train.mixture.data or stage1.data")
     source = source.model_copy(update={"seq_len": cfg.train.data.seq_len})
     ensure_ray(cfg.ray)
-    arrays = collect_arrays(build_sequences(source, cfg.model), limit=n)
+    seqs = build_sequences(source, cfg.model, concurrency=cfg.ray.tokenize_concurrency)
+    arrays = collect_arrays(seqs, limit=n)
     if len(arrays["input_ids"]) < n:
         raise UserError(
             f"mixture ratio {cfg.train.mixture.ratio} needs {n} general sequences; "

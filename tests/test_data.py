@@ -124,6 +124,9 @@ def test_budgets_and_deterministic_shuffle(tmp_path):
     plain, _ = rows(cfg, max_records=20)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, plain)
+    # Capping the tokenizing tasks (ray.tokenize_concurrency) changes nothing but speed.
+    capped, _ = rows(shuffled, max_records=20, concurrency=1)
+    assert np.array_equal(capped, a)
 
 
 def test_malformed_record_names_file_and_line(tmp_path):

@@ -79,11 +79,13 @@ def build_sequences(
     max_records: int | None = None,
     max_tokens: int | None = None,
     tracker=None,
+    concurrency: int | None = None,
 ) -> ray.data.Dataset:
     """A lazy Dataset of ``input_ids`` / ``labels`` rows of ``seq_len`` tokens.
 
     Run it with ``preserve_order`` (as Stage 1 does) so that budgets take the same
-    rows every time. ``tracker`` (a ``progress.Tracker`` actor) counts skipped records.
+    rows every time. ``tracker`` (a ``progress.Tracker`` actor) counts skipped records;
+    ``concurrency`` caps the tokenizing tasks (``ray.tokenize_concurrency``).
     """
     ctx = ray.data.DataContext.get_current()
     # Our own progress line replaces Ray Data's bars, which flood a job's log.
@@ -101,7 +103,7 @@ def build_sequences(
         fn_args=(model_cfg.model_dump_json(), data_cfg.model_dump_json()),
         batch_size=256,
         batch_format="numpy",
-        concurrency=data_cfg.tokenize_concurrency,
+        concurrency=concurrency,
     )
     if max_tokens is not None:
         ds = ds.limit(math.ceil(max_tokens / data_cfg.seq_len))
