@@ -45,7 +45,7 @@ def tokenize_batch(batch: dict, model_json: str, data_json: str) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_json: str, data_json: str) -> "Tokenize":
+def _tokenizer(model_json: str, data_json: str) -> Tokenize:
     return Tokenize(ModelConfig.model_validate_json(model_json), DataConfig.model_validate_json(data_json))
 
 
