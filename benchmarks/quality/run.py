@@ -12,7 +12,8 @@ medicine/pubmedqa.*, finance/tatqa.*); any files with a "text" field work. Steps
    steps (the mixture ratio search at r = 0.1 and 0.25 is part of it);
 4. per domain, seeds 1 and 2 at each method's best learning rate (seed 0 is the grid's
    run), for mean ± std;
-5. results.json, one frontier PNG per domain, and results.md (tables, costs).
+5. results.json, one frontier PNG per domain, and results.md (tables, S_G at equal domain
+   score, costs).
 
 Nothing here is tuned toward an answer: the grid is fixed before any run.
 """
@@ -135,6 +136,40 @@ def summarize(grid: dict, seeds: dict) -> dict:
     return rows
 
 
+def grid_by_method(grid: dict) -> dict[str, dict[float, dict]]:
+    by: dict[str, dict[float, dict]] = {}
+    for r in grid["results"].values():
+        by.setdefault(r["method"], {})[r["lr"]] = r
+    return by
+
+
+def s_g_at(per_lr: dict[float, dict], s_d: float) -> float | None:
+    """S_G where a method's curve (its runs joined in order of learning rate, as in the
+    frontier plot) reaches domain score s_d, by linear interpolation; the highest such
+    point if it crosses s_d more than once, None if it does not pass through s_d."""
+    pts = [(per_lr[lr]["S_D"], per_lr[lr]["S_G"]) for lr in sorted(per_lr)]
+    hits = [y for x, y in pts if x == s_d]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if min(x0, x1) < s_d < max(x0, x1):
+            hits.append(y0 + (y1 - y0) * (s_d - x0) / (x1 - x0))
+    return max(hits, default=None)
+
+
+def frontier_table(by: dict[str, dict[float, dict]]) -> list[str]:
+    """S_G of every method at direct's domain scores: who keeps more general ability for
+    the same domain gain."""
+    ref = by["direct"]
+    lines = ["| method | " + " | ".join(f"S_D {ref[lr]['S_D']:.3f} (direct lr {lr:g})" for lr in sorted(ref)) + " |",
+             "|---|" + "---|" * len(ref)]
+    for m, per in by.items():
+        cells = []
+        for lr in sorted(ref):
+            y = s_g_at(per, ref[lr]["S_D"])
+            cells.append("—" if y is None else f"{y:.3f} ({y - ref[lr]['S_G']:+.3f})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = [f"Base model: {results['base']['parameters']:,} parameters, pretrained on "
              f"{results['base']['tokens']:,} tokens; eval NLL by step: "
@@ -144,12 +179,13 @@ def markdown(results: dict) -> str:
         lines += [f"### {domain}", "", f"Base: S_D {b['S_D']:.4f}, S_G {b['S_G']:.4f}, S {b['S']:.4f}.", "",
                   "Grid (seed 0): S_D / S_G / S per learning rate", "",
                   "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |", "|---|" + "---|" * len(LRS)]
-        by = {}
-        for r in d["grid"]["results"].values():
-            by.setdefault(r["method"], {})[r["lr"]] = r
+        by = grid_by_method(d["grid"])
         for m, per in by.items():
             cells = [f"{per[lr]['S_D']:.3f} / {per[lr]['S_G']:.3f} / {per[lr]['S']:.3f}" if lr in per else "" for lr in LRS]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", "Frontier at equal domain score (seed 0): each method's S_G where its curve (runs joined "
+                  "in order of lr, as in the plot) reaches direct's S_D, and the difference from direct; "
+                  "— where its curve does not pass through that S_D", ""] + frontier_table(by)
         lines += ["", "Best lr per method, 3 seeds (mean ± std); total cost in trained tokens (Stage 1 "
                   "charged to methods that use ĝ_G, the ratio search to mixture)", "",
                   "| method | lr | S_D | S_G | S | total cost (tokens) | wall s / run |", "|---|---|---|---|---|---|---|"]
