@@ -25,33 +25,57 @@ def _save(fig, uri: str) -> None:
     storage.write_bytes_atomic(uri, buf.getvalue())
 
 
+# Runs whose joint score S falls this far below the base model's are left out of the
+# frontier's zoomed panel, so that collapsed runs do not squeeze the useful region.
+ZOOM_MARGIN = 0.05
+
+
 def frontier(report: dict, uri: str, title: str = "") -> None:
     """One point per run; runs of one method joined in order of learning rate (mean
-    over seeds, with the seeds' spread as error bars)."""
+    over seeds, with the seeds' spread as error bars). When some runs fall far below the
+    base model, a second panel zooms in on the others."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
     groups: dict[str, dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for r in report["results"].values():
         if not (math.isnan(r["S_D"]) or math.isnan(r["S_G"])):
-            groups[r["method"]][r["lr"]].append((r["S_D"], r["S_G"]))
-    for method, by_lr in sorted(groups.items()):
+            groups[r["method"]][r["lr"]].append((r["S_D"], r["S_G"], r["S"]))
+    base = report["base"]
+    near = [p for by_lr in groups.values() for pts in by_lr.values() for p in pts if p[2] >= base["S"] - ZOOM_MARGIN]
+    n_all = sum(len(pts) for by_lr in groups.values() for pts in by_lr.values())
+    panels = 2 if near and len(near) < n_all else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.8), squeeze=False)
+    for ax in axes[0]:
+        _frontier_panel(ax, groups, base)
+    ax = axes[0][0]
+    ax.set_title(title or "S_G against S_D (points labelled by peak lr)")
+    ax.legend(fontsize=7)
+    if panels == 2:
+        xs, ys = [p[0] for p in near] + [base["S_D"]], [p[1] for p in near] + [base["S_G"]]
+        pad_x, pad_y = 0.1 * (max(xs) - min(xs)) + 1e-3, 0.1 * (max(ys) - min(ys)) + 1e-3
+        zoom = axes[0][1]
+        zoom.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+        zoom.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
+        zoom.set_title(f"zoom: runs with S >= base S − {ZOOM_MARGIN:g}")
+    _save(fig, uri)
+    plt.close(fig)
+
+
+def _frontier_panel(ax, groups: dict[str, dict[float, list]], base: dict) -> None:
+    for i, (method, by_lr) in enumerate(sorted(groups.items())):
+        # Ten colours; past ten methods the marker and line style tell them apart.
+        style = {"color": f"C{i % 10}", "marker": "os^D"[i // 10 % 4], "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
         lrs = sorted(by_lr)
         xs = [sum(p[0] for p in by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
         ys = [sum(p[1] for p in by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
         xerr = [_spread([p[0] for p in by_lr[lr]]) for lr in lrs]
         yerr = [_spread([p[1] for p in by_lr[lr]]) for lr in lrs]
-        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=2, label=method)
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, capsize=2, label=method, **style)
         for x, y, lr in zip(xs, ys, lrs):
-            ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    base = report["base"]
+            ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", clip_on=True)
     ax.plot([base["S_D"]], [base["S_G"]], marker="*", markersize=12, color="black", linestyle="", label="base")
     ax.set_xlabel("S_D (domain score)")
     ax.set_ylabel("S_G (general score)")
-    ax.set_title(title or "S_G against S_D (points labelled by peak lr)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, uri)
-    plt.close(fig)
 
 
 def _spread(values: list[float]) -> float:
