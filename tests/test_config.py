@@ -9,7 +9,8 @@ from dba_ray.errors import UserError
 
 def test_yaml_plus_dotted_overrides(tmp_path):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("stage1:\n  data:\n    path: /data\n  num_workers: 2\n")
+    cfg_file.write_text("stage1:\n  data:\n    path: /data\n  num_workers: 2\n  max_tokens: 1.5e6\n")
+    assert load_config(cfg_file).stage1.max_tokens == 1_500_000  # YAML 1.1 would read a string
     cfg = load_config(cfg_file, ["stage1.max_tokens=2e6", "stage1.data.format=chat"])
     assert cfg.stage1.max_tokens == 2_000_000 and isinstance(cfg.stage1.max_tokens, int)
     assert cfg.stage1.num_workers == 2
@@ -102,3 +103,20 @@ def test_methods_are_names_or_variants_resolved_in_order():
 def test_bad_methods_are_refused(methods, expected):
     with pytest.raises(UserError, match=expected):
         load_config(None, [f"methods={methods}"])
+
+
+def test_example_configs_are_valid():
+    """Every shipped YAML validates; domain.yaml's first method is the benchmark-supported
+    DBA variant (AL + fisher anchor, no GGB) and needs the v_G Stage 1 keeps."""
+    from pathlib import Path
+
+    from dba_ray.methods import resolve, uses_global_gradient
+
+    examples = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+    assert {p.name for p in examples} >= {"quickstart.yaml", "domain.yaml"}
+    for path in examples:
+        load_config(path)
+    cfg = load_config(examples[[p.name for p in examples].index("domain.yaml")])
+    t = resolve(cfg, cfg.methods[0]).train
+    assert (t.dba.ggb, t.dba.dc, t.dba.anchor, t.dba.fisher_lambda, t.schedule.anneal) == (False, "none", "fisher", 0.1, True)
+    assert uses_global_gradient(t.dba) and cfg.stage1.second_moment
