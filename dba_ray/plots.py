@@ -60,10 +60,14 @@ def frontier(report: dict, uri: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def _style(i: int) -> dict:
+    """Ten colours; past ten lines the marker and line style tell them apart."""
+    return {"color": f"C{i % 10}", "marker": "os^D"[i // 10 % 4], "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
+
+
 def _frontier_panel(ax, groups: dict[str, dict[float, list]], base: dict) -> None:
     for i, (method, by_lr) in enumerate(sorted(groups.items())):
-        # Ten colours; past ten methods the marker and line style tell them apart.
-        style = {"color": f"C{i % 10}", "marker": "os^D"[i // 10 % 4], "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
+        style = _style(i)
         lrs = sorted(by_lr)
         xs = [sum(p[0] for p in by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
         ys = [sum(p[1] for p in by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
@@ -92,12 +96,13 @@ def training_curves(curves: dict[str, list[dict]], uri: str) -> None:
     """curves: run name → rows of curves.jsonl (the ``train`` rows are plotted)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4 * len(CURVE_PANELS), 3.4))
-    for name, rows in sorted(curves.items()):
+    for i, (name, rows) in enumerate(sorted(curves.items())):
         steps = [r for r in rows if r["kind"] == "train"]
+        style = {**_style(i), "marker": None}
         for ax, (key, _) in zip(axes, CURVE_PANELS):
             pts = [(r["step"], r[key]) for r in steps if key in r and math.isfinite(r[key])]
             if pts:
-                ax.plot(*zip(*pts), label=name, linewidth=1)
+                ax.plot(*zip(*pts), label=name, linewidth=1, **style)
     for ax, (_, label) in zip(axes, CURVE_PANELS):
         ax.set_title(label)
         ax.set_xlabel("step")
