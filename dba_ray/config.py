@@ -199,8 +199,8 @@ class DBAConfig(_Strict):
     fisher_lambda: float = Field(
         0.1,
         ge=0,
-        description="Strength of the fisher anchor (0.1: the better of 0.01 and 0.1 in the "
-        "quality benchmark, both domains; 0.01 barely differs from no anchor).",
+        description="Strength of the fisher anchor (0.1: the better of the two values the "
+        "quality benchmark tried, 0.01 and 0.1, in both domains).",
     )
     grad_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype ĝ_G is held in during training (bfloat16 halves it)."
