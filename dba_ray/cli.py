@@ -100,6 +100,13 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from dba_ray.run import run_merge
+
+    run_merge(_load_config(args))
+    return 0
+
+
 def _bytes(n: int) -> str:
     for unit in ("GiB", "MiB", "KiB"):
         div = {"GiB": 1024**3, "MiB": 1024**2, "KiB": 1024}[unit]
@@ -202,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge finished runs back toward the base (merge section): a curve of operating "
+        "points per run, scored, the knob chosen on eval.validation_sets and exported",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="print the metadata of a global-gradient artifact")
     p.add_argument("path", help="artifact directory (local path or s3:// / gs:// URI)")

@@ -76,18 +76,20 @@ def _cost(rows: dict[str, dict], stage1: dict | None) -> None:
 
 
 def run_compare(cfg: Config) -> dict:
-    from dba_ray.run import ensure_base_model, ensure_global_gradient, evaluate_models
+    from dba_ray.run import check_merge, ensure_base_model, ensure_global_gradient, evaluate_models, score_after_training
     from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data
 
     if not cfg.eval.sets:
         raise UserError("dba-ray compare needs eval.sets (domain and general) to score the methods")
+    check_merge(cfg)
     ensure_ray(cfg.ray)
     start = time.monotonic()
     cfg = ensure_base_model(cfg)
     runs = expand_runs(cfg)
     resolved = {r["name"]: resolve(cfg, MethodSpec(name=r["name"], method=r["method"], set=r["set"])) for r in runs}
     needs_grad = {n for n, c in resolved.items() if uses_global_gradient(c.train.dba)}
-    stage1 = ensure_global_gradient(cfg) if needs_grad else None
+    merge_fisher = cfg.merge is not None and cfg.merge.mode == "fisher"
+    stage1 = ensure_global_gradient(cfg) if needs_grad or merge_fisher else None
     refs = {"grad_source": stage1["uri"] if stage1 else None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
     ratios = [resolved[r["name"]].train.mixture.ratio for r in runs if r["method"] == "mixture"]
     if ratios:
@@ -116,9 +118,11 @@ def run_compare(cfg: Config) -> dict:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; re-run the same command to resume them")
     _cost(rows, stage1)
     ordered = {r["name"]: rows[r["name"]] for r in runs}
+    merges = score_after_training(cfg, base, ordered, refs["eval"])
     report = build_report(base, ordered, {
         "base_model": cfg.model.name_or_path, "stage1": stage1,
         "total_wall_s": time.monotonic() - start, "cost_unit": "trained tokens (forward + backward)",
+        "merges": merges,
     })
     out = storage.absolute(cfg.output_dir)
     md = write_report(out, report)

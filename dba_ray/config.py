@@ -115,6 +115,13 @@ class DataConfig(_Strict):
         description="A malformed record fails the run naming its file and line, or is "
         "skipped and counted.",
     )
+    subset: Literal["all", "train", "validation"] = Field(
+        "all",
+        description="Which records of the source to use. validation: the records whose "
+        "int(sha256(key)[8:16], 16) % 10 == 0 (about a tenth; key = the text of a text "
+        "record, else its normalized fields as JSON); train: all the others. The same "
+        "file then gives a training set and a validation set that share no record.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -330,7 +337,15 @@ class EvalSetConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    sets: list[EvalSetConfig] = Field(default_factory=list, description="Evaluation sets.")
+    sets: list[EvalSetConfig] = Field(
+        default_factory=list, description="Evaluation sets: what reports show (the test sets)."
+    )
+    validation_sets: list[EvalSetConfig] = Field(
+        default_factory=list,
+        description="Sets every choice is made on (a merge knob; the benchmark's learning "
+        "rates), so that eval.sets stay out of selection. Every trained and merged model "
+        "is scored on them too (`validation` in report.json).",
+    )
     max_sequences: int = Field(
         256, ge=1, description="Sequences (choice sets: records) taken from each set, the first ones."
     )
@@ -355,6 +370,62 @@ class PretrainConfig(_Strict):
     eval_every: int = Field(
         0, ge=0, description="Score the general eval sets every N steps (curves.jsonl)."
     )
+
+
+class MergeConfig(_Strict):
+    """After training, models between the base θ0 and a trained θ_T (dba_ray/merge.py):
+    a curve of operating points from one run, for the price of evaluation only."""
+
+    mode: Literal["linear", "fisher"] = Field(
+        "linear",
+        description="linear: θ0 + α·(θ_T − θ0), knob α in [0, 1] (1: the trained model). "
+        "fisher: per weight the average of θ0 and θ_T weighted by λ·F_G and F_D (F_G: v_G "
+        "from Stage 1, needs stage1.second_moment; F_D: the domain data's, computed at θ_T "
+        "by the Stage 1 code path and cached beside the run), knob λ >= 0 (0: the trained "
+        "model; larger: closer to the base).",
+    )
+    knobs: Optional[list[float]] = Field(
+        None,
+        description="Values of α (linear) or λ (fisher) to score. None: "
+        "[0, 0.25, 0.5, 0.75, 1] for linear, [0, 0.1, 0.3, 1, 3, 10] for fisher.",
+    )
+    methods: list[str] = Field(
+        default_factory=list,
+        description="`run` / `compare`: names in `methods` whose runs get a merge curve "
+        "(every lr and seed of them). Empty: every method.",
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="`dba-ray merge`: trained models to merge (name: path or URI). Empty: "
+        "<output_dir>/<name>/model of each entry of `methods` that exists.",
+    )
+    fisher_max_tokens: Optional[int] = Field(
+        None,
+        ge=1,
+        description="fisher: token budget of the domain-Fisher pass over train.data "
+        "(None: all of it).",
+    )
+    export: bool = Field(
+        True,
+        description="Save the model at the knob chosen on eval.validation_sets to "
+        "<run folder>/merged/model (save_pretrained).",
+    )
+
+    @model_validator(mode="after")
+    def _check_knobs(self) -> "MergeConfig":
+        if self.knobs is not None:
+            if not self.knobs:
+                raise ValueError("knobs must not be empty (or leave it out for the default)")
+            if self.mode == "linear" and not all(0 <= k <= 1 for k in self.knobs):
+                raise ValueError(f"linear merge knobs α must lie in [0, 1] (got {self.knobs})")
+            if self.mode == "fisher" and not all(k >= 0 for k in self.knobs):
+                raise ValueError(f"fisher merge knobs λ must be >= 0 (got {self.knobs})")
+        return self
+
+    def knob_values(self) -> list[float]:
+        if self.knobs is not None:
+            return sorted(set(self.knobs))
+        return [0.0, 0.25, 0.5, 0.75, 1.0] if self.mode == "linear" else [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
 METHODS = ("dba", "direct", "mixture", "lora")
@@ -460,6 +531,9 @@ class Config(_Strict):
     )
     tune: TuneConfig = Field(default_factory=TuneConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    merge: Optional[MergeConfig] = Field(
+        None, description="Merge curves toward the base after training (`run`, `compare`, `merge`)."
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

@@ -92,6 +92,17 @@ def text_metrics(sums) -> dict[str, float]:
     return {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "acc": correct / max(tokens, 1.0)}
 
 
+def score_sets(model, sets: dict[str, dict], kinds: dict[str, str], batch_size: int, device) -> dict:
+    """One model on whole eval sets in one process: per-set metrics and S_D / S_G / S."""
+    metrics = {name: set_metrics(set_sums(model, arrays, batch_size, device).cpu()) for name, arrays in sets.items()}
+    return {"eval": metrics, **scores(metrics, kinds)}
+
+
+def scored_tokens(arrays: dict) -> int:
+    """Tokens one evaluation of a set scores (a forward pass each)."""
+    return int((arrays["labels"][:, 1:] != IGNORE).sum())
+
+
 def harmonic(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 

@@ -30,10 +30,12 @@ def _save(fig, uri: str) -> None:
 ZOOM_MARGIN = 0.05
 
 
-def frontier(report: dict, uri: str, title: str = "") -> None:
+def frontier(report: dict, uri: str, title: str = "") -> list[str]:
     """One point per run; runs of one method joined in order of learning rate (mean
-    over seeds, with the seeds' spread as error bars). When some runs fall far below the
-    base model, a second panel zooms in on the others."""
+    over seeds, with the seeds' spread as error bars); each run's merge curve toward the
+    base (report["merges"]) as a thin dashed line in its method's colour. When some runs
+    fall far below the base model, a second panel zooms in on the others. Returns the
+    legend's labels."""
     plt = _pyplot()
     groups: dict[str, dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for r in report["results"].values():
@@ -44,8 +46,10 @@ def frontier(report: dict, uri: str, title: str = "") -> None:
     n_all = sum(len(pts) for by_lr in groups.values() for pts in by_lr.values())
     panels = 2 if near and len(near) < n_all else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.8), squeeze=False)
+    merges = report.get("merges") or {}
     for ax in axes[0]:
         _frontier_panel(ax, groups, base)
+        _merge_curves(ax, merges, report["results"], sorted(groups))
     ax = axes[0][0]
     ax.set_title(title or "S_G against S_D (points labelled by peak lr)")
     ax.legend(fontsize=7)
@@ -56,8 +60,25 @@ def frontier(report: dict, uri: str, title: str = "") -> None:
         zoom.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
         zoom.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
         zoom.set_title(f"zoom: runs with S >= base S − {ZOOM_MARGIN:g}")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
     _save(fig, uri)
     plt.close(fig)
+    return labels
+
+
+def _merge_curves(ax, merges: dict, results: dict, methods: list[str]) -> None:
+    labelled = set()
+    for run, curve in merges.items():
+        method = results[run]["method"]
+        pts = [(p["test"]["S_D"], p["test"]["S_G"]) for p in curve["points"]]
+        label = None if method in labelled else f"{method} merged ({curve['mode']})"
+        labelled.add(method)
+        ax.plot(*zip(*pts), linestyle="--", linewidth=0.8, marker=".", alpha=0.7, label=label,
+                color=_style(methods.index(method))["color"])
+        chosen = next((p for p in curve["points"] if p["knob"] == curve["chosen"]), None)
+        if chosen is not None:  # the point chosen on validation sets
+            ax.plot([chosen["test"]["S_D"]], [chosen["test"]["S_G"]], marker="x", markersize=7,
+                    color=_style(methods.index(method))["color"], linestyle="")
 
 
 def _style(i: int) -> dict:

@@ -53,6 +53,27 @@ def best_per_method(report: dict) -> list[str]:
     return ["", "Best run per method by S: " + "; ".join(f"{m} {s:.4f} ({n})" for m, (s, n) in ranked) + "."]
 
 
+def merges_markdown(merges: dict) -> str:
+    """The merge curves of report.json as a table (knob chosen on validation marked *)."""
+    if not merges:
+        return ""
+    first = next(iter(merges.values()))
+    knob = "α" if first["mode"] == "linear" else "λ"
+    lines = [f"Merge curves toward the base ({first['mode']}, knob {knob}; * = chosen on validation S):", "",
+             f"| run | {knob} | S_D | S_G | S | validation S |", "|---|---|---|---|---|---|"]
+    for run, c in merges.items():
+        for p in c["points"]:
+            mark = " *" if p["knob"] == c["chosen"] else ""
+            val = f"{p['validation']['S']:.4f}" if p["validation"] else "-"
+            t = p["test"]
+            lines.append(f"| {run} | {p['knob']:g}{mark} | {t['S_D']:.4f} | {t['S_G']:.4f} | {t['S']:.4f} | {val} |")
+    cost = sum(c["eval_tokens"] for c in merges.values())
+    fisher = sum(c["fisher_tokens"] for c in merges.values())
+    lines += ["", f"Merge cost (apart from training): {cost:,} evaluated tokens"
+              + (f" and {fisher:,} tokens of domain-Fisher passes" if fisher else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
@@ -61,6 +82,9 @@ def markdown(report: dict) -> str:
     sets = list(report["base"]["eval"])
     head = ["run", "S_D", "S_G", "S"] + [f"{s} NLL" for s in sets] + [f"{s} acc" for s in sets]
     head += ["tokens", "wall s"]
+    validated = "validation" in report["base"]
+    if validated:  # eval.validation_sets: what choices are made on
+        head += ["validation S"]
     costed = any("cost" in r for r in report["results"].values())
     if costed:  # `dba-ray compare`
         head += ["peak MB", "total cost (tokens)"]
@@ -79,12 +103,15 @@ def markdown(report: dict) -> str:
             cells.append(f"{r['eval'][s]['acc']:.3f}{delta}")
         trained = run is not None and run.get("tokens")  # `dba-ray eval` scores, trains nothing
         cells += [f"{run['tokens']:,}" if trained else "", f"{run['wall_s']:.0f}" if trained else ""]
+        if validated:
+            cells.append(_fmt(r["validation"]["S"]))
         if costed:
             cells += [f"{run['peak_mem_mb']:.0f}", f"{run['cost']['total_tokens']:,}"] if run else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines + best_per_method(report))
     sentence = verdict(report)
-    return text + ("\n\n" + sentence if sentence else "") + "\n"
+    merges = merges_markdown(report.get("merges") or {})
+    return text + ("\n\n" + sentence if sentence else "") + "\n" + ("\n" + merges if merges else "")
 
 
 def write_report(out_dir: str, report: dict, name: str = "report") -> str:

@@ -10,15 +10,17 @@ import time
 import ray
 
 from dba_ray import artifact, storage
-from dba_ray.config import Config, digest
+from dba_ray.config import Config, MergeConfig, digest
 from dba_ray.data import describe_source
 from dba_ray.errors import UserError
-from dba_ray.evaluate import scores, set_metrics, set_sums
+from dba_ray.evaluate import score_sets
 from dba_ray.global_gradient import run_global_gradient, stage1_settings
+from dba_ray.merge_curves import EvalGroups, curves_json, merge_curves
 from dba_ray.methods import resolve, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, model_source
+from dba_ray.plots import frontier
 from dba_ray.ray_runtime import ensure_ray
-from dba_ray.report import build_report, write_report
+from dba_ray.report import build_report, merges_markdown, write_report
 from dba_ray.trainer import prepare_eval, prepare_train_data, run_train
 
 log = logging.getLogger("dba_ray")
@@ -91,10 +93,7 @@ def _evaluate_remote(cfg_dump: dict, model_path: str, eval_refs: dict, kinds: di
     cfg.model.name_or_path = model_path
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(cfg.model).to(device)
-    metrics = {}
-    for name, ref in eval_refs.items():
-        metrics[name] = set_metrics(set_sums(model, ray.get(ref), cfg.eval.batch_size, device).cpu())
-    return {"eval": metrics, **scores(metrics, kinds)}
+    return score_sets(model, {name: ray.get(ref) for name, ref in eval_refs.items()}, kinds, cfg.eval.batch_size, device)
 
 
 def evaluate_models(cfg: Config, models: dict[str, str], eval_refs=None) -> dict[str, dict]:
@@ -112,21 +111,60 @@ def evaluate_models(cfg: Config, models: dict[str, str], eval_refs=None) -> dict
     return {name: ray.get(f) for name, f in futures.items()}
 
 
+def check_merge(cfg: Config) -> None:
+    """What a merge section needs, refused before any training."""
+    mc = cfg.merge
+    if mc is None:
+        return
+    unknown = sorted(set(mc.methods) - {m.name for m in cfg.methods})
+    if unknown:
+        raise UserError(f"merge.methods names {unknown}, which are not in methods ({[m.name for m in cfg.methods]})")
+    if mc.mode == "fisher" and cfg.train.global_gradient is None and not cfg.stage1.second_moment:
+        raise UserError("merge.mode fisher weighs by v_G: set stage1.second_moment: true")
+
+
+def needs_stage1(cfg: Config, specs) -> bool:
+    """ĝ_G is needed by a method that uses it, and v_G by a fisher merge."""
+    merge_fisher = cfg.merge is not None and cfg.merge.mode == "fisher"
+    return merge_fisher or any(uses_global_gradient(resolve(cfg, spec).train.dba) for spec in specs)
+
+
+def score_after_training(cfg: Config, base: dict, results: dict[str, dict], eval_refs) -> dict:
+    """Scores of the base and every run on eval.validation_sets (``validation``) and,
+    with a merge section, each run's merge curve; returns the curves for report.json."""
+    val_refs = prepare_eval(cfg, cfg.eval.validation_sets) if cfg.eval.validation_sets else None
+    if val_refs is not None:
+        models = {"base": cfg.model.name_or_path, **{n: r["model_dir"] for n, r in results.items()}}
+        scored = evaluate_models(cfg, models, val_refs)
+        base["validation"] = scored.pop("base")
+        for name, s in scored.items():
+            results[name]["validation"] = s
+    if cfg.merge is None:
+        return {}
+    wanted = cfg.merge.methods
+    models = {n: r["model_dir"] for n, r in results.items() if not wanted or r.get("method", n) in wanted}
+    return curves_json(merge_curves(cfg, models, EvalGroups.of(eval_refs, val_refs)))
+
+
 def run_all(cfg: Config) -> dict:
     """The whole pipeline; returns the report (also written to output_dir)."""
     if not cfg.eval.sets:
         raise UserError("dba-ray run needs eval.sets (domain and general) to score the methods")
+    check_merge(cfg)
     ensure_ray(cfg.ray)
     start = time.monotonic()
     cfg = ensure_base_model(cfg)
-    needs_grad = any(uses_global_gradient(resolve(cfg, spec).train.dba) for spec in cfg.methods)
-    stage1 = ensure_global_gradient(cfg) if needs_grad else None
+    stage1 = ensure_global_gradient(cfg) if needs_stage1(cfg, cfg.methods) else None
     eval_refs = prepare_eval(cfg)
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, eval_refs)["base"]
     results, train_ref = {}, prepare_train_data(cfg)
     for spec in cfg.methods:
         r = run_train(cfg, spec, eval_refs=eval_refs, train_ref=train_ref)
-        results[spec.name] = {**r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "model_dir": r.model_dir}
+        results[spec.name] = {
+            **r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "model_dir": r.model_dir,
+            "method": spec.name, "lr": resolve(cfg, spec).train.schedule.lr,
+        }
+    merges = score_after_training(cfg, base, results, eval_refs)
     report = build_report(
         base,
         results,
@@ -134,8 +172,45 @@ def run_all(cfg: Config) -> dict:
             "base_model": cfg.model.name_or_path,
             "stage1": stage1,
             "total_wall_s": time.monotonic() - start,
+            "merges": merges,
         },
     )
-    md = write_report(storage.absolute(cfg.output_dir), report)
+    out = storage.absolute(cfg.output_dir)
+    md = write_report(out, report)
+    if merges:
+        frontier(report, storage.join(out, "frontier.png"))
+    print(md)
+    return report
+
+
+def run_merge(cfg: Config) -> dict:
+    """`dba-ray merge`: merge curves of finished runs (merge.models, or each method's
+    model under output_dir), scored and chosen like those of `run`; merge.json / merge.md."""
+    if not cfg.eval.sets:
+        raise UserError("dba-ray merge needs eval.sets (domain and general) to score the merges")
+    cfg = cfg.model_copy(update={"merge": cfg.merge or MergeConfig()})
+    ensure_ray(cfg.ray)
+    cfg = ensure_base_model(cfg)
+    out = storage.absolute(cfg.output_dir)
+    models = dict(cfg.merge.models) or {
+        m.name: storage.join(out, m.name, "model")
+        for m in cfg.methods
+        if storage.exists(storage.join(out, m.name, "model", "config.json"))
+    }
+    if not models:
+        raise UserError(
+            f"nothing to merge: merge.models is empty and no method in `methods` has a model under {out} "
+            "(train first with dba-ray run or dba-ray train)"
+        )
+    eval_refs = prepare_eval(cfg)
+    val_refs = prepare_eval(cfg, cfg.eval.validation_sets) if cfg.eval.validation_sets else None
+    base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, eval_refs)["base"]
+    if val_refs is not None:
+        base["validation"] = evaluate_models(cfg, {"base": cfg.model.name_or_path}, val_refs)["base"]
+    merges = curves_json(merge_curves(cfg, models, EvalGroups.of(eval_refs, val_refs)))
+    report = {"base": base, "merges": merges}
+    storage.write_bytes_atomic(storage.join(out, "merge.json"), json.dumps(report, indent=1).encode())
+    md = merges_markdown(merges)
+    storage.write_bytes_atomic(storage.join(out, "merge.md"), md.encode())
     print(md)
     return report

@@ -286,11 +286,12 @@ def _train_loop(config: dict) -> dict:
 # ---------------------------------------------------------------- the driver
 
 
-def prepare_eval(cfg: Config) -> tuple[dict[str, ray.ObjectRef], dict[str, str]]:
-    """Tokenize every eval set once; (object refs of arrays, kinds) by set name."""
+def prepare_eval(cfg: Config, sets=None) -> tuple[dict[str, ray.ObjectRef], dict[str, str]]:
+    """Tokenize every eval set (or ``sets``, e.g. the validation sets) once; (object refs
+    of arrays, kinds) by set name."""
     ensure_ray(cfg.ray)
     refs, kinds = {}, {}
-    for s in cfg.eval.sets:
+    for s in cfg.eval.sets if sets is None else sets:
         if s.type == "choice":
             records = read_choice_records(s.data)[: cfg.eval.max_sequences]
             arrays = choice_arrays(records, load_tokenizer(cfg.model), s.data.seq_len)

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 
+import ray
 import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -182,19 +183,26 @@ def run_tune(cfg: Config) -> dict:
     from dba_ray.run import ensure_base_model, evaluate_models
 
     tc = cfg.tune
+    keys = set(flatten(tc.search, keep=_is_domain))
+    if MERGE_KNOB in keys:
+        if keys != {MERGE_KNOB}:
+            raise UserError(f"tune.search: {MERGE_KNOB} is swept on a finished run, alone (no training); "
+                            f"sweep {sorted(keys - {MERGE_KNOB})} in another sweep")
+        return run_merge_sweep(cfg)
     space, values = search_space(cfg)
     if tc.asha and cfg.train.eval_every == 0:
         raise UserError("tune.asha needs train.eval_every > 0 (ASHA compares trials at evaluations)")
-    if not cfg.eval.sets and not tc.validation_sets:
+    validation = tc.validation_sets or cfg.eval.validation_sets
+    if not cfg.eval.sets and not validation:
         raise UserError("dba-ray tune needs tune.validation_sets (or eval.sets) to measure S on")
     ensure_ray(cfg.ray)
     start = time.monotonic()
     cfg = ensure_base_model(cfg)
     test_sets = cfg.eval.sets
-    if tc.validation_sets:
-        cfg.eval.sets = tc.validation_sets
+    if validation:
+        cfg.eval.sets = validation
     else:
-        log.warning("tune.validation_sets is empty: selecting on eval.sets, which then overstate the best S")
+        log.warning("no validation sets: selecting on eval.sets, which then overstate the best S")
     refs = _grid_refs(cfg, tc.method, values)
     scheduler = None
     if tc.asha:
@@ -224,7 +232,7 @@ def run_tune(cfg: Config) -> dict:
     storage.copy_directory(best["model_dir"], best_model, marker="config.json")
     best_spec = {"name": f"{tc.method.name}-best", "method": tc.method.method, "set": best["set"]}
     test = None
-    if tc.validation_sets and test_sets:  # the best model, scored on data it was not picked on
+    if validation and test_sets:  # the best model, scored on data it was not picked on
         test_cfg = cfg.model_copy(deep=True)
         test_cfg.eval.sets = test_sets
         test = evaluate_models(test_cfg, {"best": best_model})["best"]
@@ -232,13 +240,98 @@ def run_tune(cfg: Config) -> dict:
         "trials": rows, "best": {**best, "spec": best_spec, "exported_to": best_model, "test": test},
         "errored": len(errors), "total_wall_s": time.monotonic() - start,
     }
-    storage.write_bytes_atomic(storage.join(out, "tune.json"), json.dumps(summary, indent=1, default=str).encode())
     storage.write_bytes_atomic(storage.join(out, "best.yaml"), yaml.safe_dump({"methods": [best_spec]}).encode())
-    md = tune_markdown(summary, list(space))
-    storage.write_bytes_atomic(storage.join(out, "tune.md"), md.encode())
-    print(md)
+    _write_summary(out, summary, list(space))
     if errors:
         log.warning("%d trial(s) errored; re-run the same command to resume them", len(errors))
+    return summary
+
+
+def _write_summary(out: str, summary: dict, knobs: list[str]) -> None:
+    storage.write_bytes_atomic(storage.join(out, "tune.json"), json.dumps(summary, indent=1, default=str).encode())
+    md = tune_markdown(summary, knobs)
+    storage.write_bytes_atomic(storage.join(out, "tune.md"), md.encode())
+    print(md)
+
+
+# ---------------------------------------------------------------- merge knob sweeps
+
+MERGE_KNOB = "merge.knob"
+
+
+def _merge_trial(params: dict, *, cfg_dump: dict, model_dir: str, fisher_uris, refs: tuple) -> None:
+    """One trial: the merge at one knob, scored on the validation sets (no training)."""
+    import torch
+
+    from dba_ray.evaluate import score_sets
+    from dba_ray.merge_curves import merged_model
+
+    cfg = Config.model_validate(cfg_dump)
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+    knob = float(params["set"][MERGE_KNOB])
+    model = merged_model(cfg, model_dir, cfg.merge.mode, knob, fisher_uris)
+    start = time.monotonic()
+    scored = score_sets(model, {n: ray.get(r) for n, r in refs[0].items()}, refs[1], cfg.eval.batch_size, "cpu")
+    tune.report({**scored, "final": True, "run_wall_s": time.monotonic() - start, "model_dir": model_dir})
+
+
+def run_merge_sweep(cfg: Config) -> dict:
+    """`dba-ray tune` over merge.knob on a finished run: each trial is an evaluation of one
+    merge on the validation sets; the best is exported and scored on eval.sets."""
+    from dba_ray.config import MergeConfig
+    from dba_ray.merge_curves import EvalGroups, domain_fisher, export_merge, general_fisher_uri, score_merges
+    from dba_ray.ray_runtime import ensure_ray
+    from dba_ray.run import ensure_base_model
+    from dba_ray.trainer import prepare_eval
+
+    tc = cfg.tune
+    validation = tc.validation_sets or cfg.eval.validation_sets
+    if not validation:
+        raise UserError("a merge.knob sweep chooses on validation sets: set eval.validation_sets")
+    cfg = ensure_base_model(cfg)
+    cfg.merge = cfg.merge or MergeConfig()
+    out = storage.absolute(cfg.output_dir)
+    model_dir = next(iter(cfg.merge.models.values()), storage.join(out, tc.method.name, "model"))
+    if len(cfg.merge.models) > 1 or not storage.exists(storage.join(model_dir, "config.json")):
+        raise UserError(f"a merge.knob sweep needs one trained model: none at {model_dir} "
+                        f"(train it with dba-ray train --method {tc.method.name}, or give one in merge.models)")
+    knobs = tc.search[MERGE_KNOB] if isinstance(tc.search.get(MERGE_KNOB), list) else None
+    if knobs is None:
+        raise UserError(f"tune.search.{MERGE_KNOB}: give a list of knob values (a grid)")
+    cfg.merge = MergeConfig(mode=cfg.merge.mode, knobs=knobs)  # checks the values for the mode
+    ensure_ray(cfg.ray)
+    start = time.monotonic()
+    fisher_uris = (general_fisher_uri(cfg), domain_fisher(cfg, model_dir)[0]) if cfg.merge.mode == "fisher" else None
+    val_refs = prepare_eval(cfg, validation)
+    trainable = tune.with_resources(
+        tune.with_parameters(_merge_trial, cfg_dump=cfg.model_dump(), model_dir=model_dir,
+                             fisher_uris=fisher_uris, refs=val_refs),
+        {"CPU": cfg.train.cpus_per_worker},
+    )
+    param_space = {"name": f"merge-{tc.method.name}", "set": {MERGE_KNOB: tune.grid_search(cfg.merge.knob_values())}}
+    grid = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=tc.max_concurrent),
+        run_config=tune.RunConfig(name="tune-merge", **storage.ray_storage(out)),
+    ).fit()
+    rows = [trial_row(r) for r in grid]
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        raise UserError(f"no merge trial finished: {next((str(r.error) for r in grid if r.error), '?').splitlines()[-1]}")
+    best = max(done, key=lambda r: r["S"])
+    knob = float(best["set"][MERGE_KNOB])
+    test = None
+    if cfg.eval.sets:
+        groups = EvalGroups.of(prepare_eval(cfg))
+        test = score_merges(cfg, model_dir, cfg.merge.mode, [knob], groups, fisher_uris)[0].test
+    best_dir = storage.join(out, "best", "model")
+    chosen_on = {k: best[k] for k in ("S_D", "S_G", "S", "eval")}
+    export_merge(cfg, tc.method.name, model_dir, cfg.merge.mode, knob, fisher_uris, chosen_on, best_dir)
+    summary = {
+        "trials": rows, "best": {**best, "exported_to": best_dir, "test": test, "mode": cfg.merge.mode},
+        "errored": len(rows) - len(done), "total_wall_s": time.monotonic() - start,
+    }
+    _write_summary(out, summary, [MERGE_KNOB])
     return summary
 
 

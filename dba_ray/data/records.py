@@ -8,6 +8,7 @@ Every record leaves here in one of three shapes, whatever the source:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -37,6 +38,22 @@ COLUMNS = {
     "instruction": ["instruction", "input", "output"],
     "chat": ["messages"],
 }
+
+
+def in_validation(key: str) -> bool:
+    """The validation slice (``subset: validation``): a fixed tenth of the records, chosen
+    by hash digits 8–16, which the shared corpora's train/eval split (digits 0–8) does
+    not use, so validation is carved out of a training file independently of its eval file."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[8:16], 16) % 10 == 0
+
+
+def _subset_key(norm: dict) -> str:
+    return norm["text"] if "text" in norm else json.dumps(norm, sort_keys=True)
+
+
+def in_subset(norm: dict, subset: str) -> bool:
+    """Whether a normalized record belongs to ``subset`` (all, train or validation)."""
+    return subset == "all" or in_validation(_subset_key(norm)) == (subset == "validation")
 
 
 class BadRecord(ValueError):
@@ -185,6 +202,8 @@ class _Columns:
             self.skipped += 1
             self.first_skip = self.first_skip or f"{loc}: {e}"
             return
+        if not in_subset(norm, self.cfg.subset):
+            return
         for k, v in norm.items():
             self.out[k].append(v)
         self.out["_source"].append(loc)
@@ -281,7 +300,10 @@ def read_choice_records(cfg: DataConfig) -> list[dict]:
                     raise BadRecord("field 'answer' must be the index of the right choice")
             except BadRecord as e:
                 raise UserError(f"malformed record at {loc}: {e}") from None
-            out.append({"question": rec["question"], "choices": choices, "answer": answer})
+            record = {"question": rec["question"], "choices": choices, "answer": answer}
+            if in_subset(record, cfg.subset):
+                out.append(record)
     if not out:
-        raise UserError(f"choice eval set {cfg.path} is empty")
+        which = f" (subset {cfg.subset})" if cfg.subset != "all" else ""
+        raise UserError(f"choice eval set {cfg.path} is empty{which}")
     return out

@@ -1,0 +1,262 @@
+"""Merge curves on Ray: for each trained model, the merges toward its base at every
+knob (dba_ray/merge.py), scored on the eval sets and the validation sets as Ray tasks
+(no training); the knob is chosen on validation S only and that model is exported.
+
+For a ``fisher`` merge, F_D (the domain data's diagonal Fisher at θ_T) comes from the
+Stage 1 job run on ``train.data`` with the trained model as its base, kept in the run's
+folder as ``domain_fisher`` (a global-gradient artifact whose v_G is F_D) and reused
+while the model's files and the data are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import ray
+
+from dba_ray import artifact, storage
+from dba_ray.config import Config, MergeConfig
+from dba_ray.data import describe_source
+from dba_ray.errors import UserError
+from dba_ray.evaluate import score_sets, scored_tokens
+from dba_ray.merge import FisherPair, SavedTensors, merge_into
+from dba_ray.model import BUILTIN_MODEL, load_model, load_tokenizer
+from dba_ray.ray_runtime import ensure_ray
+
+log = logging.getLogger("dba_ray")
+
+
+@dataclass
+class MergePoint:
+    knob: float
+    test: dict  # on eval.sets: {"eval": per-set metrics, "S_D", "S_G", "S"}
+    validation: dict | None  # the same on eval.validation_sets (None without them)
+
+
+@dataclass
+class MergeCurve:
+    run: str
+    mode: str  # linear (knob α) or fisher (knob λ)
+    model_dir: str  # the trained model the curve starts from
+    points: list[MergePoint]
+    chosen: float | None  # the knob with the best validation S (None: no validation sets)
+    exported_to: str | None  # the chosen merge, saved with save_pretrained
+    eval_tokens: int  # tokens scored for the whole curve (forward passes only)
+    fisher_tokens: int  # tokens of the domain-Fisher pass (forward + backward), fisher only
+    wall_s: float
+    domain_fisher: str | None = None  # the F_D artifact (fisher only)
+
+    def chosen_point(self) -> MergePoint | None:
+        return next((p for p in self.points if p.knob == self.chosen), None)
+
+
+@dataclass
+class EvalGroups:
+    """Tokenized eval sets in the object store: what reports show, and what is chosen on."""
+
+    test: tuple[dict, dict]  # (refs by set name, kinds)
+    validation: tuple[dict, dict] | None = None
+    tokens: dict[str, int] = field(default_factory=dict)  # scored tokens per group
+
+    @classmethod
+    def of(cls, test, validation=None) -> "EvalGroups":
+        groups = cls(test, validation if validation and validation[0] else None)
+        for name, group in (("test", groups.test), ("validation", groups.validation)):
+            if group is not None:
+                groups.tokens[name] = sum(scored_tokens(ray.get(r)) for r in group[0].values())
+        return groups
+
+
+# ---------------------------------------------------------------- the merged model
+
+
+def base_tensors(cfg: Config):
+    """θ0 by parameter name: the builtin model rebuilt, else its safetensors files."""
+    if cfg.model.name_or_path == BUILTIN_MODEL:
+        return {n: p.detach() for n, p in load_model(cfg.model).named_parameters()}
+    return SavedTensors(_local_model_dir(cfg.model.name_or_path, cfg.model.revision))
+
+
+def _local_model_dir(name: str, revision: str | None) -> str:
+    path = storage.local_copy(storage.absolute(name) if os.path.exists(name) else name, "config.json")
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download  # a hub name: its cached snapshot
+
+    try:
+        return snapshot_download(name, revision=revision, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one line
+        raise UserError(f"cannot read the base model {name!r} for merging: {str(e).splitlines()[0]}") from None
+
+
+def _fisher_tensors(uri: str):
+    return SavedTensors(storage.local_copy(storage.absolute(uri), artifact.META), prefix="second_moment")
+
+
+def merged_model(cfg: Config, model_dir: str, mode: str, knob: float, fisher_uris: tuple | None):
+    """The trained model at ``model_dir`` merged toward the base at ``knob`` (on CPU)."""
+    model = load_model(cfg.model.model_copy(update={"name_or_path": model_dir}))
+    fisher = None
+    if mode == "fisher":
+        names = [n for n, _ in model.named_parameters()]
+        fisher = FisherPair.of(_fisher_tensors(fisher_uris[0]), _fisher_tensors(fisher_uris[1]), names)
+    merge_into(model, base_tensors(cfg), knob, fisher)
+    return model
+
+
+@ray.remote
+def _score_merge(cfg_dump: dict, model_dir: str, mode: str, knob: float, fisher_uris, groups: dict, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = Config.model_validate(cfg_dump)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = merged_model(cfg, model_dir, mode, knob, fisher_uris).to(device)
+    out = {}
+    for name, (refs, kinds) in groups.items():
+        out[name] = score_sets(model, {n: ray.get(r) for n, r in refs.items()}, kinds, cfg.eval.batch_size, device)
+    return out
+
+
+@ray.remote
+def _export_merge(cfg_dump: dict, model_dir: str, mode: str, knob: float, fisher_uris, out_uri: str, info: dict):
+    cfg = Config.model_validate(cfg_dump)
+    model = merged_model(cfg, model_dir, mode, knob, fisher_uris)
+    with storage.staged_directory(out_uri, overwrite=True, marker="config.json") as d:
+        load_tokenizer(cfg.model.model_copy(update={"name_or_path": model_dir, "tokenizer": None})).save_pretrained(d)
+        with open(os.path.join(d, "merge.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        model.save_pretrained(d)
+    return out_uri
+
+
+def _task_options(cfg: Config) -> dict:
+    t = cfg.train
+    return {"num_cpus": t.cpus_per_worker, "num_gpus": 1 if t.use_gpu else 0}
+
+
+def score_merges(cfg: Config, model_dir: str, mode: str, knobs: list[float], groups: EvalGroups,
+                 fisher_uris=None, with_test: bool = True) -> list[MergePoint]:
+    """Every knob's merge scored (as parallel Ray tasks) on the eval and validation sets."""
+    wanted = {"test": groups.test} if with_test else {}
+    if groups.validation is not None:
+        wanted["validation"] = groups.validation
+    task = _score_merge.options(**_task_options(cfg))
+    futures = [task.remote(cfg.model_dump(), model_dir, mode, k, fisher_uris, wanted, cfg.train.cpus_per_worker)
+               for k in knobs]
+    return [MergePoint(k, r.get("test"), r.get("validation")) for k, r in zip(knobs, ray.get(futures))]
+
+
+# ---------------------------------------------------------------- F_D, the domain Fisher
+
+
+def _model_identity(model_dir: str) -> str:
+    """Names, sizes and modification times of a saved model's files: a retrained model
+    in the same folder is another model."""
+    listing = [(os.path.basename(f), size) for f, size in storage.list_files(model_dir)]
+    if not storage.is_remote(model_dir):
+        listing = [(n, s, os.path.getmtime(os.path.join(model_dir, n))) for n, s in listing]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def domain_fisher(cfg: Config, model_dir: str) -> tuple[str, int, float]:
+    """F_D of the trained model at ``model_dir`` on ``train.data``: (artifact URI,
+    tokens, wall seconds, 0 when reused)."""
+    from dba_ray.global_gradient import run_global_gradient
+
+    if cfg.train.data is None:
+        raise UserError("merge.mode fisher needs train.data: F_D is the domain data's Fisher")
+    uri = storage.join(os.path.dirname(model_dir.rstrip("/")), "domain_fisher")
+    identity = f"domain Fisher of {model_dir} ({_model_identity(model_dir)})"
+    if storage.exists(storage.join(uri, artifact.META)):
+        meta = artifact.read_meta(uri)
+        same_data = meta["data"]["description"] == json.loads(json.dumps(describe_source(cfg.train.data)))
+        if meta.get("description") == identity and same_data and meta.get("has_second_moment"):
+            log.info("reusing the domain Fisher at %s", uri)
+            return uri, meta["tokens"], 0.0
+    job = cfg.model_copy(deep=True)
+    job.model.name_or_path = model_dir
+    job.model.tokenizer = job.model.tokenizer or model_dir
+    job.stage1 = job.stage1.model_copy(update={
+        "data": cfg.train.data, "output": uri, "overwrite": True, "second_moment": True,
+        "svd_rank": None, "max_tokens": cfg.merge.fisher_max_tokens, "max_records": cfg.train.max_records,
+        "description": identity, "to_object_store": False,
+    })
+    start = time.monotonic()
+    result = run_global_gradient(job)
+    return uri, result.meta["tokens"], time.monotonic() - start
+
+
+def general_fisher_uri(cfg: Config) -> str:
+    uri = storage.absolute(cfg.global_gradient_source())
+    meta = artifact.read_meta(uri)
+    if not meta.get("has_second_moment"):
+        raise UserError(
+            f"merge.mode fisher needs v_G (F_G), but {uri} has none (run Stage 1 with stage1.second_moment: true)"
+        )
+    return uri
+
+
+# ---------------------------------------------------------------- curves
+
+
+def merge_curves(cfg: Config, models: dict[str, str], groups: EvalGroups) -> dict[str, MergeCurve]:
+    """A merge curve per trained model (run name: model directory)."""
+    mc: MergeConfig = cfg.merge
+    ensure_ray(cfg.ray)
+    knobs = mc.knob_values()
+    if groups.validation is None:
+        log.warning("merge: no eval.validation_sets, so no knob is chosen and nothing is exported "
+                    "(choosing on eval.sets would overstate the result)")
+    general = general_fisher_uri(cfg) if mc.mode == "fisher" else None
+    curves = {}
+    for run, model_dir in models.items():
+        start = time.monotonic()
+        fisher_uris, fisher_tokens = None, 0
+        if mc.mode == "fisher":
+            fd_uri, fisher_tokens, _ = domain_fisher(cfg, model_dir)
+            fisher_uris = (general, fd_uri)
+        points = score_merges(cfg, model_dir, mc.mode, knobs, groups, fisher_uris)
+        chosen = exported = None
+        if groups.validation is not None:
+            chosen = max(points, key=lambda p: (_finite(p.validation["S"]), -p.knob if mc.mode == "fisher" else p.knob)).knob
+            if mc.export:
+                chosen_point = next(p for p in points if p.knob == chosen)
+                out = storage.join(os.path.dirname(model_dir.rstrip("/")), "merged", "model")
+                exported = export_merge(cfg, run, model_dir, mc.mode, chosen, fisher_uris, chosen_point.validation, out)
+        eval_tokens = len(points) * sum(groups.tokens.values())
+        curves[run] = MergeCurve(run, mc.mode, model_dir, points, chosen, exported, eval_tokens, fisher_tokens,
+                                 time.monotonic() - start, fisher_uris[1] if fisher_uris else None)
+        log.info("merge %s (%s): %s", run, mc.mode, _curve_summary(curves[run]))
+    return curves
+
+
+def _finite(x: float) -> float:
+    return x if not math.isnan(x) else -math.inf
+
+
+def export_merge(cfg: Config, run: str, model_dir: str, mode: str, knob: float, fisher_uris,
+                 validation: dict, out: str) -> str:
+    """Save the merge at ``knob`` to ``out`` (save_pretrained), with ``merge.json``."""
+    info = {"run": run, "mode": mode, "knob": knob, "trained_model": model_dir,
+            "base_model": cfg.model.name_or_path, "domain_fisher": fisher_uris[1] if fisher_uris else None,
+            "chosen_on": "validation sets", "validation": validation}
+    return ray.get(_export_merge.options(**_task_options(cfg)).remote(
+        cfg.model_dump(), model_dir, mode, knob, fisher_uris, out, info))
+
+
+def _curve_summary(curve: MergeCurve) -> str:
+    text = ", ".join(f"{p.knob:g}: S {p.test['S']:.4f}" for p in curve.points if p.test)
+    if curve.chosen is not None:
+        text += f"; chosen on validation: {curve.chosen:g}"
+    return text
+
+
+def curves_json(curves: dict[str, MergeCurve]) -> dict:
+    return {run: asdict(c) for run, c in curves.items()}
