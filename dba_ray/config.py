@@ -479,7 +479,9 @@ class TuneConfig(_Strict):
         "{uniform: [lo, hi]}, {loguniform: [lo, hi]}. Allowed: schedule.lr, schedule.anneal, "
         "schedule.shape, schedule.warmup_ratio, schedule.min_lr_ratio, schedule.decay_ratio, "
         "dba.ggb, dba.boost, dba.gamma_max, dba.dc, dba.kappa, dba.c_max, dba.fisher_lambda, "
-        "and mixture.ratio for the mixture method only.",
+        "and mixture.ratio for the mixture method only. merge.knob (a list), alone: a sweep "
+        "of the merge knob (merge.mode) on the finished run of `method`, each trial one "
+        "evaluation, no training.",
     )
     num_samples: int = Field(
         1, ge=1, description="Samples of the random parts of the space (grids multiply)."
@@ -494,7 +496,7 @@ class TuneConfig(_Strict):
     validation_sets: list["EvalSetConfig"] = Field(
         default_factory=list,
         description="Sets S is measured on to pick the best trial (keep your test sets out of "
-        "model selection). Empty: eval.sets, with a warning.",
+        "model selection). Empty: eval.validation_sets, else eval.sets with a warning.",
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import make_docs, write_jsonl
 from dba_ray.config import DataConfig, ModelConfig
 from dba_ray.data import build_sequences
+from dba_ray.data.records import ReadFiles
 from dba_ray.data.tokenize import IGNORE, instruction_prompt
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.model import byte_tokenizer
@@ -176,3 +177,19 @@ def test_malformed_hf_row_is_quoted(tmp_path):
     msg = collect_error(DataConfig(hf_dataset=str(tmp_path / "s"), seq_len=16))
     assert "malformed record in" in msg and "(record {\"text\": null})" in msg
     assert "field 'text' missing" in msg
+
+
+def test_subset_splits_a_file_into_train_and_validation_by_hash(tmp_path):
+    import hashlib
+
+    docs = make_docs(200, seed=5)
+    path = write_jsonl(tmp_path / "d.jsonl", docs)
+    texts = {}
+    for subset in ("all", "train", "validation"):
+        cfg = DataConfig(path=path, subset=subset)
+        texts[subset] = [t for batch in ReadFiles(cfg)({"file": [path], "fmt": ["jsonl"]}) for t in batch["text"]]
+    rule = [d["text"] for d in docs if int(hashlib.sha256(d["text"].encode()).hexdigest()[8:16], 16) % 10 == 0]
+    assert texts["validation"] == rule and 5 < len(rule) < 40
+    # No record in both; together they are the whole file, in source order.
+    assert not set(texts["train"]) & set(texts["validation"])
+    assert sorted(texts["train"] + texts["validation"]) == sorted(texts["all"]) == sorted(d["text"] for d in docs)

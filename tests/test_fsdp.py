@@ -10,6 +10,7 @@ from test_train import make_config, rel_error, saved_weights
 from dba_ray import sharding
 from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient
+from dba_ray.merge_curves import merged_model
 from dba_ray.model import load_model
 from dba_ray.trainer import prepare_train_data, run_train
 
@@ -53,6 +54,12 @@ def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     # measured 5e-9 after 6 steps. Without the all-reduced DBA statistics each rank
     # computes its own c_t, and a resume that lost a shard's moments is off by far more.
     assert rel_error(saved_weights(fsdp.model_dir), ddp) < 1e-6
+
+    # The FSDP-trained model merges toward the base like any saved model.
+    merged = merged_model(faulty, fsdp.model_dir, "linear", 0.5, None)
+    trained = saved_weights(fsdp.model_dir)
+    for n, p in merged.named_parameters():
+        torch.testing.assert_close(p.detach(), base[n] + 0.5 * (trained[n] - base[n]))
 
 
 def test_sharded_checkpoint_refuses_another_world_size(tmp_path):
