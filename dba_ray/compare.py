@@ -77,7 +77,10 @@ def _cost(rows: dict[str, dict], stage1: dict | None) -> None:
 
 def run_compare(cfg: Config) -> dict:
     from dba_ray.run import check_merge, ensure_base_model, ensure_global_gradient, evaluate_models, score_after_training
-    from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data
+    from dba_ray.trainer import (
+        mixture_domain_rows, mixture_general_count, planned_steps, prepare_eval, prepare_mixture_data,
+        prepare_train_data, saturation_warning,
+    )
 
     if not cfg.eval.sets:
         raise UserError("dba-ray compare needs eval.sets (domain and general) to score the methods")
@@ -91,9 +94,16 @@ def run_compare(cfg: Config) -> dict:
     merge_fisher = cfg.merge is not None and cfg.merge.mode == "fisher"
     stage1 = ensure_global_gradient(cfg) if needs_grad or merge_fisher else None
     refs = {"grad_source": stage1["uri"] if stage1 else None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
+    n_domain = len(ray.get(refs["train"])["input_ids"])
+    warnings = {saturation_warning(r["group"], resolved[r["name"]].train.dba, planned_steps(cfg.train, n_domain))
+                for r in runs}
+    for line in sorted(warnings - {None}):  # once per method, not per lr and seed
+        log.warning(line)
     ratios = [resolved[r["name"]].train.mixture.ratio for r in runs if r["method"] == "mixture"]
+    general_have = 0
     if ratios:
         refs["general"] = prepare_mixture_data(cfg, refs["train"], ratios)
+        general_have = len(ray.get(refs["general"])["input_ids"])
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, refs["eval"])["base"]
     log.info("compare: %d runs (%d at a time)", len(runs), cfg.compare.max_concurrent)
     trial_runs = [{k: r[k] for k in ("name", "method", "set")} for r in runs]
@@ -112,8 +122,12 @@ def run_compare(cfg: Config) -> dict:
             **{k: row[k] for k in ("S_D", "S_G", "S", "eval", "tokens", "steps", "wall_s", "peak_mem_mb", "model_dir")},
             "method": spec["group"], "family": spec["method"], "lr": t.schedule.lr, "seed": t.seed,
             "set": spec["set"], "uses_global_gradient": row["name"] in needs_grad, "num_workers": t.num_workers,
-            **({"ratio": t.mixture.ratio} if spec["method"] == "mixture" else {}),
         }
+        if spec["method"] == "mixture":
+            need = mixture_general_count(len(mixture_domain_rows(t, n_domain)), t.mixture.ratio)
+            # More than the general data holds: sequences were cycled (each used ≤ this often).
+            rows[row["name"]].update(ratio=t.mixture.ratio, general_sequences=need,
+                                     general_reuse=-(-need // general_have))
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; re-run the same command to resume them")
     _cost(rows, stage1)

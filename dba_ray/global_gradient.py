@@ -164,6 +164,8 @@ def _worker_loop(config: dict) -> None:
             "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
             "loop_seconds": loop_s,
             "stage1_settings": stage1_settings(s1),
+            # From the driver's start of the job: what a later run reusing ĝ_G is charged.
+            "wall_s": time.time() - config["start_time"],
         },
     )
     meta = artifact.build_meta(
@@ -235,6 +237,7 @@ def run_global_gradient(
             "output": uri,
             "source": source,
             "data_description": description,
+            "start_time": time.time(),
         },
         scaling_config=scaling(s1.num_workers, s1.cpus_per_worker, s1.use_gpu),
         datasets={DATASET: dataset},

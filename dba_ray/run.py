@@ -61,7 +61,8 @@ def ensure_global_gradient(cfg: Config) -> dict:
     """Reuse the artifact if it was made for this model and these data; else run Stage 1."""
     uri = storage.absolute(cfg.global_gradient_source())
     if cfg.train.global_gradient is not None:
-        return {"uri": uri, "reused": True, "wall_s": 0.0, "tokens": artifact.read_meta(uri)["tokens"]}
+        meta = artifact.read_meta(uri)
+        return {"uri": uri, "reused": True, "wall_s": stage1_wall_s(meta), "tokens": meta["tokens"]}
     if storage.exists(storage.join(uri, "meta.json")):
         meta = artifact.read_meta(uri)
         shapes = artifact.parameter_shapes(load_empty_model(cfg.model))
@@ -75,13 +76,19 @@ def ensure_global_gradient(cfg: Config) -> dict:
         )
         if same:
             log.info("reusing the global gradient at %s", uri)
-            return {"uri": uri, "reused": True, "wall_s": 0.0, "tokens": meta["tokens"]}
+            return {"uri": uri, "reused": True, "wall_s": stage1_wall_s(meta), "tokens": meta["tokens"]}
         log.info("the global gradient at %s was made for other settings: recomputing", uri)
     s1 = cfg.model_copy(deep=True)
     s1.stage1.overwrite = True
     start = time.monotonic()
     result = run_global_gradient(s1)
     return {"uri": uri, "reused": False, "wall_s": time.monotonic() - start, "tokens": result.meta["tokens"]}
+
+
+def stage1_wall_s(meta: dict) -> float:
+    """What reusing an artifact is charged: the wall time of the job that made it
+    (older artifacts recorded only their streaming loop)."""
+    return meta.get("wall_s", meta.get("loop_seconds", 0.0))
 
 
 @ray.remote

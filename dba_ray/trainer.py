@@ -36,7 +36,7 @@ from dba_ray.curves import CurvesCallback
 from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.data.records import read_choice_records
 from dba_ray.data.tokenize import IGNORE, choice_arrays
-from dba_ray.dba import DBA, lr_at
+from dba_ray.dba import DBA, gamma_at, lr_at
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.global_gradient import token_loss_sum
@@ -319,6 +319,37 @@ def mixture_general_count(n_domain: int, ratio: float) -> int:
     return round(n_domain * ratio / (1 - ratio))
 
 
+def mixture_domain_rows(t, n_domain: int) -> np.ndarray:
+    """The domain sequences a mixture run mixes with general ones: those a domain-only
+    run of the same max_steps trains on (all of them past one epoch), so that the
+    general share is the ratio of what is trained, not of the whole domain file."""
+    global_batch = t.batch_size * t.num_workers * t.grad_accum
+    steps_per_epoch = n_domain // global_batch
+    if not t.max_steps or steps_per_epoch == 0 or t.max_steps >= steps_per_epoch:
+        return np.arange(n_domain)
+    return np.sort(_epoch_permutation(n_domain, t.seed)[: t.max_steps * global_batch])
+
+
+def planned_steps(t, n_domain: int) -> int:
+    """T of a domain-only run over ``n_domain`` sequences."""
+    return t.max_steps or n_domain // (t.batch_size * t.num_workers * t.grad_accum) * t.epochs
+
+
+def saturation_warning(name: str, d: DBAConfig, total: int) -> str | None:
+    """A line when γ_t sits at gamma_max for more than a tenth of the steps: there the
+    optimizer sees mostly ĝ_G, a fixed direction, step after step."""
+    if not d.ggb or d.gamma_max == 0:
+        return None
+    k = sum(gamma_at(s, total, d.boost, d.gamma_max) >= d.gamma_max for s in range(total))
+    if 10 * k <= total:
+        return None
+    return (
+        f"{name}: γ_t sits at gamma_max {d.gamma_max:g} for {k} of {total} steps (boost {d.boost:g}), "
+        f"so those steps follow the fixed ĝ_G; train longer (T well above dba.boost), "
+        f"lower dba.boost, or cap dba.gamma_max"
+    )
+
+
 def prepare_general_data(cfg: Config, n: int) -> ray.ObjectRef:
     """The first ``n`` general sequences for the mixture baseline, tokenized at the
     domain data's sequence length (so the two stack into one array)."""
@@ -329,22 +360,26 @@ def prepare_general_data(cfg: Config, n: int) -> ray.ObjectRef:
     ensure_ray(cfg.ray)
     seqs = build_sequences(source, cfg.model, concurrency=cfg.ray.tokenize_concurrency)
     arrays = collect_arrays(seqs, limit=n)
-    if len(arrays["input_ids"]) < n:
-        raise UserError(
-            f"mixture ratio {cfg.train.mixture.ratio} needs {n} general sequences; "
-            f"{source.path or source.hf_dataset} has {len(arrays['input_ids'])}"
-        )
+    if len(arrays["input_ids"]) == 0:
+        raise UserError(f"general data {source.path or source.hf_dataset} for the mixture has no sequences")
     return ray.put(arrays)
 
 
 def prepare_mixture_data(cfg: Config, train_ref: ray.ObjectRef, ratios: list[float]) -> ray.ObjectRef:
     """General sequences enough for the largest of ``ratios``, shared by mixture runs."""
-    n_domain = len(ray.get(train_ref)["input_ids"])
+    n_domain = len(mixture_domain_rows(cfg.train, len(ray.get(train_ref)["input_ids"])))
     return prepare_general_data(cfg, mixture_general_count(n_domain, max(ratios)))
 
 
-def _mix(domain: dict, general: dict, n_general: int) -> dict:
-    return {k: np.concatenate([domain[k], general[k][:n_general]]) for k in ("input_ids", "labels")}
+def _mix(domain: dict, general: dict, n_general: int, name: str) -> dict:
+    """Domain rows plus ``n_general`` general ones; fewer general sequences than that are
+    cycled (said in the log), so the baseline exists wherever a domain run does."""
+    have = len(general["input_ids"])
+    if have < n_general:
+        log.warning("%s: %d general sequences for a mixture that needs %d: each is used up to %d times",
+                    name, have, n_general, math.ceil(n_general / have))
+    picked = np.arange(n_general) % have
+    return {k: np.concatenate([domain[k], general[k][picked]]) for k in ("input_ids", "labels")}
 
 
 def run_train(
@@ -365,7 +400,8 @@ def run_train(
     cfg = resolve(cfg, spec)
     t = cfg.train
     dba_cfg, sched = t.dba, t.schedule
-    grad_source = grad_source or storage.absolute(cfg.global_gradient_source())
+    if "global_gradient" in spec.set or grad_source is None:  # a variant's own ĝ_G wins over a shared one
+        grad_source = storage.absolute(cfg.global_gradient_source())
     grad_id = None  # which ĝ_G: part of the run's identity, so a new one means a new run
     if uses_global_gradient(dba_cfg):
         grad_id = grad_source.hex() if isinstance(grad_source, ray.ObjectRef) else None
@@ -393,15 +429,16 @@ def run_train(
         eval_refs = prepare_eval(cfg)
     arrays = ray.get(train_ref)
     max_steps = t.max_steps
+    global_batch = t.batch_size * t.num_workers * t.grad_accum
     if spec.method == "mixture":
-        n_general = mixture_general_count(len(arrays["input_ids"]), t.mixture.ratio)
+        rows = mixture_domain_rows(t, len(arrays["input_ids"]))
+        n_general = mixture_general_count(len(rows), t.mixture.ratio)
         general_ref = general_ref or prepare_general_data(cfg, n_general)
-        arrays = _mix(arrays, ray.get(general_ref), n_general)
+        arrays = _mix({k: v[rows] for k, v in arrays.items()}, ray.get(general_ref), n_general, spec.name)
         train_ref = ray.put(arrays)
         if max_steps:  # max_steps counts domain steps: every method sees as much domain data
             max_steps = math.ceil(max_steps / (1 - t.mixture.ratio))
     n = len(arrays["input_ids"])
-    global_batch = t.batch_size * t.num_workers * t.grad_accum
     steps_per_epoch = n // global_batch
     if steps_per_epoch == 0:
         raise UserError(
@@ -409,6 +446,9 @@ def run_train(
             "(batch_size × num_workers × grad_accum)"
         )
     total = max_steps or steps_per_epoch * t.epochs
+    warning = saturation_warning(spec.name, dba_cfg, total)
+    if warning:
+        log.warning(warning)
     row_tokens = (arrays["labels"][:, 1:] != IGNORE).sum(axis=1)
     tokens = sum(
         int(row_tokens[_global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)].sum())

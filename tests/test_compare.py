@@ -71,6 +71,10 @@ def test_compare_every_baseline_writes_report_costs_and_plots(tmp_path):
     search = res["mixture"]["tokens"] + res["mixture-r0.25"]["tokens"]
     assert res["mixture"]["cost"]["total_tokens"] == search == res["mixture-r0.25"]["cost"]["total_tokens"]
     assert res["mixture"]["cost"]["ratio_search_runs"] == 2
+    # Sized by what the run trains (4 steps × 4 = 16 domain sequences, not the whole file):
+    # r = 0.5 adds 16 general sequences, r = 0.25 adds 5.
+    assert res["mixture"]["general_sequences"] == 16 and res["mixture-r0.25"]["general_sequences"] == 5
+    assert res["mixture"]["general_reuse"] == 1
     assert "total cost (tokens)" in (out / "report.md").read_text()
 
     # LoRA comes back merged into a plain model: adapted projections moved, embeddings not.
@@ -108,3 +112,21 @@ def test_lora_refuses_the_global_gradient(tmp_path, capsys):
     assert main(["train", str(cfg_file), "--method", "lora-ggb"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "lora trains adapters only" in err
+
+
+def test_mixture_takes_the_domain_rows_the_run_trains_and_cycles_short_general_data():
+    import numpy as np
+
+    from dba_ray.config import TrainConfig
+    from dba_ray.trainer import _global_batch_rows, _mix, mixture_domain_rows
+
+    t = TrainConfig(batch_size=4, max_steps=3, seed=7)
+    rows = mixture_domain_rows(t, 40)
+    used = np.concatenate([_global_batch_rows(s, 40, 4, 10, 7) for s in range(3)])
+    assert sorted(rows) == sorted(used) and len(rows) == 12  # exactly what `direct` trains on
+    assert len(mixture_domain_rows(t.model_copy(update={"max_steps": 30}), 40)) == 40  # past one epoch: all
+    domain = {"input_ids": np.zeros((4, 2), np.int32), "labels": np.zeros((4, 2), np.int32)}
+    general = {k: np.arange(6, dtype=np.int32).reshape(3, 2) + 1 for k in ("input_ids", "labels")}
+    mixed = _mix(domain, general, 7, "mixture")
+    assert len(mixed["input_ids"]) == 11
+    assert mixed["input_ids"][4:, 0].tolist() == [1, 3, 5, 1, 3, 5, 1]  # 3 general rows, cycled

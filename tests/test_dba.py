@@ -147,3 +147,16 @@ def test_norms_and_cosine_span_every_parameter():
     assert s.norm_b == pytest.approx(float(g_b.norm()))
     assert s.c == pytest.approx(min(2.0, (0.5 * 10 + 0.5 * 5) / float(g_b.norm())))
     assert unused.grad.tolist() == [0.0, 0.0]
+
+
+def test_saturation_warning_counts_the_steps_at_gamma_max():
+    from dba_ray.trainer import saturation_warning
+
+    paper = DBAConfig()  # boost 200, γ_max 1
+    assert "for 8 of 8 steps" in saturation_warning("dba", paper, 8)
+    # γ_t = 200/T·(1 − t/T) ≥ 1 while t ≤ T − T²/200: the first 38 of 150 steps (more
+    # than a tenth: said), the first 10 of 190 (not more), none of 400.
+    assert "for 38 of 150 steps" in saturation_warning("dba", paper, 150)
+    assert saturation_warning("dba", paper, 190) is None
+    assert saturation_warning("dba", paper, 400) is None
+    assert saturation_warning("dba", DBAConfig(ggb=False), 8) is None

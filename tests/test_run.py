@@ -8,7 +8,7 @@ import yaml
 from conftest import make_docs, write_jsonl
 from dba_ray.cli import main
 from dba_ray.config import load_config
-from dba_ray.run import ensure_base_model
+from dba_ray.run import ensure_base_model, ensure_global_gradient
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -58,12 +58,17 @@ def test_run_writes_report_then_eval_scores_models(tmp_path, capsys, caplog):
     assert set(report["base"]["eval"]["mc"]) == {"acc"}  # choice sets: accuracy only
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| base |" in md and "| dba |" in md and "kept more general ability" in md
+    # boost 200 over 5 steps: γ_t never leaves 1, and the run says so, with the count.
+    assert any("γ_t sits at gamma_max 1 for 5 of 5 steps" in r.message for r in caplog.records)
 
     # A second pipeline reuses the cached base model instead of pretraining again.
     caplog.clear()
     again = ensure_base_model(load_config(cfg_file))
     assert again.model.name_or_path.endswith("/pretrain/model")
     assert any("reusing the pretrained base model" in r.message for r in caplog.records)
+    # Reusing ĝ_G is charged the wall time of the job that made it, not 0.
+    reused = ensure_global_gradient(again)
+    assert reused["reused"] and 0 < reused["wall_s"] <= report["stage1"]["wall_s"]
 
     # `dba-ray train` with the same config resumes the finished run: same model, scored.
     capsys.readouterr()
