@@ -1,21 +1,21 @@
-"""The quality benchmark on real text: every method's S_G-against-S_D frontier per domain.
+"""The quality benchmark on real text: which method, and where on the trade-off.
 
-    python benchmarks/quality/run.py ../shared/data --out benchmarks/quality/out
+    python benchmarks/quality/run.py ../shared/data [--out DIR] [--regimes long short]
 
-DATA is a folder laid out like ../shared/data (general/wikitext2.{train,eval}.jsonl,
-medicine/pubmedqa.*, finance/tatqa.*); any files with a "text" field work. Steps:
+DATA is laid out like ../shared/data. The rules (validation-only choices, unseen seeds,
+paired intervals, the ahead / tie / behind rule) are in protocol.py and, written before
+the runs, in benchmarks/RESULTS.md. Steps, each cached so that a rerun resumes:
 
-1. pretrain the base model on the general training text (cached; its eval-loss curve is
-   recorded to show where it flattens);
-2. ĝ_G and v_G once on the general training text, reused by every domain;
-3. per domain, `dba-ray compare` of every method at three learning rates, equal domain
-   steps (the mixture ratio search at r = 0.1 and 0.25 is part of it);
-4. per domain, seeds 1 and 2 at each method's best learning rate (seed 0 is the grid's
-   run), for mean ± std;
-5. results.json, one frontier PNG per domain, and results.md (tables, S_G at equal domain
-   score, costs).
-
-Nothing here is tuned toward an answer: the grid is fixed before any run.
+1. pretrain a base on WikiText-2's training text minus its validation tenth;
+2. ĝ_G and v_G once on the same text, and an SVD-compressed copy (rank hidden/8, the
+   paper's 512 of 4096), shared by every domain and regime;
+3. per regime (long: T = 1000 domain steps, γ_0 = 0.2 under the paper's rule; short:
+   T = 40) and domain, `dba-ray compare` of every method at 4 peak lrs (LoRA its own
+   range), seed 0, merge curves for direct and dba (long regime); the lr grid grows
+   where a method's validation optimum sits at an end;
+4. each method's choice (lr, and λ / ratio / α where it has one) on validation S;
+5. seeds 1–3 at every choice; test scores, paired differences against `direct` and the
+   best mixture, verdicts, costs; results.json, results.md and frontier PNGs here.
 """
 
 from __future__ import annotations
@@ -24,217 +24,352 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import statistics
+import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from dba_ray.compare import run_compare
-from dba_ray.config import Config
-from dba_ray.curves import read_curves
-from dba_ray.model import load_model
-from dba_ray.run import ensure_base_model
+sys.path.insert(0, str(Path(__file__).parent))
+from protocol import Candidate, Cost, choose, edge_lrs, paired, total_tokens  # noqa: E402
+
+from dba_ray import artifact  # noqa: E402
+from dba_ray.compare import run_compare  # noqa: E402
+from dba_ray.config import Config, digest  # noqa: E402
+from dba_ray.curves import read_curves  # noqa: E402
+from dba_ray.global_gradient import run_global_gradient  # noqa: E402
+from dba_ray.model import load_model  # noqa: E402
+from dba_ray.plots import frontier  # noqa: E402
+from dba_ray.run import ensure_base_model, ensure_global_gradient  # noqa: E402
 
 HERE = Path(__file__).parent
+log = logging.getLogger("quality")
 DOMAINS = {
     "medicine": ("medicine/pubmedqa.train.jsonl", "medicine/pubmedqa.eval.jsonl"),
     "finance": ("finance/tatqa.train.jsonl", "finance/tatqa.eval.jsonl"),
 }
-LRS = [1e-4, 3e-4, 1e-3]
-# Every method of the issue; each sets the knobs it depends on explicitly.
-METHODS = [
-    "direct",
-    "lora",
-    {"name": "dba", "method": "dba"},  # the paper's defaults (base.yaml: boost 200, γ_max 1, DC norm, AL cosine)
-    {"name": "dba-no-ggb", "method": "dba", "set": {"dba.ggb": False}},
-    {"name": "dba-no-dc", "method": "dba", "set": {"dba.dc": "none"}},
-    {"name": "dba-no-al", "method": "dba", "set": {"schedule.anneal": False}},
-    {"name": "dba-pcgrad", "method": "dba", "set": {"dba.dc": "pcgrad"}},
-    *[
-        {"name": f"fisher-{lam:g}", "method": "dba",
-         "set": {"dba.ggb": False, "dba.dc": "none", "dba.anchor": "fisher", "dba.fisher_lambda": lam}}
-        for lam in (0.01, 0.1)
-    ],
-]
-MIXTURE_RATIOS = [0.1, 0.25]
-SEEDS = [1, 2]
+LADDER = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # half-decade lr steps
+LRS = [1e-4, 3e-4, 1e-3, 3e-3]
+LORA_LRS = [3e-4, 1e-3, 3e-3, 1e-2]
+SEEDS = [1, 2, 3]
+FISHER_LAMBDAS = [0.01, 0.1, 1.0]
+MIXTURE_RATIOS = [0.1, 0.25, 0.5]
+MERGE_KNOBS = [0.25, 0.5, 0.75]  # α = 1 is the trained run itself, scored anyway
+MERGED = {"direct+merge": "direct", "dba+merge": "dba"}
+REGIMES = {"long": 1000, "short": 40}
+# The short regime keeps the methods whose verdict may depend on T; the DC ablations
+# and the compressed ĝ_G were indistinguishable from dba there before (RESULTS.md).
+SHORT_METHODS = ["direct", "al", "dba", "dba-fisher", "fisher", "mixture", "lora"]
+MAX_EXTENSIONS = 2
 
 
-def domain_config(data: Path, out: Path, domain: str | None) -> dict:
-    train, evalset = DOMAINS[domain or "medicine"]
-    text = (HERE / "base.yaml").read_text()
-    text = text.replace("DOMAIN_TRAIN", train).replace("DOMAIN_EVAL", evalset)
-    text = text.replace("DOMAIN", domain or "medicine").replace("DATA", str(data.resolve()))
-    tree = yaml.safe_load(text)
-    tree["output_dir"] = str(out / (domain or "shared"))
-    tree["stage1"]["output"] = str(out / "global_gradient")
-    return tree
+def method_specs(svd_uri: str) -> dict[str, list[dict]]:
+    """Each method and the training runs it chooses among (lr aside)."""
+    no_ggb = {"dba.ggb": False, "dba.dc": "none"}
+    return {
+        "direct": [{"name": "direct", "method": "direct"}],
+        "al": [{"name": "al", "method": "dba", "set": no_ggb}],
+        "dba": [{"name": "dba", "method": "dba"}],
+        "dba-svd": [{"name": "dba-svd", "method": "dba", "set": {"global_gradient": svd_uri}}],
+        "dba-no-dc": [{"name": "dba-no-dc", "method": "dba", "set": {"dba.dc": "none"}}],
+        "dba-pcgrad": [{"name": "dba-pcgrad", "method": "dba", "set": {"dba.dc": "pcgrad"}}],
+        "dba-fisher": [{"name": "dba-fisher", "method": "dba", "set": {"dba.anchor": "fisher", "dba.fisher_lambda": 0.1}}],
+        "fisher": [{"name": f"fisher-{lam:g}", "method": "dba",
+                    "set": {**no_ggb, "dba.anchor": "fisher", "dba.fisher_lambda": lam}} for lam in FISHER_LAMBDAS],
+        "mixture": [{"name": f"mixture-r{r:g}", "method": "mixture", "set": {"mixture.ratio": r}} for r in MIXTURE_RATIOS],
+        "lora": [{"name": "lora", "method": "lora"}],
+    }
 
 
-def pretrain(data: Path, out: Path) -> tuple[str, dict]:
-    tree = domain_config(data, out, None)
+class Bench:
+    """Paths and settings of one benchmark run."""
+
+    def __init__(self, data: Path, out: Path, smoke: bool):
+        self.data, self.out, self.smoke = data.resolve(), out.resolve(), smoke
+        self.dest = self.out if smoke else HERE  # where results and plots go
+
+    def tree(self, domain: str | None, steps: int | None = None) -> dict:
+        train, evalset = DOMAINS[domain or "medicine"]
+        text = (HERE / "base.yaml").read_text()
+        text = text.replace("DOMAIN_TRAIN", train).replace("DOMAIN_EVAL", evalset)
+        text = text.replace("DOMAIN", domain or "medicine").replace("DATA", str(self.data)).replace("OUT", str(self.out))
+        tree = yaml.safe_load(text)
+        if steps:
+            tree["train"]["max_steps"] = steps
+        if self.smoke:  # the whole path in minutes: tiny model, few steps, few sequences
+            tree["model"]["builtin_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+            tree["pretrain"].update(max_steps=20, eval_every=10)
+            tree["stage1"]["max_tokens"] = 20000
+            tree["eval"]["max_sequences"] = 16
+            tree["train"]["max_steps"] = max(2, (steps or 40) // 100)
+        return tree
+
+
+# ---------------------------------------------------------------- base and ĝ_G
+
+
+def prepare_base(b: Bench) -> tuple[str, dict, dict]:
+    """Base model (cached), ĝ_G + v_G, and the SVD-compressed copy."""
+    tree = b.tree(None)
     tree["train"]["cpus_per_worker"] = 2  # one run: both cores
     cfg = ensure_base_model(Config.model_validate(tree))
-    path = cfg.model.name_or_path
-    curve = [r for r in read_curves(str(Path(path).parent)) if r["kind"] == "eval"]
-    n_params = sum(p.numel() for p in load_model(cfg.model).parameters())
+    base = cfg.model.name_or_path
+    stage1 = ensure_global_gradient(cfg)
+    svd_uri = str(b.out / "global_gradient_svd")
+    hidden = tree["model"]["builtin_config"]["hidden_size"]
+    if not (Path(svd_uri) / "meta.json").exists():
+        full = artifact.load(stage1["uri"])
+        artifact.save(svd_uri, full, overwrite=True, svd_rank=hidden // 8)
+    curve = [r for r in read_curves(str(Path(base).parent)) if r["kind"] == "eval"]
     p = tree["pretrain"]
     info = {
-        "path": path, "parameters": n_params,
+        "path": base, "parameters": sum(x.numel() for x in load_model(cfg.model).parameters()),
         "tokens": p["max_steps"] * p["batch_size"] * p["data"]["seq_len"],
-        "eval_curve": [{"step": r["step"], "nll": r.get("wikitext/nll"), "acc": r.get("wikitext/acc")} for r in curve],
+        "eval_curve": [{"step": r["step"], "nll": r.get("wikitext/nll")} for r in curve],
+        "svd_rank": hidden // 8,
+        "svd_relative_error": artifact.read_meta(svd_uri)["compression"]["relative_error"],
     }
-    return path, info
+    return base, stage1, {**info, "svd_uri": svd_uri}
 
 
-def compare(data: Path, out: Path, domain: str, base: str, methods: list, lrs: list, seeds: list,
-            mixture_ratios: list, sub: str = "") -> dict:
-    tree = domain_config(data, out, domain)
+# ---------------------------------------------------------------- phases
+
+
+def phase(b: Bench, base: str, regime: str, domain: str, name: str, specs: list[dict], lrs: list[float],
+          seeds: list[int], merge_runs: list[str] | None = None, knobs: list[float] | None = None) -> dict:
+    """One `dba-ray compare` (cached by its settings) under OUT/regime/domain/name."""
+    tree = b.tree(domain, REGIMES[regime])
     tree.pop("pretrain")
     tree["model"]["name_or_path"] = tree["model"]["tokenizer"] = base
     tree["model"].pop("builtin_config")
-    tree["methods"] = methods
-    tree["compare"] = {"lrs": lrs, "seeds": seeds, "mixture_ratios": mixture_ratios, "max_concurrent": 2}
-    if sub:
-        tree["output_dir"] += f"/{sub}"
-    return run_compare(Config.model_validate(tree))
+    tree["output_dir"] = str(b.out / regime / domain / name)
+    tree["methods"] = specs
+    tree["compare"] = {"lrs": lrs, "seeds": seeds, "max_concurrent": 2}
+    merge_runs = [m for m in merge_runs or [] if m in {s["name"] for s in specs}]
+    if merge_runs:
+        tree["merge"] = {"mode": "linear", "knobs": knobs, "methods": merge_runs}
+    key = digest(tree)
+    done = Path(tree["output_dir"]) / "phase.json"
+    if done.exists() and json.loads(done.read_text())["digest"] == key:
+        return json.loads(done.read_text())["report"]
+    log.info("%s / %s / %s: %d specs × %d lrs × %d seeds", regime, domain, name, len(specs), max(len(lrs), 1), len(seeds))
+    report = run_compare(Config.model_validate(tree))
+    done.write_text(json.dumps({"digest": key, "report": report}, default=str))
+    return report
 
 
-def best_points(report: dict) -> dict[str, float]:
-    """Each method's learning rate with the highest S."""
-    best: dict[str, tuple[float, float]] = {}
-    for r in report["results"].values():
-        if not math.isnan(r["S"]) and r["S"] > best.get(r["method"], (-1.0, 0.0))[0]:
-            best[r["method"]] = (r["S"], r["lr"])
-    return {m: lr for m, (_, lr) in best.items()}
+def candidates(method: str, specs: list[dict], reports: list[dict]) -> list[Candidate]:
+    """Every option of ``method`` in the grid reports, with its validation S only."""
+    names = {s["name"]: s for s in specs}
+    out = []
+    for rep in reports:
+        for run, r in rep["results"].items():
+            if r["method"] not in names:
+                continue
+            spec = names[r["method"]]
+            out.append(Candidate(method, spec, r["lr"], None, r["validation"]["S"]))  # never r["S"]: a test score
+            merged = (rep.get("merges") or {}).get(run)
+            if method in MERGED and merged:
+                out += [Candidate(method, spec, r["lr"], p["knob"], p["validation"]["S"]) for p in merged["points"]]
+    if method in MERGED:  # the trained run is the α = 1 end of its own curve
+        out = [c if c.knob is not None else Candidate(c.method, c.spec, c.lr, 1.0, c.validation_s) for c in out]
+    return out
 
 
-def seed_methods(best: dict[str, float]) -> list:
-    """The grid's methods again, each at its best learning rate."""
-    specs = []
-    for m in METHODS + [{"name": f"mixture-r{r:g}", "method": "mixture", "set": {"mixture.ratio": r}} for r in MIXTURE_RATIOS]:
-        spec = {"name": m, "method": m} if isinstance(m, str) else dict(m)
-        spec["set"] = {**spec.get("set", {}), "schedule.lr": best[spec["name"]]}
-        specs.append(spec)
-    return specs
+def grid(b: Bench, base: str, regime: str, domain: str, specs_by_method: dict[str, list[dict]]) -> list[dict]:
+    """Seed 0 over each method's lrs, extended until every validation optimum is interior."""
+    main = [s for m, ss in specs_by_method.items() if m != "lora" for s in ss]
+    merge_runs = [m for m in MERGED.values() if m in specs_by_method] if regime == "long" else None
+    lrs = LRS[:1] if b.smoke else LRS
+    reports = [phase(b, base, regime, domain, "grid", main, lrs, [0], merge_runs, MERGE_KNOBS)]
+    if "lora" in specs_by_method:
+        lora_lrs = LORA_LRS[:1] if b.smoke else LORA_LRS
+        reports.append(phase(b, base, regime, domain, "grid-lora", specs_by_method["lora"], lora_lrs, [0]))
+    for round_ in range(0 if b.smoke else MAX_EXTENSIONS):
+        extra = []
+        for method, specs in specs_by_method.items():
+            cands = candidates(method, specs, reports)
+            tried = sorted({c.lr for c in cands})
+            side = edge_lrs(cands, tried)
+            if side is None:
+                continue
+            i = LADDER.index(min(tried) if side == "low" else max(tried)) + (-1 if side == "low" else 1)
+            if 0 <= i < len(LADDER):
+                extra += [{**s, "set": {**s.get("set", {}), "schedule.lr": LADDER[i]}} for s in specs]
+        if not extra:
+            break
+        reports.append(phase(b, base, regime, domain, f"extend-{round_ + 1}", extra, [], [0], merge_runs, MERGE_KNOBS))
+    return reports
 
 
-def summarize(grid: dict, seeds: dict) -> dict:
-    rows = {}
-    for method, lr in best_points(grid).items():
-        runs = [r for r in grid["results"].values() if r["method"] == method and r["lr"] == lr]
-        runs += [r for r in seeds["results"].values() if r["method"] == method]
-        row = {"lr": lr, "n": len(runs)}
-        for k in ("S_D", "S_G", "S"):
-            vals = [r[k] for r in runs]
-            row[k] = statistics.mean(vals)
-            row[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        row["cost_tokens"] = runs[0]["cost"]["total_tokens"]
-        row["wall_s"] = statistics.mean(r["wall_s"] for r in runs)
-        rows[method] = row
-    return rows
+def seed_runs(b: Bench, base: str, regime: str, domain: str, choices: dict[str, Candidate]) -> dict:
+    """Seeds 1–3 at every choice (one run per distinct spec and lr)."""
+    specs, merged = {}, set()
+    for method, c in choices.items():
+        name = f"{c.spec['name']}_lr{c.lr:g}"
+        specs[name] = {**c.spec, "name": name, "set": {**c.spec.get("set", {}), "schedule.lr": c.lr}}
+        if method in MERGED and c.knob != 1.0:
+            merged.add(name)
+    knobs = sorted({c.knob for m, c in choices.items() if m in MERGED and c.knob != 1.0})
+    seeds = SEEDS[:2] if b.smoke else SEEDS
+    return phase(b, base, regime, domain, "seeds", list(specs.values()), [], seeds, sorted(merged) or None, knobs or None)
 
 
-def grid_by_method(grid: dict) -> dict[str, dict[float, dict]]:
-    by: dict[str, dict[float, dict]] = {}
-    for r in grid["results"].values():
-        by.setdefault(r["method"], {})[r["lr"]] = r
-    return by
-
-
-def s_g_at(per_lr: dict[float, dict], s_d: float) -> float | None:
-    """S_G where a method's curve (its runs joined in order of learning rate, as in the
-    frontier plot) reaches domain score s_d, by linear interpolation; the highest such
-    point if it crosses s_d more than once, None if it does not pass through s_d."""
-    pts = [(per_lr[lr]["S_D"], per_lr[lr]["S_G"]) for lr in sorted(per_lr)]
-    hits = [y for x, y in pts if x == s_d]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if min(x0, x1) < s_d < max(x0, x1):
-            hits.append(y0 + (y1 - y0) * (s_d - x0) / (x1 - x0))
-    return max(hits, default=None)
-
-
-def frontier_table(by: dict[str, dict[float, dict]]) -> list[str]:
-    """S_G of every method at direct's domain scores: who keeps more general ability for
-    the same domain gain."""
-    ref = by["direct"]
-    lines = ["| method | " + " | ".join(f"S_D {ref[lr]['S_D']:.3f} (direct lr {lr:g})" for lr in sorted(ref)) + " |",
-             "|---|" + "---|" * len(ref)]
-    for m, per in by.items():
-        cells = []
-        for lr in sorted(ref):
-            y = s_g_at(per, ref[lr]["S_D"])
-            cells.append("—" if y is None else f"{y:.3f} ({y - ref[lr]['S_G']:+.3f})")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def above_direct_table(by: dict[str, dict[float, dict]]) -> list[str]:
-    """The other view: each run's S_G minus direct's where direct's curve reaches the
-    run's S_D. With three points per curve the two views can differ in sign; a method
-    is ahead of direct on the frontier only where both say so."""
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |", "|---|" + "---|" * len(LRS)]
-    for m, per in by.items():
-        if m == "direct":
+def seed_scores(report: dict, c: Candidate) -> dict[int, dict]:
+    """Test scores by seed of a choice, in the seeds report (a merged choice: the point
+    at its knob)."""
+    name = f"{c.spec['name']}_lr{c.lr:g}"
+    out = {}
+    for run, r in report["results"].items():
+        if r["method"] != name:
             continue
-        cells = []
-        for lr in LRS:
-            y = s_g_at(by["direct"], per[lr]["S_D"]) if lr in per else None
-            cells.append("—" if y is None else f"{per[lr]['S_G'] - y:+.3f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return lines
+        if c.knob is None or c.knob == 1.0:
+            out[r["seed"]] = {k: r[k] for k in ("S_D", "S_G", "S", "eval")}
+        else:
+            point = next(p for p in report["merges"][run]["points"] if p["knob"] == c.knob)
+            out[r["seed"]] = point["test"]
+    return out
+
+
+# ---------------------------------------------------------------- one regime × domain
+
+
+def evaluate_domain(b: Bench, base: str, regime: str, domain: str, specs_by_method: dict, stage1: dict) -> dict:
+    reports = grid(b, base, regime, domain, specs_by_method)
+    methods = list(specs_by_method) + ([m for m, src in MERGED.items() if src in specs_by_method] if regime == "long" else [])
+    choices = {m: choose(candidates(m, specs_by_method[MERGED.get(m, m)], reports)) for m in methods}
+    seeds = seed_runs(b, base, regime, domain, choices)
+    scores = {m: seed_scores(seeds, c) for m, c in choices.items()}
+    s = {m: {seed: v["S"] for seed, v in by.items()} for m, by in scores.items()}
+    rows = {}
+    for m, c in choices.items():
+        vals = scores[m]
+        per_set = {k: statistics.mean(v["eval"][k]["acc"] for v in vals.values()) for k in next(iter(vals.values()))["eval"]}
+        rows[m] = {
+            "choice": {"spec": c.spec["name"], "lr": c.lr, "knob": c.knob, "validation_S": c.validation_s},
+            "seeds": sorted(vals),
+            **{k: statistics.mean(v[k] for v in vals.values()) for k in ("S_D", "S_G", "S")},
+            "per_set_acc": per_set,
+            "vs_direct": vars(paired(s[m], s["direct"])) if m != "direct" else None,
+            "vs_mixture": vars(paired(s[m], s["mixture"])) if m != "mixture" else None,
+            "cost": vars(method_cost(m, c, reports, seeds, stage1)),
+            "wall_s_per_run": _mean_wall(seeds, c),
+        }
+    base_scores = reports[0]["base"]
+    plot = b.dest / f"{regime}_{domain}_frontier.png"
+    frontier({"base": base_scores, "results": {k: v for r in reports for k, v in r["results"].items()},
+              "merges": {k: v for r in reports for k, v in (r.get("merges") or {}).items()}},
+             str(plot), title=f"{domain}, T = {REGIMES[regime]}: S_G against S_D on the test sets (seed 0)")
+    return {"base": {k: base_scores[k] for k in ("S_D", "S_G", "S", "eval")}, "methods": rows,
+            "grid": [{run: {k: r[k] for k in ("method", "lr", "S_D", "S_G", "S", "validation")}
+                      for run, r in rep["results"].items()} for rep in reports],
+            "frontier_png": plot.name}
+
+
+def _mean_wall(report: dict, c: Candidate) -> float:
+    name = f"{c.spec['name']}_lr{c.lr:g}"
+    return statistics.mean(r["wall_s"] for r in report["results"].values() if r["method"] == name)
+
+
+def method_cost(method: str, c: Candidate, grid_reports: list[dict], seeds: dict, stage1: dict) -> Cost:
+    name = f"{c.spec['name']}_lr{c.lr:g}"
+    run = next(r for r in seeds["results"].values() if r["method"] == name)
+    runs = 1
+    if c.spec["method"] == "mixture":  # the ratio search: one run per ratio, per domain
+        runs = len(MIXTURE_RATIOS)
+    eval_tokens = 0
+    if method in MERGED:  # the merge curve of the chosen run (seed 0), forward only
+        curve = next((m for rep in grid_reports for k, m in (rep.get("merges") or {}).items()
+                      if rep["results"][k]["method"] == c.spec["name"] and rep["results"][k]["lr"] == c.lr), None)
+        eval_tokens = curve["eval_tokens"] if curve else 0
+    return Cost(run["tokens"], runs, stage1["tokens"] if run["uses_global_gradient"] else 0, eval_tokens)
+
+
+# ---------------------------------------------------------------- tables
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Base model: {results['base']['parameters']:,} parameters, pretrained on "
-             f"{results['base']['tokens']:,} tokens; eval NLL by step: "
-             + ", ".join(f"{p['step']}: {p['nll']:.3f}" for p in results["base"]["eval_curve"]), ""]
-    for domain, d in results["domains"].items():
-        b = d["grid"]["base"]
-        lines += [f"### {domain}", "", f"Base: S_D {b['S_D']:.4f}, S_G {b['S_G']:.4f}, S {b['S']:.4f}.", "",
-                  "Grid (seed 0): S_D / S_G / S per learning rate", "",
-                  "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |", "|---|" + "---|" * len(LRS)]
-        by = grid_by_method(d["grid"])
-        for m, per in by.items():
-            cells = [f"{per[lr]['S_D']:.3f} / {per[lr]['S_G']:.3f} / {per[lr]['S']:.3f}" if lr in per else "" for lr in LRS]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += ["", "Frontier at equal domain score (seed 0): each method's S_G where its curve (runs joined "
-                  "in order of lr, as in the plot) reaches direct's S_D, and the difference from direct; "
-                  "— where its curve does not pass through that S_D", ""] + frontier_table(by)
-        lines += ["", "The same frontier seen from each run (seed 0): its S_G minus direct's S_G where "
-                  "direct's curve reaches the run's S_D; — outside direct's range", ""] + above_direct_table(by)
-        lines += ["", "Best lr per method, 3 seeds (mean ± std); total cost in trained tokens (Stage 1 "
-                  "charged to methods that use ĝ_G, the ratio search to mixture)", "",
-                  "| method | lr | S_D | S_G | S | total cost (tokens) | wall s / run |", "|---|---|---|---|---|---|---|"]
-        for m, r in sorted(d["summary"].items(), key=lambda x: -x[1]["S"]):
-            lines.append(
-                f"| {m} | {r['lr']:g} | {r['S_D']:.4f} ± {r['S_D_std']:.4f} | {r['S_G']:.4f} ± {r['S_G_std']:.4f} "
-                f"| {r['S']:.4f} ± {r['S_std']:.4f} | {r['cost_tokens']:,} | {r['wall_s']:.0f} |"
-            )
-        lines += ["", f"![{domain} frontier]({domain}_frontier.png)", ""]
+    b = results["base"]
+    lines = [f"Base: {b['parameters']:,} parameters, pretrained on {b['tokens']:,} tokens of WikiText-2 "
+             f"(validation tenth held out); eval NLL by step: "
+             + ", ".join(f"{p['step']}: {p['nll']:.3f}" for p in b["eval_curve"] if p["nll"] is not None)
+             + f". ĝ_G SVD rank {b['svd_rank']}: relative error {b['svd_relative_error']:.3f}.", ""]
+    for regime, domains in results["regimes"].items():
+        lines += [f"## Regime {regime}: T = {REGIMES[regime]} domain steps", ""]
+        for domain, d in domains.items():
+            base = d["base"]
+            sets = list(base["eval"])
+            lines += [f"### {regime} / {domain}", "",
+                      f"Base: S_D {base['S_D']:.4f}, S_G {base['S_G']:.4f}, S {base['S']:.4f}. Test scores: mean of "
+                      f"seeds {', '.join(map(str, next(iter(d['methods'].values()))['seeds']))} at each method's "
+                      "validation choice; Δ: paired difference in S, mean [95% interval]; verdict by the rule above.", "",
+                      "| method | choice (validation S) | S_D | S_G | " + " | ".join(f"{s} acc" for s in sets)
+                      + " | S | Δ S vs direct | vs direct | Δ S vs mixture | vs mixture |",
+                      "|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|---|"]
+            for m, r in sorted(d["methods"].items(), key=lambda x: -x[1]["S"]):
+                ch = r["choice"]
+                choice = f"{ch['spec']}, lr {ch['lr']:g}" + (f", α {ch['knob']:g}" if ch["knob"] is not None else "")
+                cells = [m, f"{choice} ({ch['validation_S']:.4f})", f"{r['S_D']:.4f}", f"{r['S_G']:.4f}"]
+                cells += [f"{r['per_set_acc'][s]:.4f}" for s in sets] + [f"{r['S']:.4f}"]
+                for ref in ("vs_direct", "vs_mixture"):
+                    iv = r[ref]
+                    cells += ["—", "—"] if iv is None else [_iv(iv), _verdict(iv)]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines += ["", f"![{regime} {domain} frontier]({d['frontier_png']})", ""]
+        lines += cost_table(domains)
     return "\n".join(lines) + "\n"
+
+
+def _iv(iv: dict) -> str:
+    return f"{iv['mean']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}]"
+
+
+def _verdict(iv: dict) -> str:
+    if iv["n"] < 2:
+        return "n/a"
+    return "ahead" if iv["low"] > 0 else "behind" if iv["high"] < 0 else "tie"
+
+
+def cost_table(domains: dict) -> list[str]:
+    first = next(iter(domains.values()))["methods"]
+    lines = ["Cost in trained tokens (forward + backward; Stage 1 shared by all domains, the mixture's ratio "
+             "search per domain; merge curves' evaluated tokens, forward only, apart), at the benchmark's run "
+             "length and at 10× it:", "",
+             "| method | tokens / run | runs / domain | Stage 1 | merge eval / domain | 1 domain | 4 | 10 | 1 domain, 10× T | 4, 10× | 10, 10× | wall s / run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, r in first.items():
+        c = Cost(**r["cost"])
+        cells = [m, f"{c.run_tokens:,}", str(c.runs_per_domain), f"{c.stage1_tokens:,}", f"{c.eval_tokens:,}"]
+        cells += [f"{total_tokens(c, n, length):,}" for length in (1, 10) for n in (1, 4, 10)]
+        lines.append("| " + " | ".join(cells) + f" | {r['wall_s_per_run']:.0f} |")
+    return lines + [""]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, help="folder laid out like ../shared/data")
     ap.add_argument("--out", type=Path, default=HERE / "out")
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    ap.add_argument("--smoke", action="store_true", help="tiny model and grid: checks the whole path in minutes")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = args.out.resolve()
-    base, info = pretrain(args.data, out)
-    results = {"base": info, "domains": {}}
-    for domain in args.domains:
-        grid = compare(args.data, out, domain, base, METHODS, LRS, [0], MIXTURE_RATIOS)
-        seeds = compare(args.data, out, domain, base, seed_methods(best_points(grid)), [], SEEDS, [], sub="seeds")
-        results["domains"][domain] = {"grid": grid, "seeds": seeds, "summary": summarize(grid, seeds)}
-        for plot in ("frontier", "dba_curves"):
-            shutil.copy(out / domain / f"{plot}.png", HERE / f"{domain}_{plot}.png")
-        (HERE / "results.json").write_text(json.dumps(results, indent=1, default=str))
-        (HERE / "results.md").write_text(markdown(results))
-    print((HERE / "results.md").read_text())
+    b = Bench(args.data, args.out, args.smoke)
+    dest = b.dest
+    start = time.monotonic()
+    base, stage1, info = prepare_base(b)
+    specs = method_specs(info.pop("svd_uri"))
+    results = {"base": info, "stage1": stage1, "regimes": {}}
+    for regime in args.regimes:
+        chosen = specs if regime == "long" else {m: specs[m] for m in SHORT_METHODS}
+        for domain in args.domains:
+            d = evaluate_domain(b, base, regime, domain, chosen, stage1)
+            results["regimes"].setdefault(regime, {})[domain] = d
+            results["wall_s"] = time.monotonic() - start
+            (dest / "results.json").write_text(json.dumps(results, indent=1, default=str))
+            (dest / "results.md").write_text(markdown(results))
+    print((dest / "results.md").read_text())
 
 
 if __name__ == "__main__":
