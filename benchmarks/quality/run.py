@@ -64,21 +64,27 @@ SHORT_METHODS = ["direct", "al", "dba", "dba-fisher", "fisher", "mixture", "lora
 MAX_EXTENSIONS = 2
 
 
-def method_specs(svd_uri: str) -> dict[str, list[dict]]:
-    """Each method and the training runs it chooses among (lr aside)."""
+def method_groups(svd_uri: str) -> dict[str, dict[str, list[dict]]]:
+    """Groups of methods (each its own phases, so a group added later leaves the others'
+    runs in place), each method with the training runs it chooses among (lr aside)."""
     no_ggb = {"dba.ggb": False, "dba.dc": "none"}
     return {
-        "direct": [{"name": "direct", "method": "direct"}],
-        "al": [{"name": "al", "method": "dba", "set": no_ggb}],
-        "dba": [{"name": "dba", "method": "dba"}],
-        "dba-svd": [{"name": "dba-svd", "method": "dba", "set": {"global_gradient": svd_uri}}],
-        "dba-no-dc": [{"name": "dba-no-dc", "method": "dba", "set": {"dba.dc": "none"}}],
-        "dba-pcgrad": [{"name": "dba-pcgrad", "method": "dba", "set": {"dba.dc": "pcgrad"}}],
-        "dba-fisher": [{"name": "dba-fisher", "method": "dba", "set": {"dba.anchor": "fisher", "dba.fisher_lambda": 0.1}}],
-        "fisher": [{"name": f"fisher-{lam:g}", "method": "dba",
-                    "set": {**no_ggb, "dba.anchor": "fisher", "dba.fisher_lambda": lam}} for lam in FISHER_LAMBDAS],
-        "mixture": [{"name": f"mixture-r{r:g}", "method": "mixture", "set": {"mixture.ratio": r}} for r in MIXTURE_RATIOS],
-        "lora": [{"name": "lora", "method": "lora"}],
+        "core": {
+            "direct": [{"name": "direct", "method": "direct"}],
+            "al": [{"name": "al", "method": "dba", "set": no_ggb}],
+            "dba": [{"name": "dba", "method": "dba"}],
+            "dba-svd": [{"name": "dba-svd", "method": "dba", "set": {"global_gradient": svd_uri}}],
+            "dba-no-dc": [{"name": "dba-no-dc", "method": "dba", "set": {"dba.dc": "none"}}],
+            "dba-pcgrad": [{"name": "dba-pcgrad", "method": "dba", "set": {"dba.dc": "pcgrad"}}],
+            "dba-fisher": [{"name": "dba-fisher", "method": "dba",
+                            "set": {"dba.anchor": "fisher", "dba.fisher_lambda": 0.1}}],
+            "fisher": [{"name": f"fisher-{lam:g}", "method": "dba",
+                        "set": {**no_ggb, "dba.anchor": "fisher", "dba.fisher_lambda": lam}}
+                       for lam in FISHER_LAMBDAS],
+            "mixture": [{"name": f"mixture-r{r:g}", "method": "mixture", "set": {"mixture.ratio": r}}
+                        for r in MIXTURE_RATIOS],
+        },
+        "lora": {"lora": [{"name": "lora", "method": "lora"}]},
     }
 
 
@@ -177,34 +183,34 @@ def candidates(method: str, specs: list[dict], reports: list[dict]) -> list[Cand
     return out
 
 
-def grid(b: Bench, base: str, regime: str, domain: str, specs_by_method: dict[str, list[dict]]) -> list[dict]:
-    """Seed 0 over each method's lrs, extended until every validation optimum is interior."""
-    main = [s for m, ss in specs_by_method.items() if m != "lora" for s in ss]
+def grid(b: Bench, base: str, regime: str, domain: str, group: str, specs_by_method: dict[str, list[dict]]) -> list[dict]:
+    """Seed 0 of a group's methods over their lrs, extended until every validation
+    optimum is interior. Each group is its own set of phases, so adding a group later
+    leaves the others' finished runs in place."""
+    specs = [s for ss in specs_by_method.values() for s in ss]
     merge_runs = [m for m in MERGED.values() if m in specs_by_method] if regime == "long" else None
-    lrs = LRS[:1] if b.smoke else LRS
-    reports = [phase(b, base, regime, domain, "grid", main, lrs, [0], merge_runs, MERGE_KNOBS)]
-    if "lora" in specs_by_method:
-        lora_lrs = LORA_LRS[:1] if b.smoke else LORA_LRS
-        reports.append(phase(b, base, regime, domain, "grid-lora", specs_by_method["lora"], lora_lrs, [0]))
+    lrs = LORA_LRS if group == "lora" else LRS
+    lrs = lrs[:1] if b.smoke else lrs
+    reports = [phase(b, base, regime, domain, f"{group}-grid", specs, lrs, [0], merge_runs, MERGE_KNOBS)]
     for round_ in range(0 if b.smoke else MAX_EXTENSIONS):
         extra = []
-        for method, specs in specs_by_method.items():
-            cands = candidates(method, specs, reports)
+        for method, mspecs in specs_by_method.items():
+            cands = candidates(method, mspecs, reports)
             tried = sorted({c.lr for c in cands})
             side = edge_lrs(cands, tried)
             if side is None:
                 continue
             i = LADDER.index(min(tried) if side == "low" else max(tried)) + (-1 if side == "low" else 1)
             if 0 <= i < len(LADDER):
-                extra += [{**s, "set": {**s.get("set", {}), "schedule.lr": LADDER[i]}} for s in specs]
+                extra += [{**s, "set": {**s.get("set", {}), "schedule.lr": LADDER[i]}} for s in mspecs]
         if not extra:
             break
-        reports.append(phase(b, base, regime, domain, f"extend-{round_ + 1}", extra, [], [0], merge_runs, MERGE_KNOBS))
+        reports.append(phase(b, base, regime, domain, f"{group}-extend-{round_ + 1}", extra, [], [0], merge_runs, MERGE_KNOBS))
     return reports
 
 
-def seed_runs(b: Bench, base: str, regime: str, domain: str, choices: dict[str, Candidate]) -> dict:
-    """Seeds 1–3 at every choice (one run per distinct spec and lr)."""
+def seed_runs(b: Bench, base: str, regime: str, domain: str, group: str, choices: dict[str, Candidate]) -> dict:
+    """Seeds 1–3 at every choice of a group (one run per distinct spec and lr)."""
     specs, merged = {}, set()
     for method, c in choices.items():
         name = f"{c.spec['name']}_lr{c.lr:g}"
@@ -213,7 +219,7 @@ def seed_runs(b: Bench, base: str, regime: str, domain: str, choices: dict[str, 
             merged.add(name)
     knobs = sorted({c.knob for m, c in choices.items() if m in MERGED and c.knob != 1.0})
     seeds = SEEDS[:2] if b.smoke else SEEDS
-    return phase(b, base, regime, domain, "seeds", list(specs.values()), [], seeds, sorted(merged) or None, knobs or None)
+    return phase(b, base, regime, domain, f"{group}-seeds", list(specs.values()), [], seeds, sorted(merged) or None, knobs or None)
 
 
 def seed_scores(report: dict, c: Candidate) -> dict[int, dict]:
@@ -235,26 +241,34 @@ def seed_scores(report: dict, c: Candidate) -> dict[int, dict]:
 # ---------------------------------------------------------------- one regime × domain
 
 
-def evaluate_domain(b: Bench, base: str, regime: str, domain: str, specs_by_method: dict, stage1: dict) -> dict:
-    reports = grid(b, base, regime, domain, specs_by_method)
-    methods = list(specs_by_method) + ([m for m, src in MERGED.items() if src in specs_by_method] if regime == "long" else [])
-    choices = {m: choose(candidates(m, specs_by_method[MERGED.get(m, m)], reports)) for m in methods}
-    seeds = seed_runs(b, base, regime, domain, choices)
-    scores = {m: seed_scores(seeds, c) for m, c in choices.items()}
+def evaluate_domain(b: Bench, base: str, regime: str, domain: str, groups: dict[str, dict], stage1: dict) -> dict:
+    """Every group's grid, choices and seeds in one regime and domain; the tables' rows."""
+    reports, choices, seeds, owner = [], {}, {}, {}
+    for group, specs_by_method in groups.items():
+        g_reports = grid(b, base, regime, domain, group, specs_by_method)
+        methods = list(specs_by_method)
+        if regime == "long":
+            methods += [m for m, src in MERGED.items() if src in specs_by_method]
+        g_choices = {m: choose(candidates(m, specs_by_method[MERGED.get(m, m)], g_reports)) for m in methods}
+        seeds[group] = seed_runs(b, base, regime, domain, group, g_choices)
+        reports += g_reports
+        choices.update(g_choices)
+        owner.update({m: group for m in g_choices})
+    scores = {m: seed_scores(seeds[owner[m]], c) for m, c in choices.items()}
     s = {m: {seed: v["S"] for seed, v in by.items()} for m, by in scores.items()}
     rows = {}
     for m, c in choices.items():
         vals = scores[m]
-        per_set = {k: statistics.mean(v["eval"][k]["acc"] for v in vals.values()) for k in next(iter(vals.values()))["eval"]}
+        sets = next(iter(vals.values()))["eval"]
         rows[m] = {
             "choice": {"spec": c.spec["name"], "lr": c.lr, "knob": c.knob, "validation_S": c.validation_s},
             "seeds": sorted(vals),
             **{k: statistics.mean(v[k] for v in vals.values()) for k in ("S_D", "S_G", "S")},
-            "per_set_acc": per_set,
+            "per_set_acc": {k: statistics.mean(v["eval"][k]["acc"] for v in vals.values()) for k in sets},
             "vs_direct": vars(paired(s[m], s["direct"])) if m != "direct" else None,
             "vs_mixture": vars(paired(s[m], s["mixture"])) if m != "mixture" else None,
-            "cost": vars(method_cost(m, c, reports, seeds, stage1)),
-            "wall_s_per_run": _mean_wall(seeds, c),
+            "cost": vars(method_cost(m, c, reports, seeds[owner[m]], stage1)),
+            "wall_s_per_run": _mean_wall(seeds[owner[m]], c),
         }
     base_scores = reports[0]["base"]
     plot = b.dest / f"{regime}_{domain}_frontier.png"
@@ -359,10 +373,12 @@ def main() -> None:
     dest = b.dest
     start = time.monotonic()
     base, stage1, info = prepare_base(b)
-    specs = method_specs(info.pop("svd_uri"))
+    groups = method_groups(info.pop("svd_uri"))
     results = {"base": info, "stage1": stage1, "regimes": {}}
     for regime in args.regimes:
-        chosen = specs if regime == "long" else {m: specs[m] for m in SHORT_METHODS}
+        chosen = groups if regime == "long" else {
+            g: {m: specs for m, specs in ms.items() if m in SHORT_METHODS} for g, ms in groups.items()
+        }
         for domain in args.domains:
             d = evaluate_domain(b, base, regime, domain, chosen, stage1)
             results["regimes"].setdefault(regime, {})[domain] = d
