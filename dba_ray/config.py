@@ -189,6 +189,17 @@ class DBAConfig(_Strict):
         200.0, ge=0, description="k0·T, the boost knob that does not depend on T (paper: 200)."
     )
     gamma_max: float = Field(1.0, ge=0, le=1, description="Upper clip of γ_t (paper: 1).")
+    boost_mode: Literal["gradient", "update", "masked"] = Field(
+        "gradient",
+        description="Where ĝ_G enters. gradient (the paper): in g_B, which AdamW then "
+        "normalizes per weight by the domain gradient's second moment, so a weight the "
+        "domain data never moves takes a full lr-sized step along ĝ_G every step. update: "
+        "AdamW steps on g_D alone and then each weight moves by −γ_t·lr_t·ĝ_G/√v_G (v_G "
+        "from Stage 1), at most γ_t·lr_t and less where the general gradient is noise; "
+        "DC norm has nothing to restore there (c_t = 1). masked: in g_B, but ĝ_G clipped "
+        "per weight to ±|g_D| of the step, so it can tilt a weight the domain data moves "
+        "and never moves one on its own.",
+    )
     dc: Literal["norm", "cosine", "pcgrad", "none"] = Field(
         "norm",
         description="Dynamic correction of the step's learning rate (never the gradient). "

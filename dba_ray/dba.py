@@ -11,6 +11,13 @@ Per optimizer step t of T (after backward, DDP averaging and gradient clipping, 
    scaling the gradient would do nothing): see ``correction``.
 5. AL: the learning rate itself follows ``lr_at``.
 
+``boost_mode`` changes where ĝ_G enters (the paper's is ``gradient``, step 3): with
+``masked`` step 3 uses ĝ_G clipped per weight to ±|g_D|; with ``update`` the optimizer
+sees g_D and ``after_step`` then moves each weight by −γ_t·lr_t·ĝ_G/√v_G. Under AdamW
+the paper's form hands ĝ_G a full lr-sized step on every weight the domain data does
+not move (AdamW divides by the domain gradient's second moment there); both variants
+bound what ĝ_G alone can do to a weight.
+
 Everything is computed from three scalars (⟨g_D, ĝ_G⟩, ‖g_D‖², ‖ĝ_G‖²); ‖g_B‖ follows
 from them, so a step costs one read of g_D and ĝ_G for the dot products and one
 in-place update. Under sharded training pass ``all_reduce`` to sum those scalars; with
@@ -122,6 +129,7 @@ class DBA:
         if total_steps < 1:
             raise ValueError("total_steps must be >= 1")
         self.cfg, self.total, self.all_reduce = cfg, total_steps, all_reduce
+        self.gamma = 0.0  # γ_t of the last ``apply``
         self.params = [(n, p) for n, p in params if p.requires_grad]
         missing = [n for n, _ in self.params if n not in global_grad]
         if missing:
@@ -131,9 +139,18 @@ class DBA:
         sq_norm_g = torch.stack([h.float().pow(2).sum() for h in self.g]).sum().reshape(1)
         self.norm_g = math.sqrt(self._reduce(sq_norm_g)[0])
         self.anchor = None
+        needs_v = cfg.anchor == "fisher" or (cfg.ggb and cfg.boost_mode == "update")
+        if needs_v and second_moment is None:
+            raise ValueError("anchor: fisher and boost_mode: update need the second moment v_G (stage1.second_moment)")
+        # boost_mode update: the per-weight step direction ĝ_G/√v_G, |·| <= 1 since v_G >= ĝ_G².
+        self.update_dir = None
+        if cfg.ggb and cfg.boost_mode == "update":
+            self.update_dir = []
+            for h, (n, p) in zip(self.g, self.params):
+                v = second_moment[n].to(p.device, torch.float32).view_as(local(p))
+                root = v.sqrt()
+                self.update_dir.append(torch.where(root > 0, h.float() / root, torch.zeros_like(root)).to(dtype))
         if cfg.anchor == "fisher":
-            if second_moment is None:
-                raise ValueError("anchor: fisher needs the second moment v_G (stage1.second_moment)")
             v = [second_moment[n].to(p.device, torch.float32).view_as(local(p)) for n, p in self.params]
             total = self._reduce(torch.stack([x.sum() for x in v] + [torch.tensor(float(sum(x.numel() for x in v)), device=v[0].device)]))
             mean_v = sum(total[:-1]) / total[-1]
@@ -177,17 +194,41 @@ class DBA:
                 g.add_(h, alpha=-coef)
             nd2, dot, projected = max(nd2 - dot * dot / ng2, 0.0), 0.0, True
         gamma = gamma_at(step, self.total, cfg.boost, cfg.gamma_max) if cfg.ggb else 0.0
-        if gamma > 0:
+        self.gamma = gamma
+        if cfg.boost_mode == "update":  # the boost is a move of its own, after the optimizer's
+            norm_d = math.sqrt(nd2)
+            c = correction(cfg.dc, 0.0, self.norm_g, norm_d, norm_d, cos, cfg.kappa, cfg.c_max)
+            return StepStats(gamma=gamma, cos=cos, c=c, norm_d=norm_d, norm_b=norm_d, projected=projected)
+        if gamma > 0 and cfg.boost_mode == "masked":
+            for g, h in zip(grads, self.g):
+                bound = g.abs()
+                g.mul_(1.0 - gamma).add_(torch.clamp(h.to(g.dtype), -bound, bound), alpha=gamma)
+            nb2 = self._reduce(torch.stack(torch._foreach_norm(grads)).float().pow(2).sum().reshape(1))[0]
+        elif gamma > 0:
             torch._foreach_mul_(grads, 1.0 - gamma)
             if all(g.dtype == h.dtype for g, h in zip(grads, self.g)):
                 torch._foreach_add_(grads, self.g, alpha=gamma)
             else:
                 for g, h in zip(grads, self.g):
                     g.add_(h, alpha=gamma)
-        nb2 = gamma**2 * ng2 + (1 - gamma) ** 2 * nd2 + 2 * gamma * (1 - gamma) * dot
+        if gamma == 0 or cfg.boost_mode != "masked":
+            nb2 = gamma**2 * ng2 + (1 - gamma) ** 2 * nd2 + 2 * gamma * (1 - gamma) * dot
         norm_d, norm_b = math.sqrt(nd2), math.sqrt(max(nb2, 0.0))
         c = correction(cfg.dc, gamma, self.norm_g, norm_d, norm_b, cos, cfg.kappa, cfg.c_max)
         return StepStats(gamma=gamma, cos=cos, c=c, norm_d=norm_d, norm_b=norm_b, projected=projected)
+
+    @torch.no_grad()
+    def after_step(self, lr: float) -> None:
+        """After the optimizer's step (``lr``: the step's learning rate, c_t included):
+        ``boost_mode: update`` moves each weight by −γ_t·lr·ĝ_G/√v_G; else nothing."""
+        if self.update_dir is None or self.gamma == 0:
+            return
+        params = [local(p) for _, p in self.params]
+        if all(p.dtype == d.dtype for p, d in zip(params, self.update_dir)):
+            torch._foreach_add_(params, self.update_dir, alpha=-self.gamma * lr)
+        else:
+            for p, d in zip(params, self.update_dir):
+                p.add_(d.to(p.dtype), alpha=-self.gamma * lr)
 
 
 class DBAOptimizer(torch.optim.Optimizer):
@@ -239,6 +280,7 @@ class DBAOptimizer(torch.optim.Optimizer):
             g["lr"] = g["lr"] * stats.c
         try:
             self.optimizer.step()
+            self.dba.after_step(self.param_groups[0]["lr"])
         finally:
             for g, lr in zip(self.param_groups, base):
                 g["lr"] = lr

@@ -236,6 +236,8 @@ def _train_loop(config: dict) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step()
+        if dba is not None:
+            dba.after_step(lr)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += n_global
@@ -416,9 +418,11 @@ def run_train(
                     "ĝ_G at %s was computed on %s, not %s (same parameter shapes)",
                     grad_source, meta["base_model"]["name_or_path"], cfg.model.name_or_path,
                 )
-            if dba_cfg.anchor == "fisher" and not meta.get("has_second_moment"):
+            needs_v = dba_cfg.anchor == "fisher" or (dba_cfg.ggb and dba_cfg.boost_mode == "update")
+            if needs_v and not meta.get("has_second_moment"):
+                what = "anchor: fisher" if dba_cfg.anchor == "fisher" else "boost_mode: update"
                 raise UserError(
-                    f"anchor: fisher needs v_G, but {grad_source} has none "
+                    f"{what} needs v_G, but {grad_source} has none "
                     "(run Stage 1 with stage1.second_moment: true)"
                 )
     ensure_ray(cfg.ray)

@@ -160,3 +160,34 @@ def test_saturation_warning_counts_the_steps_at_gamma_max():
     assert saturation_warning("dba", paper, 190) is None
     assert saturation_warning("dba", paper, 400) is None
     assert saturation_warning("dba", DBAConfig(ggb=False), 8) is None
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        # g_B = ½ĝ_G + ½g_D; AdamW's first step is −lr·sign: the untouched weight moves a full lr.
+        ("gradient", ([-0.1, -0.1], [0.1])),
+        # ĝ_G clipped to ±|g_D|: nothing for the untouched weight, and w2's boost cancels g_D.
+        ("masked", ([-0.1, 0.0], [0.0])),
+        # AdamW on g_D, then −γ·lr·ĝ_G/√v_G: −0.05·[0.1/0.2, 0.3/0.5] and −0.05·(−0.4/0.5).
+        ("update", ([-0.125, -0.03], [-0.06])),
+    ],
+)
+def test_boost_modes_against_a_hand_computed_step(mode, expected):
+    w1, w2 = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    grad = {"w1": torch.tensor([0.1, 0.3]), "w2": torch.tensor([-0.4])}
+    v_g = {"w1": torch.tensor([0.04, 0.25]), "w2": torch.tensor([0.25])}
+    cfg = DBAConfig(boost=5, gamma_max=1.0, dc="none", boost_mode=mode)  # T = 10: γ_0 = 0.5
+    dba = DBA([("w1", w1), ("w2", w2)], grad, 10, cfg, second_moment=v_g)
+    opt = DBAOptimizer(torch.optim.AdamW([w1, w2], lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0), dba)
+    w1.grad, w2.grad = torch.tensor([0.5, 0.0]), torch.tensor([0.2])  # w1[1]: no domain gradient
+    opt.step()
+    assert dba.gamma == 0.5
+    torch.testing.assert_close(w1.detach(), torch.tensor(expected[0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(w2.detach(), torch.tensor(expected[1]), rtol=0, atol=1e-6)
+    # Negative control: plain AdamW on g_D lands elsewhere in every mode.
+    plain = torch.nn.Parameter(torch.zeros(3))
+    control = torch.optim.AdamW([plain], lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    plain.grad = torch.tensor([0.5, 0.0, 0.2])
+    control.step()
+    assert not torch.allclose(torch.cat([w1, w2]).detach(), plain.detach(), atol=1e-3)
