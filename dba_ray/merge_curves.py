@@ -165,14 +165,14 @@ def _model_identity(model_dir: str) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
-def domain_fisher(cfg: Config, model_dir: str) -> tuple[str, int, float]:
-    """F_D of the trained model at ``model_dir`` on ``train.data``: (artifact URI,
-    tokens, wall seconds, 0 when reused)."""
+def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[str, int, float]:
+    """F_D of the model at ``model_dir`` on ``train.data``, kept at ``uri`` (default:
+    ``domain_fisher`` beside the model): (artifact URI, tokens, wall seconds, 0 when reused)."""
     from dba_ray.global_gradient import run_global_gradient
 
     if cfg.train.data is None:
         raise UserError("merge.mode fisher needs train.data: F_D is the domain data's Fisher")
-    uri = storage.join(os.path.dirname(model_dir.rstrip("/")), "domain_fisher")
+    uri = uri or storage.join(os.path.dirname(model_dir.rstrip("/")), "domain_fisher")
     identity = f"domain Fisher of {model_dir} ({_model_identity(model_dir)})"
     if storage.exists(storage.join(uri, artifact.META)):
         meta = artifact.read_meta(uri)

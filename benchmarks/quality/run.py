@@ -60,7 +60,7 @@ MERGED = {"direct+merge": "direct", "dba+merge": "dba"}
 REGIMES = {"long": 1000, "short": 40}
 # The short regime keeps the methods whose verdict may depend on T; the DC ablations
 # and the compressed ĝ_G were indistinguishable from dba there before (RESULTS.md).
-SHORT_METHODS = ["direct", "al", "dba", "dba-fisher", "fisher", "mixture", "lora"]
+SHORT_METHODS = ["direct", "al", "dba", "dba-fisher", "fisher", "mixture", "lora", "dba-update", "dba-masked"]
 MAX_EXTENSIONS = 2
 
 
@@ -85,6 +85,11 @@ def method_groups(svd_uri: str) -> dict[str, dict[str, list[dict]]]:
                         for r in MIXTURE_RATIOS],
         },
         "lora": {"lora": [{"name": "lora", "method": "lora"}]},
+        # GGB that respects the optimizer (the boost issue): the paper's dba otherwise.
+        "boost": {
+            "dba-update": [{"name": "dba-update", "method": "dba", "set": {"dba.boost_mode": "update"}}],
+            "dba-masked": [{"name": "dba-masked", "method": "dba", "set": {"dba.boost_mode": "masked"}}],
+        },
     }
 
 
@@ -160,6 +165,8 @@ def phase(b: Bench, base: str, regime: str, domain: str, name: str, specs: list[
     if done.exists() and json.loads(done.read_text())["digest"] == key:
         return json.loads(done.read_text())["report"]
     log.info("%s / %s / %s: %d specs × %d lrs × %d seeds", regime, domain, name, len(specs), max(len(lrs), 1), len(seeds))
+    Path(tree["output_dir"]).mkdir(parents=True, exist_ok=True)
+    (Path(tree["output_dir"]) / "config.yaml").write_text(yaml.safe_dump(tree))  # for boost_diagnosis.py
     report = run_compare(Config.model_validate(tree))
     done.write_text(json.dumps({"digest": key, "report": report}, default=str))
     return report
