@@ -191,3 +191,56 @@ def test_boost_modes_against_a_hand_computed_step(mode, expected):
     plain.grad = torch.tensor([0.5, 0.0, 0.2])
     control.step()
     assert not torch.allclose(torch.cat([w1, w2]).detach(), plain.detach(), atol=1e-3)
+
+
+def _sharded_worker(rank: int, world: int, port: int, mode: str, out: dict) -> None:
+    """One rank of a 2-process gloo group holding rows rank::world of every tensor, as
+    FSDP's shards do; DBA sums its statistics across ranks."""
+    import torch.distributed as dist
+
+    from dba_ray.sharding import all_reduce_sum
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    full = _toy_tensors()
+    rows = {n: slice(rank * t.shape[0] // world, (rank + 1) * t.shape[0] // world) for n, t in full["theta"].items()}
+    params = {n: torch.nn.Parameter(t[rows[n]].clone()) for n, t in full["theta"].items()}
+    shard = {k: {n: t[rows[n]] for n, t in full[k].items()} for k in ("grad", "v", "g_d")}
+    out[rank] = {n: p.detach() for n, p in _run_toy(params, shard, mode, all_reduce_sum).items()}
+    dist.destroy_process_group()
+
+
+def _toy_tensors() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": (4, 3), "b": (6,)}
+    t = {k: {n: torch.randn(s, generator=gen) for n, s in shapes.items()} for k in ("theta", "grad", "g_d")}
+    t["v"] = {n: g.pow(2) + torch.rand(g.shape, generator=gen) for n, g in t["grad"].items()}
+    t["g_d"]["a"][1] = 0.0  # a row the domain gradient never touches
+    return t
+
+
+def _run_toy(params: dict, t: dict, mode: str, all_reduce=None) -> dict:
+    cfg = DBAConfig(boost=3, dc="norm", boost_mode=mode, anchor="fisher", fisher_lambda=0.5)  # γ_t < 1
+    dba = DBA(list(params.items()), t["grad"], 4, cfg, second_moment=t["v"], all_reduce=all_reduce)
+    opt = DBAOptimizer(torch.optim.AdamW(params.values(), lr=0.05), dba)
+    for step in range(3):
+        for n, p in params.items():
+            p.grad = t["g_d"][n] * (step + 1) + 0.1 * p.detach()
+        opt.step()
+    return params
+
+
+@pytest.mark.parametrize("mode", ["gradient", "masked", "update"])
+def test_boost_modes_on_sharded_ranks_match_one_process(mode):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    full = _toy_tensors()
+    one = _run_toy({n: torch.nn.Parameter(t.clone()) for n, t in full["theta"].items()}, full, mode)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_sharded_worker, args=(2, port, mode, out), nprocs=2)
+    for n, p in one.items():
+        torch.testing.assert_close(torch.cat([out[0][n], out[1][n]]), p.detach(), rtol=1e-6, atol=1e-7)
