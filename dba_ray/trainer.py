@@ -83,6 +83,20 @@ def _wrap_lora(model, cfg: Config):
         raise UserError(f"train.lora: {' '.join(str(e).split())}") from None
 
 
+def build_model(cfg: Config, method: str, device: torch.device) -> torch.nn.Module:
+    """The model a run trains, in train mode: LoRA-wrapped for ``lora``."""
+    model = load_model(cfg.model).to(device)
+    if method == "lora":
+        model = _wrap_lora(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant: a checkpointed block's parameters get gradients even when its
+        # inputs need none, as under LoRA (frozen embeddings). transformers < 5 defaults
+        # to reentrant checkpointing, where LoRA's adapters got no gradient at all.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -143,12 +157,7 @@ def _train_loop(config: dict) -> dict:
     torch.set_num_threads(t.cpus_per_worker)
     device = ray.train.torch.get_device()
 
-    model = load_model(cfg.model).to(device)
-    if config["method"] == "lora":
-        model = _wrap_lora(model, cfg)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
+    model = build_model(cfg, config["method"], device)
     fsdp = t.parallel == "fsdp"
     if fsdp:  # before DBA: it keeps the (sharded) parameters and their shards of ĝ_G
         sharding.shard_model(model)
