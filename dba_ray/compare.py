@@ -18,7 +18,7 @@ import time
 
 import ray
 
-from dba_ray import storage
+from dba_ray import preflight, storage
 from dba_ray.config import Config, MethodSpec
 from dba_ray.curves import read_curves
 from dba_ray.errors import UserError
@@ -81,10 +81,11 @@ def run_compare(cfg: Config) -> dict:
 
     if not cfg.eval.sets:
         raise UserError("dba-ray compare needs eval.sets (domain and general) to score the methods")
+    runs = expand_runs(cfg)
+    preflight.check(cfg, [MethodSpec(name=r["name"], method=r["method"], set=r["set"]) for r in runs])
     ensure_ray(cfg.ray)
     start = time.monotonic()
     cfg = ensure_base_model(cfg)
-    runs = expand_runs(cfg)
     resolved = {r["name"]: resolve(cfg, MethodSpec(name=r["name"], method=r["method"], set=r["set"])) for r in runs}
     needs_grad = {n for n, c in resolved.items() if uses_global_gradient(c.train.dba)}
     stage1 = ensure_global_gradient(cfg) if needs_grad else None

@@ -19,7 +19,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dba_ray import storage
+from dba_ray import preflight, storage
 from dba_ray.config import Config, MethodSpec, flatten
 from dba_ray.errors import UserError
 from dba_ray.methods import resolve, uses_global_gradient
@@ -187,6 +187,7 @@ def run_tune(cfg: Config) -> dict:
         raise UserError("tune.asha needs train.eval_every > 0 (ASHA compares trials at evaluations)")
     if not cfg.eval.sets and not tc.validation_sets:
         raise UserError("dba-ray tune needs tune.validation_sets (or eval.sets) to measure S on")
+    preflight.check(cfg, [tc.method])
     ensure_ray(cfg.ray)
     start = time.monotonic()
     cfg = ensure_base_model(cfg)
