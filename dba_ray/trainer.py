@@ -213,6 +213,11 @@ def _train_loop(config: dict) -> dict:
             if w > 1:
                 dist.all_reduce(sums)
             out[name] = set_metrics(sums)
+        if fsdp:
+            # With no backward to follow, the root unit keeps its weights gathered and
+            # registered in place of the sharded parameters, which the optimizer, DBA
+            # and the checkpoint address.
+            model.reshard()
         return {"eval": out, **scores(out, config["eval_kinds"])}
 
     while step < total:
