@@ -85,14 +85,17 @@ def run_compare(cfg: Config) -> dict:
     preflight.check(cfg, [MethodSpec(name=r["name"], method=r["method"], set=r["set"]) for r in runs])
     ensure_ray(cfg.ray)
     start = time.monotonic()
-    cfg = ensure_base_model(cfg)
+    # Data first: too little general data for a mixture ratio is refused before
+    # pretraining and Stage 1 (the configured tokenizer is the pretrained base's too).
+    refs = {"train": prepare_train_data(cfg)}
     resolved = {r["name"]: resolve(cfg, MethodSpec(name=r["name"], method=r["method"], set=r["set"])) for r in runs}
-    needs_grad = {n for n, c in resolved.items() if uses_global_gradient(c.train.dba)}
-    stage1 = ensure_global_gradient(cfg) if needs_grad else None
-    refs = {"grad_source": stage1["uri"] if stage1 else None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
     ratios = [resolved[r["name"]].train.mixture.ratio for r in runs if r["method"] == "mixture"]
     if ratios:
         refs["general"] = prepare_mixture_data(cfg, refs["train"], ratios)
+    cfg = ensure_base_model(cfg)
+    needs_grad = {n for n, c in resolved.items() if uses_global_gradient(c.train.dba)}
+    stage1 = ensure_global_gradient(cfg) if needs_grad else None
+    refs.update(grad_source=stage1["uri"] if stage1 else None, eval=prepare_eval(cfg))
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, refs["eval"])["base"]
     log.info("compare: %d runs (%d at a time)", len(runs), cfg.compare.max_concurrent)
     trial_runs = [{k: r[k] for k in ("name", "method", "set")} for r in runs]

@@ -19,7 +19,7 @@ from dba_ray.methods import resolve, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, model_source
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import build_report, write_report
-from dba_ray.trainer import prepare_eval, prepare_train_data, run_train
+from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data, run_train
 
 log = logging.getLogger("dba_ray")
 
@@ -165,14 +165,20 @@ def run_all(cfg: Config) -> dict:
     preflight.check(cfg, cfg.methods)
     ensure_ray(cfg.ray)
     start = time.monotonic()
+    # Tokenized before pretraining and Stage 1 (with the configured tokenizer, which a
+    # pretrained base keeps), so that too little general data for a mixture is refused
+    # before hours of work.
+    train_ref = prepare_train_data(cfg)
+    ratios = [resolve(cfg, s).train.mixture.ratio for s in cfg.methods if s.method == "mixture"]
+    general_ref = prepare_mixture_data(cfg, train_ref, ratios) if ratios else None
     cfg = ensure_base_model(cfg)
     needs_grad = any(uses_global_gradient(resolve(cfg, spec).train.dba) for spec in cfg.methods)
     stage1 = ensure_global_gradient(cfg) if needs_grad else None
     eval_refs = prepare_eval(cfg)
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, eval_refs)["base"]
-    results, train_ref = {}, prepare_train_data(cfg)
+    results = {}
     for spec in cfg.methods:
-        r = run_train(cfg, spec, eval_refs=eval_refs, train_ref=train_ref)
+        r = run_train(cfg, spec, eval_refs=eval_refs, train_ref=train_ref, general_ref=general_ref)
         results[spec.name] = {**r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "model_dir": r.model_dir}
     report = build_report(
         base,

@@ -344,8 +344,9 @@ def prepare_general_data(cfg: Config, n: int) -> ray.ObjectRef:
     arrays = collect_arrays(seqs, limit=n)
     if len(arrays["input_ids"]) < n:
         raise UserError(
-            f"mixture ratio {cfg.train.mixture.ratio} needs {n} general sequences; "
-            f"{source.path or source.hf_dataset} has {len(arrays['input_ids'])}"
+            f"the mixture needs {n} general sequences (round(n_domain·r/(1−r)) at its largest "
+            f"ratio r); {source.path or source.hf_dataset} has {len(arrays['input_ids'])}: "
+            "lower the ratio or add general data"
         )
     return ray.put(arrays)
 
