@@ -81,7 +81,8 @@ def check_fingerprint(meta: dict, model: torch.nn.Module, model_name: str) -> No
     raise UserError(
         f"global gradient was computed for model {base!r} (fingerprint "
         f"{meta['param_fingerprint']}), which does not match {model_name!r} (fingerprint "
-        f"{fingerprint_of(shapes)}); first difference {diff}"
+        f"{fingerprint_of(shapes)}); first difference {diff}: compute ĝ_G for this model "
+        "(dba-ray global-gradient) or point to the artifact made for it"
     )
 
 

@@ -30,11 +30,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_config(args):
+    from dba_ray import preflight
     from dba_ray.config import load_config
     from dba_ray.ray_runtime import warn_if_output_in_job_dir
 
     cfg = load_config(args.config, args.overrides)
     warn_if_output_in_job_dir(cfg.output_dir)
+    if args.command == "global-gradient":
+        preflight.writable(cfg.stage1_output(), "stage1.output")
+    else:  # every other command with a config writes under output_dir
+        preflight.writable(cfg.output_dir, "output_dir")
     return cfg
 
 

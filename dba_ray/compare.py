@@ -18,7 +18,7 @@ import time
 
 import ray
 
-from dba_ray import storage
+from dba_ray import preflight, storage
 from dba_ray.config import Config, MethodSpec
 from dba_ray.curves import read_curves
 from dba_ray.errors import UserError
@@ -84,16 +84,15 @@ def run_compare(cfg: Config) -> dict:
 
     if not cfg.eval.sets:
         raise UserError("dba-ray compare needs eval.sets (domain and general) to score the methods")
+    runs = expand_runs(cfg)
+    preflight.check(cfg, [MethodSpec(name=r["name"], method=r["method"], set=r["set"]) for r in runs])
     check_merge(cfg)
     ensure_ray(cfg.ray)
     start = time.monotonic()
-    cfg = ensure_base_model(cfg)
-    runs = expand_runs(cfg)
+    # Data first: a data problem (a mixture without general data too) is refused before
+    # pretraining and Stage 1 (the configured tokenizer is the pretrained base's too).
+    refs = {"train": prepare_train_data(cfg)}
     resolved = {r["name"]: resolve(cfg, MethodSpec(name=r["name"], method=r["method"], set=r["set"])) for r in runs}
-    needs_grad = {n for n, c in resolved.items() if uses_global_gradient(c.train.dba)}
-    merge_fisher = cfg.merge is not None and cfg.merge.mode == "fisher"
-    stage1 = ensure_global_gradient(cfg) if needs_grad or merge_fisher else None
-    refs = {"grad_source": stage1["uri"] if stage1 else None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
     n_domain = len(ray.get(refs["train"])["input_ids"])
     warnings = {saturation_warning(r["group"], resolved[r["name"]].train.dba, planned_steps(cfg.train, n_domain))
                 for r in runs}
@@ -104,6 +103,11 @@ def run_compare(cfg: Config) -> dict:
     if ratios:
         refs["general"] = prepare_mixture_data(cfg, refs["train"], ratios)
         general_have = len(ray.get(refs["general"])["input_ids"])
+    cfg = ensure_base_model(cfg)
+    needs_grad = {n for n, c in resolved.items() if uses_global_gradient(c.train.dba)}
+    merge_fisher = cfg.merge is not None and cfg.merge.mode == "fisher"
+    stage1 = ensure_global_gradient(cfg) if needs_grad or merge_fisher else None
+    refs.update(grad_source=stage1["uri"] if stage1 else None, eval=prepare_eval(cfg))
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, refs["eval"])["base"]
     log.info("compare: %d runs (%d at a time)", len(runs), cfg.compare.max_concurrent)
     trial_runs = [{k: r[k] for k in ("name", "method", "set")} for r in runs]

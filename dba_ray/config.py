@@ -203,12 +203,20 @@ class DBAConfig(_Strict):
     dc: Literal["norm", "cosine", "pcgrad", "none"] = Field(
         "norm",
         description="Dynamic correction of the step's learning rate (never the gradient). "
-        "norm: c_t = (γ‖ĝ_G‖ + (1−γ)‖g_D‖)/‖g_B‖; cosine: c_t = 1 + kappa·(1 − cos)/2; "
-        "both clipped to [1, c_max]. pcgrad: drop g_D's component against ĝ_G, c_t = 1. "
-        "none: c_t = 1.",
+        "norm: c_t = (γ‖ĝ_G‖ + (1−γ)‖g_D‖)/‖g_B‖; cosine: c_t = 1 + kappa·(1 − cos)/2, "
+        "and c_t = 1 when cos is undefined (g_D or ĝ_G zero, e.g. a batch whose tokens are "
+        "all masked); both clipped to [1, c_max]. pcgrad: drop g_D's component against "
+        "ĝ_G, c_t = 1. none: c_t = 1.",
     )
-    kappa: float = Field(1.0, ge=0, description="Strength of the cosine correction.")
-    c_max: float = Field(2.0, ge=1, description="Largest learning-rate multiplier DC may apply.")
+    kappa: float = Field(
+        1.0,
+        ge=0,
+        description="Strength of the cosine correction: c_t runs from 1 (cos = 1) to "
+        "1 + kappa (cos = −1) before the c_max clip, so kappa above 2·(c_max − 1) saturates.",
+    )
+    c_max: float = Field(
+        2.0, ge=1, description="Largest learning-rate multiplier DC may apply (norm and cosine)."
+    )
     anchor: Literal["none", "fisher"] = Field(
         "none",
         description="fisher: add fisher_lambda·(v_G/mean(v_G))⊙(θ − θ0) to g_D, an EWC-style "
@@ -236,7 +244,8 @@ class ScheduleConfig(_Strict):
     shape: Literal["cosine", "linear", "wsd"] = Field(
         "cosine",
         description="Decay shape. wsd: stay at lr, then decay linearly over the last "
-        "decay_ratio of the steps.",
+        "decay_ratio of the steps (every step of that window lower than the one before, "
+        "the last at min_lr_ratio·lr).",
     )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps warming up.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr.")

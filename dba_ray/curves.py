@@ -36,46 +36,82 @@ def eval_row(step: int, metrics: dict) -> dict:
 
 
 class CurvesCallback(UserCallback):
-    """Appends each report's steps and evaluation to the run's curves."""
+    """Appends each report's steps and evaluation to the run's curves.
+
+    A local curves.jsonl is appended to, so a report costs what it adds. Object stores
+    cannot append: there the file is rewritten whole at every report. Steps a resumed
+    run repeats are appended again and replace the earlier ones when read."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
-        self.rows: list[dict] | None = None
+        self.path = storage.join(run_dir, CURVES)
+        self.rows: list[dict] | None = None  # object stores only: the file's content
+        self._started = False
         self._writer = None
 
-    def _load(self, first_step: int) -> None:
-        # A resumed run continues the file (after_report drops what it repeats).
-        self.rows = read_curves(self.run_dir)
-        if not storage.is_remote(self.run_dir):
-            from tensorboardX import SummaryWriter
+    def _start(self, first_step: int) -> None:
+        self._started = True
+        if storage.is_remote(self.run_dir):
+            self.rows = read_curves(self.run_dir)
+            return
+        from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=first_step)
+        _drop_torn_line(self.path)
+        self._writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=first_step)
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]  # rank 0's report
         history = m.get("history", [])
-        first = history[0]["step"] if history else m.get("step", 0)
-        if self.rows is None:
-            self._load(first)
-        # After a worker failure Train resumes from the last checkpoint: steps after it
-        # come again and replace the ones the failed attempt reported.
-        self.rows = [r for r in self.rows if r["step"] < first]
+        if not self._started:
+            self._start(history[0]["step"] if history else m.get("step", 0))
         new = [{"kind": "train", **{k: h[k] for k in ("step", *STEP_KEYS) if k in h}} for h in history]
         if "S" in m:
             new.append(eval_row(m["step"], m))
-        self.rows.extend(new)
         if self._writer is not None:
             for row in new:
                 for k, v in row.items():
                     if k not in ("kind", "step") and _finite(v):
                         self._writer.add_scalar(f"{row['kind']}/{k}", v, row["step"])
             self._writer.flush()
-        text = "".join(json.dumps(r) + "\n" for r in self.rows)
-        storage.write_bytes_atomic(storage.join(self.run_dir, CURVES), text.encode())
+        text = "".join(json.dumps(r) + "\n" for r in new)
+        if self.rows is None:
+            with open(self.path, "a") as f:  # one write: a crash tears at most this report
+                f.write(text)
+        else:
+            self.rows = _latest(self.rows + new)
+            data = "".join(json.dumps(r) + "\n" for r in self.rows)
+            storage.write_bytes_atomic(self.path, data.encode())
+
+
+def _drop_torn_line(path: str) -> None:
+    """Cut a last line a killed writer left unfinished, so appends start on a new line."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _latest(rows: list[dict]) -> list[dict]:
+    """Rows as the run finally went: when a resumed run reports step s again, it
+    replaces every row from step s on that the interrupted attempt wrote."""
+    out: list[dict] = []
+    last = 0
+    for r in rows:
+        if r["kind"] == "train":
+            if r["step"] <= last:
+                out = [o for o in out if o["step"] < r["step"]]
+            last = r["step"]
+        out.append(r)
+    return out
 
 
 def read_curves(run_dir: str) -> list[dict]:
     path = storage.join(run_dir, CURVES)
     if not storage.exists(path):
         return []
-    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line]
+    text = storage.read_bytes(path).decode()
+    lines = text.split("\n")[:-1]  # a last line without its newline is being written
+    return _latest([json.loads(line) for line in lines if line])

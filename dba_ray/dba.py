@@ -68,7 +68,10 @@ def lr_at(t: int, total: int, cfg: ScheduleConfig) -> float:
         start = max(warmup, total - decay)
         if t < start:
             return peak
-        p = (t - start) / max(total - start - 1, 1)
+        # Every step of the window decays, the last one reaches the floor: counting
+        # from 0 would keep the window's first step at the peak (a one-step window
+        # would never decay) and drop the rest in a cliff.
+        p = (t - start + 1) / (total - start)
         return peak - (peak - floor) * min(p, 1.0)
     p = min((t - warmup) / max(total - warmup - 1, 1), 1.0)
     if cfg.shape == "linear":
@@ -77,15 +80,20 @@ def lr_at(t: int, total: int, cfg: ScheduleConfig) -> float:
 
 
 def correction(
-    mode: str, gamma: float, norm_g: float, norm_d: float, norm_b: float, cos: float,
+    mode: str, gamma: float, norm_g: float, norm_d: float, norm_b: float, cos: float | None,
     kappa: float, c_max: float,
 ) -> float:
-    """c_t, the learning-rate multiplier of dynamic correction."""
+    """c_t, the learning-rate multiplier of dynamic correction, clipped to [1, c_max].
+    ``cos`` is None when undefined (g_D or ĝ_G is zero): no correction then, since
+    there is no disagreement to correct (an all-masked batch has g_D = 0, and reading
+    its cos as 0 would give it a larger step than a batch that agrees with ĝ_G)."""
     if mode == "norm":
         if norm_b == 0.0:
             return 1.0
         c = (gamma * norm_g + (1.0 - gamma) * norm_d) / norm_b
     elif mode == "cosine":
+        if cos is None:
+            return 1.0
         c = 1.0 + kappa * (1.0 - cos) / 2.0
     else:
         return 1.0
@@ -97,7 +105,7 @@ class StepStats:
     """What one DBA step did; logged every step."""
 
     gamma: float
-    cos: float  # cos(g_D, ĝ_G), before any pcgrad projection
+    cos: float  # cos(g_D, ĝ_G), before any pcgrad projection; 0 when either is zero
     c: float
     norm_d: float  # ‖g_D‖ (after anchor and projection)
     norm_b: float  # ‖g_B‖
@@ -186,7 +194,8 @@ class DBA:
             norms = torch.stack([g.float().norm() for g in grads])
         dot, nd2 = self._reduce(torch.stack([dots, norms.pow(2).sum()]))
         ng2 = self.norm_g**2
-        cos = dot / math.sqrt(nd2 * ng2) if nd2 > 0 and ng2 > 0 else 0.0
+        defined = nd2 > 0 and ng2 > 0
+        cos = dot / math.sqrt(nd2 * ng2) if defined else 0.0
         projected = False
         if cfg.dc == "pcgrad" and dot < 0 and ng2 > 0:
             coef = dot / ng2
@@ -214,7 +223,7 @@ class DBA:
         if gamma == 0 or cfg.boost_mode != "masked":
             nb2 = gamma**2 * ng2 + (1 - gamma) ** 2 * nd2 + 2 * gamma * (1 - gamma) * dot
         norm_d, norm_b = math.sqrt(nd2), math.sqrt(max(nb2, 0.0))
-        c = correction(cfg.dc, gamma, self.norm_g, norm_d, norm_b, cos, cfg.kappa, cfg.c_max)
+        c = correction(cfg.dc, gamma, self.norm_g, norm_d, norm_b, cos if defined else None, cfg.kappa, cfg.c_max)
         return StepStats(gamma=gamma, cos=cos, c=c, norm_d=norm_d, norm_b=norm_b, projected=projected)
 
     @torch.no_grad()

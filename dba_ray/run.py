@@ -9,7 +9,7 @@ import time
 
 import ray
 
-from dba_ray import artifact, storage
+from dba_ray import artifact, preflight, storage
 from dba_ray.config import Config, MergeConfig, digest
 from dba_ray.data import describe_source
 from dba_ray.errors import UserError
@@ -21,16 +21,13 @@ from dba_ray.model import load_empty_model, load_model, model_source
 from dba_ray.plots import frontier
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import build_report, merges_markdown, write_report
-from dba_ray.trainer import prepare_eval, prepare_train_data, run_train
+from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data, run_train
 
 log = logging.getLogger("dba_ray")
 
 
-def ensure_base_model(cfg: Config) -> Config:
-    """With a ``pretrain`` section, train the base model once (reused while every
-    setting pretraining depends on is unchanged) and point ``model`` at it."""
-    if cfg.pretrain is None:
-        return cfg
+def _pretrain_plan(cfg: Config) -> tuple[Config, str, str]:
+    """(the pretraining run's config, its cache folder, the model folder it leaves)."""
     p = cfg.pretrain
     pre = cfg.model_copy(deep=True)
     pre.train.data, pre.train.max_records = p.data, None
@@ -43,13 +40,14 @@ def ensure_base_model(cfg: Config) -> Config:
         [pre.model_dump(include={"model", "pretrain"}), t.optimizer.model_dump(), t.num_workers, t.seed, t.use_gpu]
     )
     base_dir = storage.join(storage.absolute(cfg.output_dir), "pretrain", key)
-    model_dir = storage.join(base_dir, "pretrain", "model")  # run_train's layout
-    if not storage.exists(storage.join(model_dir, "config.json")):
-        log.info("pretraining the base model (%d steps); cached under %s", p.max_steps, base_dir)
-        pre.output_dir = base_dir
-        run_train(pre, "pretrain")
-    else:
-        log.info("reusing the pretrained base model in %s", base_dir)
+    return pre, base_dir, storage.join(base_dir, "pretrain", "model")  # run_train's layout
+
+
+def planned_base(cfg: Config) -> Config:
+    """``cfg`` with ``model`` pointing at the base model a run will use, trained or not."""
+    if cfg.pretrain is None:
+        return cfg
+    model_dir = _pretrain_plan(cfg)[2]
     out = cfg.model_copy(deep=True)
     out.model.name_or_path = model_dir
     out.model.tokenizer = out.model.tokenizer or model_dir
@@ -57,28 +55,76 @@ def ensure_base_model(cfg: Config) -> Config:
     return out
 
 
+def ensure_base_model(cfg: Config) -> Config:
+    """With a ``pretrain`` section, train the base model once (reused while every
+    setting pretraining depends on is unchanged) and point ``model`` at it."""
+    if cfg.pretrain is None:
+        return cfg
+    p = cfg.pretrain
+    pre, base_dir, model_dir = _pretrain_plan(cfg)
+    if not storage.exists(storage.join(model_dir, "config.json")):
+        log.info("pretraining the base model (%d steps); cached under %s", p.max_steps, base_dir)
+        pre.output_dir = base_dir
+        run_train(pre, "pretrain")
+    else:
+        log.info("reusing the pretrained base model in %s", base_dir)
+    return planned_base(cfg)
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x))
+
+
+def stage1_mismatch(cfg: Config, meta: dict, check_shapes: bool = True) -> str | None:
+    """What the artifact ``meta`` describes was made differently from what Stage 1 would
+    make for ``cfg`` (a phrase for a message), or None when it can be reused."""
+    if cfg.stage1.data is None:
+        return "general data (this config has no stage1.data)"
+    checks = [
+        ("base model", meta["base_model"], _jsonable(model_source(cfg.model))),
+        ("model dtype", meta["dtype"], cfg.model.dtype),
+        ("general data", meta["data"]["description"], _jsonable(describe_source(cfg.stage1.data))),
+        ("Stage 1 settings", meta.get("stage1_settings"), stage1_settings(cfg.stage1)),
+    ]
+    for what, made, wanted in checks:
+        if made != wanted:
+            if what == "base model":
+                return f"base model ({made['name_or_path']}, this config: {wanted['name_or_path']})"
+            return what
+    if check_shapes:
+        shapes = artifact.parameter_shapes(load_empty_model(cfg.model))
+        if meta["param_fingerprint"] != artifact.fingerprint_of(shapes):
+            return "model architecture"
+    return None
+
+
+def refuse_replacing(uri: str, differs: str) -> UserError:
+    return UserError(
+        f"the global gradient at {uri} was made with another {differs}: set stage1.output to "
+        "another place for this config, or stage1.overwrite: true to replace it"
+    )
+
+
 def ensure_global_gradient(cfg: Config) -> dict:
-    """Reuse the artifact if it was made for this model and these data; else run Stage 1."""
+    """Reuse the artifact if it was made for this model and these data; else run Stage 1.
+    An artifact made differently is replaced only with ``stage1.overwrite``: it may be
+    another config's, and hours of compute at real scale."""
     uri = storage.absolute(cfg.global_gradient_source())
     if cfg.train.global_gradient is not None:
         meta = artifact.read_meta(uri)
         return {"uri": uri, "reused": True, "wall_s": stage1_wall_s(meta), "tokens": meta["tokens"]}
     if storage.exists(storage.join(uri, "meta.json")):
         meta = artifact.read_meta(uri)
-        shapes = artifact.parameter_shapes(load_empty_model(cfg.model))
-        same = (
-            meta["param_fingerprint"] == artifact.fingerprint_of(shapes)
-            and meta["base_model"] == json.loads(json.dumps(model_source(cfg.model)))
-            and meta["dtype"] == cfg.model.dtype
-            and cfg.stage1.data is not None
-            and meta["data"]["description"] == json.loads(json.dumps(describe_source(cfg.stage1.data)))
-            and meta.get("stage1_settings") == stage1_settings(cfg.stage1)
-        )
-        if same:
+        differs = stage1_mismatch(cfg, meta)
+        if differs is None:
             log.info("reusing the global gradient at %s", uri)
             return {"uri": uri, "reused": True, "wall_s": stage1_wall_s(meta), "tokens": meta["tokens"]}
-        log.info("the global gradient at %s was made for other settings: recomputing", uri)
+        if not cfg.stage1.overwrite:
+            raise refuse_replacing(uri, differs)
+        log.info("the global gradient at %s was made with another %s: replacing it (stage1.overwrite)", uri, differs)
     s1 = cfg.model_copy(deep=True)
+    # Nothing complete is there (never loaded: an interrupted write), or replacing it
+    # was allowed above.
     s1.stage1.overwrite = True
     start = time.monotonic()
     result = run_global_gradient(s1)
@@ -157,16 +203,23 @@ def run_all(cfg: Config) -> dict:
     """The whole pipeline; returns the report (also written to output_dir)."""
     if not cfg.eval.sets:
         raise UserError("dba-ray run needs eval.sets (domain and general) to score the methods")
+    preflight.check(cfg, cfg.methods)
     check_merge(cfg)
     ensure_ray(cfg.ray)
     start = time.monotonic()
+    # Tokenized before pretraining and Stage 1 (with the configured tokenizer, which a
+    # pretrained base keeps), so that a mixture without general data is refused
+    # before hours of work.
+    train_ref = prepare_train_data(cfg)
+    ratios = [resolve(cfg, s).train.mixture.ratio for s in cfg.methods if s.method == "mixture"]
+    general_ref = prepare_mixture_data(cfg, train_ref, ratios) if ratios else None
     cfg = ensure_base_model(cfg)
     stage1 = ensure_global_gradient(cfg) if needs_stage1(cfg, cfg.methods) else None
     eval_refs = prepare_eval(cfg)
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, eval_refs)["base"]
-    results, train_ref = {}, prepare_train_data(cfg)
+    results = {}
     for spec in cfg.methods:
-        r = run_train(cfg, spec, eval_refs=eval_refs, train_ref=train_ref)
+        r = run_train(cfg, spec, eval_refs=eval_refs, train_ref=train_ref, general_ref=general_ref)
         results[spec.name] = {
             **r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "model_dir": r.model_dir,
             "method": spec.name, "lr": resolve(cfg, spec).train.schedule.lr,

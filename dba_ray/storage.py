@@ -12,6 +12,7 @@ default credentials, and ``AWS_ENDPOINT_URL`` for S3-compatible servers (MinIO, 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -95,6 +96,25 @@ def list_files(uri: str) -> list[tuple[str, int]]:
     return sorted(out)
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_full(e: Exception) -> bool:
+    # safetensors (Rust) reports a full disk as a SafetensorError whose text carries
+    # the OS error number, not as an OSError.
+    if isinstance(e, OSError):
+        return e.errno in _FULL
+    return any(f"(os error {n})" in str(e) for n in _FULL)
+
+
+class NoSpace(UserError):
+    """The disk filled while writing."""
+
+
+def _no_space(uri: str) -> NoSpace:
+    return NoSpace(f"no space left on the device writing {uri}: free some, or write elsewhere")
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     if not is_remote(uri):
@@ -106,6 +126,10 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            if _is_full(e):
+                raise _no_space(uri) from None
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -147,7 +171,12 @@ def atomic_directory(uri: str, overwrite: bool, marker: str = "meta.json") -> It
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        yield str(tmp)
+        try:
+            yield str(tmp)
+        except Exception as e:  # the partial copy goes below, like any failed write
+            if isinstance(e, NoSpace) or _is_full(e):  # named by the destination, not a temporary
+                raise _no_space(uri) from None
+            raise
         if final.exists():
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)

@@ -83,6 +83,20 @@ def _wrap_lora(model, cfg: Config):
         raise UserError(f"train.lora: {' '.join(str(e).split())}") from None
 
 
+def build_model(cfg: Config, method: str, device: torch.device) -> torch.nn.Module:
+    """The model a run trains, in train mode: LoRA-wrapped for ``lora``."""
+    model = load_model(cfg.model).to(device)
+    if method == "lora":
+        model = _wrap_lora(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant: a checkpointed block's parameters get gradients even when its
+        # inputs need none, as under LoRA (frozen embeddings). transformers < 5 defaults
+        # to reentrant checkpointing, where LoRA's adapters got no gradient at all.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -143,12 +157,7 @@ def _train_loop(config: dict) -> dict:
     torch.set_num_threads(t.cpus_per_worker)
     device = ray.train.torch.get_device()
 
-    model = load_model(cfg.model).to(device)
-    if config["method"] == "lora":
-        model = _wrap_lora(model, cfg)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
+    model = build_model(cfg, config["method"], device)
     fsdp = t.parallel == "fsdp"
     if fsdp:  # before DBA: it keeps the (sharded) parameters and their shards of ĝ_G
         sharding.shard_model(model)
@@ -204,6 +213,11 @@ def _train_loop(config: dict) -> dict:
             if w > 1:
                 dist.all_reduce(sums)
             out[name] = set_metrics(sums)
+        if fsdp:
+            # With no backward to follow, the root unit keeps its weights gathered and
+            # registered in place of the sharded parameters, which the optimizer, DBA
+            # and the checkpoint address.
+            model.reshard()
         return {"eval": out, **scores(out, config["eval_kinds"])}
 
     while step < total:
@@ -363,7 +377,10 @@ def prepare_general_data(cfg: Config, n: int) -> ray.ObjectRef:
     seqs = build_sequences(source, cfg.model, concurrency=cfg.ray.tokenize_concurrency)
     arrays = collect_arrays(seqs, limit=n)
     if len(arrays["input_ids"]) == 0:
-        raise UserError(f"general data {source.path or source.hf_dataset} for the mixture has no sequences")
+        raise UserError(
+            f"the mixture's general data {source.path or source.hf_dataset} has no sequences: "
+            "point train.mixture.data (or stage1.data) at general text"
+        )
     return ray.put(arrays)
 
 

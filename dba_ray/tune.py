@@ -20,7 +20,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dba_ray import storage
+from dba_ray import preflight, storage
 from dba_ray.config import Config, MethodSpec, flatten
 from dba_ray.errors import UserError
 from dba_ray.methods import resolve, uses_global_gradient
@@ -195,6 +195,7 @@ def run_tune(cfg: Config) -> dict:
     validation = tc.validation_sets or cfg.eval.validation_sets
     if not cfg.eval.sets and not validation:
         raise UserError("dba-ray tune needs tune.validation_sets (or eval.sets) to measure S on")
+    preflight.check(cfg, [tc.method])
     ensure_ray(cfg.ray)
     start = time.monotonic()
     cfg = ensure_base_model(cfg)

@@ -31,8 +31,14 @@ def test_lr_schedules():
     lin = cos.model_copy(update={"shape": "linear"})
     assert [lr_at(t, 10, lin) for t in (2, 9)] == pytest.approx([1.0, 0.1])
     assert lr_at(5, 10, lin) == pytest.approx(1.0 - 0.9 * 3 / 7)
+    # wsd: warm up, stay at the peak, then every step of the decay window goes down,
+    # the last one to the floor (no step of the window stays at the peak).
     wsd = cos.model_copy(update={"shape": "wsd", "decay_ratio": 0.2})
-    assert [lr_at(t, 10, wsd) for t in (1, 7, 8, 9)] == pytest.approx([1.0, 1.0, 1.0, 0.1])
+    assert [lr_at(t, 10, wsd) for t in (1, 7, 8, 9)] == pytest.approx([1.0, 1.0, 0.55, 0.1])
+    wsd = cos.model_copy(update={"shape": "wsd", "decay_ratio": 0.4, "warmup_ratio": 0.0})
+    assert [lr_at(t, 10, wsd) for t in range(5, 10)] == pytest.approx([1.0, 0.775, 0.55, 0.325, 0.1])
+    one = wsd.model_copy(update={"decay_ratio": 0.1})  # a one-step window still decays
+    assert [lr_at(t, 10, one) for t in (8, 9)] == pytest.approx([1.0, 0.1])
     flat = cos.model_copy(update={"anneal": False})
     assert {lr_at(t, 10, flat) for t in range(10)} == {1.0}
     lam = schedule_lambda(10, cos)
@@ -66,6 +72,8 @@ def test_correction_modes():
     assert correction("cosine", **args, c_max=2.0) == pytest.approx(1.5)
     assert correction("cosine", **{**args, "cos": -1.0, "kappa": 0.5}, c_max=5) == pytest.approx(1.5)
     assert correction("cosine", **{**args, "cos": 1.0}, c_max=2.0) == 1.0
+    assert correction("cosine", **{**args, "cos": -1.0, "kappa": 4.0}, c_max=2.0) == 2.0  # c_max clips
+    assert correction("cosine", **{**args, "cos": None}, c_max=2.0) == 1.0  # undefined cos
     assert correction("pcgrad", **args, c_max=2.0) == 1.0
     assert correction("none", **args, c_max=2.0) == 1.0
     # Aligned gradients need no correction.
@@ -87,14 +95,15 @@ def test_pcgrad_projection():
 @pytest.mark.parametrize("dc", ["norm", "cosine", "pcgrad", "none"])
 def test_zero_gradients_are_safe(dc):
     cfg = DBAConfig(dc=dc)
+    # cos is undefined when either gradient is zero: no correction (cosine mode would
+    # otherwise read it as 0 and give, e.g., an all-masked batch a larger step).
     p, dba = toy([3.0, 4.0], [0.0, 0.0], cfg, total=400)  # ĝ_G = 0
     s = dba.apply(0)
-    assert p.grad.tolist() == pytest.approx([1.5, 2.0]) and s.cos == 0.0
-    assert s.c == (1.5 if dc == "cosine" else 1.0)
+    assert p.grad.tolist() == pytest.approx([1.5, 2.0]) and s.cos == 0.0 and s.c == 1.0
     p, dba = toy([0.0, 0.0], [3.0, 4.0], cfg, total=400)  # g_D = 0
     s = dba.apply(0)
     assert p.grad.tolist() == pytest.approx([1.5, 2.0]) and s.norm_b == pytest.approx(2.5)
-    assert s.c == (1.5 if dc == "cosine" else 1.0)
+    assert s.c == 1.0
     p, dba = toy([0.0, 0.0], [0.0, 0.0], cfg, total=400)
     s = dba.apply(0)
     assert p.grad.tolist() == [0.0, 0.0] and all(math.isfinite(v) for v in s.as_dict().values())

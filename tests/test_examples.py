@@ -61,3 +61,34 @@ def test_hf_trainer(global_gradient, tmp_path):
     assert moved > 0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    # The Trainer's weights are a plain loop's that steps at AL's lr × c_t: a schedule
+    # the Trainer did not follow or a c_t it did not apply ends elsewhere.
+    ref = bare_reference(global_gradient, steps=6)
+    got = dict(trainer.model.named_parameters())
+    num = sum(float((got[n].detach() - p).pow(2).sum()) for n, p in ref.items())
+    assert (num / sum(float(p.pow(2).sum()) for p in ref.values())) ** 0.5 < 1e-5
+    assert any(s["c"] > 1.01 for s in stats)  # c_t mattered
+
+
+def bare_reference(global_gradient, steps):
+    """hf_trainer.py's run as a bare loop: same model, data, AdamW, clipping, DBA, AL."""
+    from dba_ray.config import DBAConfig, ScheduleConfig
+    from dba_ray.dba import DBA, lr_at
+    from dba_ray.model import byte_tokenizer
+
+    texts = runpy.run_path(str(EXAMPLES / "hf_trainer.py"))["TEXTS"]
+    enc = byte_tokenizer()(texts, padding="max_length", max_length=96, truncation=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    model = load_model(ModelConfig())
+    sched = ScheduleConfig(lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=sched.lr)
+    dba = DBA(model.named_parameters(), artifact.load(global_gradient).mean, steps, DBAConfig(boost=2 * steps))
+    for t in range(steps):
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        c = dba.apply(t).c
+        for g in opt.param_groups:
+            g["lr"] = lr_at(t, steps, sched) * c
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach() for n, p in model.named_parameters()}

@@ -5,14 +5,14 @@ import os
 
 import pytest
 import torch
-from test_train import make_config, rel_error, saved_weights
+from test_train import assert_same_eval, make_config, one_process_eval, rel_error, saved_weights
 
 from dba_ray import sharding
 from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.merge_curves import merged_model
 from dba_ray.model import load_model
-from dba_ray.trainer import prepare_train_data, run_train
+from dba_ray.trainer import prepare_eval, prepare_train_data, run_train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -33,8 +33,8 @@ def fsdp_config(tmp_path, out: str, **train):
 def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     ddp_cfg = fsdp_config(tmp_path, "ddp")
     run_global_gradient(ddp_cfg)
-    # Both runs read the same domain data: tokenize it once, and no eval sets.
-    data = {"train_ref": prepare_train_data(ddp_cfg), "eval_refs": ({}, {})}
+    # Both runs read the same domain data and eval sets: tokenize them once.
+    data = {"train_ref": prepare_train_data(ddp_cfg), "eval_refs": prepare_eval(ddp_cfg)}
     ddp = saved_weights(run_train(ddp_cfg, "dba", **data).model_dir)
     base = {n: p.detach() for n, p in load_model(ddp_cfg.model).named_parameters()}
     assert rel_error(ddp, base) > 1e-3  # the run moved the weights
@@ -54,6 +54,8 @@ def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     # measured 5e-9 after 6 steps. Without the all-reduced DBA statistics each rank
     # computes its own c_t, and a resume that lost a shard's moments is off by far more.
     assert rel_error(saved_weights(fsdp.model_dir), ddp) < 1e-6
+    # Every FSDP rank scores every set: the scores of one process on the saved model.
+    assert_same_eval(fsdp.metrics, one_process_eval(faulty, fsdp.model_dir))
 
     # The FSDP-trained model merges toward the base like any saved model.
     merged = merged_model(faulty, fsdp.model_dir, "linear", 0.5, None)

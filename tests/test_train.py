@@ -3,6 +3,7 @@ tolerance, and the guards that stop a run early."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,9 +16,43 @@ from dba_ray.dba import DBA, lr_at
 from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient, token_loss_sum
 from dba_ray.model import load_model
+from dba_ray.methods import resolve, uses_global_gradient
 from dba_ray.trainer import _global_batch_rows, run_train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def eval_sets(tmp_path) -> list[dict]:
+    """A text set and a choice set, both of an odd size: DDP ranks get unequal shares."""
+    text = write_jsonl(tmp_path / "ev_text.jsonl", make_docs(7, seed=4))
+    choice = write_jsonl(tmp_path / "ev_choice.jsonl", [
+        {"question": f"q{i} the model", "choices": ["reads text", "the cat", "x"][: 2 + i % 2], "answer": i % 2}
+        for i in range(5)
+    ])
+    return [
+        {"name": "text", "kind": "general", "data": {"path": text, "seq_len": 32}},
+        {"name": "mc", "kind": "domain", "type": "choice", "data": {"path": choice, "seq_len": 32}},
+    ]
+
+
+def one_process_eval(cfg: Config, model_dir: str) -> dict:
+    """The eval sets scored by one process on the saved model."""
+    import ray
+
+    from dba_ray.evaluate import scores, set_metrics, set_sums
+    from dba_ray.trainer import prepare_eval
+
+    refs, kinds = prepare_eval(cfg)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = {n: set_metrics(set_sums(model, ray.get(r), 3, torch.device("cpu"))) for n, r in refs.items()}
+    return {"eval": out, **scores(out, kinds)}
+
+
+def assert_same_eval(got: dict, want: dict) -> None:
+    assert set(got["eval"]) == set(want["eval"]) == {"text", "mc"}
+    for name, metrics in want["eval"].items():
+        assert got["eval"][name] == pytest.approx(metrics, rel=1e-5), name
+    assert (got["S_D"], got["S_G"]) == pytest.approx((want["S_D"], want["S_G"]), rel=1e-5)
 
 
 def make_config(tmp_path, out: str, **train) -> Config:
@@ -25,6 +60,7 @@ def make_config(tmp_path, out: str, **train) -> Config:
     d = write_jsonl(tmp_path / "domain.jsonl", make_docs(60, seed=1))
     return Config.model_validate(
         {
+            "eval": {"sets": eval_sets(tmp_path), "batch_size": 2},
             "output_dir": str(tmp_path / out),
             "stage1": {
                 "data": {"path": g, "seq_len": 32},
@@ -50,26 +86,29 @@ def make_config(tmp_path, out: str, **train) -> Config:
     )
 
 
-def reference_weights(cfg: Config) -> dict[str, torch.Tensor]:
-    """One process, whole global batch at once: the loop Stage 2 distributes."""
+def reference_weights(cfg: Config, arrays: dict | None = None, total: int | None = None) -> dict[str, torch.Tensor]:
+    """One process, whole global batch at once: the loop Stage 2 distributes. ``cfg`` as
+    resolved for the method; ``arrays``: the rows it trains on (default: train.data)."""
     t = cfg.train
-    arrays = collect_arrays(build_sequences(t.data, cfg.model))
+    total = total or t.max_steps
+    arrays = arrays or collect_arrays(build_sequences(t.data, cfg.model))
     ids = torch.tensor(arrays["input_ids"], dtype=torch.long)
     labels = torch.tensor(arrays["labels"], dtype=torch.long)
     model = load_model(cfg.model)
     model.train()
-    grad = artifact.load(t.global_gradient)
-    dba = DBA(model.named_parameters(), grad.mean, t.max_steps, t.dba)
+    dba = None
+    if uses_global_gradient(t.dba):
+        dba = DBA(model.named_parameters(), artifact.load(t.global_gradient).mean, total, t.dba)
     opt = torch.optim.AdamW(model.parameters(), lr=t.schedule.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     gb = t.batch_size * t.num_workers * t.grad_accum
-    for step in range(t.max_steps):
+    for step in range(total):
         rows = _global_batch_rows(step, len(ids), gb, len(ids) // gb, t.seed)
         loss, n = token_loss_sum(model, ids[rows], labels[rows])
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        c = dba.apply(step).c
+        c = dba.apply(step).c if dba else 1.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, t.max_steps, t.schedule) * c
+            g["lr"] = lr_at(step, total, t.schedule) * c
         opt.step()
         opt.zero_grad()
     return {n: p.detach() for n, p in model.named_parameters()}
@@ -97,7 +136,29 @@ def test_ddp_matches_reference_through_a_worker_failure(tmp_path):
     ref = reference_weights(cfg)
     base = {n: p.detach() for n, p in load_model(cfg.model).named_parameters()}
     assert rel_error(ref, base) > 1e-3  # the run moved the weights
-    assert rel_error(saved_weights(resumed.model_dir), ref) < 1e-5
+    assert rel_error(saved_weights(resumed.model_dir), ref) < 1e-6
+    # Evaluation split over the 2 DDP ranks (odd set sizes) and all-reduced: the scores
+    # of one process on the saved model.
+    assert_same_eval(resumed.metrics, one_process_eval(cfg, resumed.model_dir))
+
+
+def test_mixture_trains_on_domain_and_general_rows(tmp_path):
+    """The mixture baseline against one process on the domain rows plus the first
+    round(n·r/(1−r)) general rows: a run that dropped the general rows (or took others)
+    would end far from it."""
+    cfg = make_config(tmp_path, "mix", num_workers=1, max_steps=3, checkpoint_every=0, mixture={"ratio": 0.25})
+    cfg = Config.model_validate({**cfg.model_dump(), "eval": {}})
+    result = run_train(cfg, "mixture")
+    assert result.steps == 4  # ceil(3 / (1 - 0.25)): equal domain steps
+    t = resolve(cfg, "mixture").train
+    domain = collect_arrays(build_sequences(t.data, cfg.model))
+    n_general = round(len(domain["input_ids"]) * 0.25 / 0.75)
+    general = collect_arrays(build_sequences(cfg.stage1.data, cfg.model), limit=n_general)
+    assert len(general["input_ids"]) == n_general > 0
+    mixed = {k: np.concatenate([domain[k], general[k]]) for k in ("input_ids", "labels")}
+    got = saved_weights(result.model_dir)
+    assert rel_error(got, reference_weights(resolve(cfg, "mixture"), mixed, 4)) < 1e-6
+    assert rel_error(got, reference_weights(resolve(cfg, "mixture"), domain, 4)) > 1e-3
 
 
 def test_guards_stop_before_or_during_training(tmp_path):

@@ -14,6 +14,7 @@ import json
 import logging
 from typing import Any, Iterator
 
+import pyarrow as pa
 import ray
 
 from dba_ray import storage
@@ -116,8 +117,36 @@ def normalize(record: Any, cfg: DataConfig) -> dict:
     return {"messages": json.dumps(clean)}
 
 
+# Longest line read from a JSON Lines or text file. A longer one is a malformed record:
+# it would be held whole in memory and tokenized in one piece.
+MAX_LINE_CHARS = 16 * 2**20
+
+
 def _raw_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
     """(location, raw record) pairs of one file; a raw record may be a BadRecord."""
+    try:
+        yield from _file_records(uri, fmt, cfg)
+    except (OSError, EOFError, pa.ArrowException) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"cannot read {uri} as {fmt}: {reason}; a truncated or corrupt file? "
+            "Replace it or remove it from the data"
+        ) from None
+
+
+def _lines(text: io.TextIOWrapper) -> Iterator[str | None]:
+    """The file's lines, each read with bounded memory; None stands for a line longer
+    than MAX_LINE_CHARS, which is skipped."""
+    while line := text.readline(MAX_LINE_CHARS + 1):
+        if len(line) <= MAX_LINE_CHARS or line.endswith("\n"):
+            yield line
+            continue
+        while line and not line.endswith("\n"):
+            line = text.readline(MAX_LINE_CHARS + 1)
+        yield None
+
+
+def _file_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
     fs, path = storage.resolve(uri)
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -130,11 +159,16 @@ def _raw_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, Any
                     yield f"{uri}: row {row}", rec
         return
     with fs.open_input_stream(path, compression="detect") as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline=None)
+        # Undecodable bytes become surrogates, so a bad line is found and named by its
+        # own number (a strict decoder fails on the whole chunk it decodes ahead).
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline=None)
         if fmt == "json":
             try:
-                data = json.load(text)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                data = json.loads(text.read().encode("utf-8"))
+            except UnicodeEncodeError:
+                yield f"{uri}", BadRecord("not valid UTF-8")
+                return
+            except json.JSONDecodeError as e:
                 yield f"{uri}", BadRecord(f"not valid JSON ({e})")
                 return
             if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -148,28 +182,32 @@ def _raw_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, Any
         lineno = 0
         para: list[str] = []
         para_start = 1
-        try:
-            for line in text:
-                lineno += 1
-                if fmt == "jsonl":
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{uri}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield f"{uri}:{lineno}", BadRecord(f"not valid JSON ({e.msg})")
-                elif cfg.sample_by == "line":
-                    if line.strip():
-                        yield f"{uri}:{lineno}", {cfg.text_field: line.rstrip("\n")}
-                elif cfg.sample_by == "paragraph" and not line.strip():
-                    if para:
-                        yield f"{uri}:{para_start}", {cfg.text_field: "".join(para).strip()}
-                    para, para_start = [], lineno + 1
-                else:
-                    para.append(line)
-        except UnicodeDecodeError:
-            yield f"{uri}:{lineno + 1}", BadRecord("not valid UTF-8")
-            return
+        for line in _lines(text):
+            lineno += 1
+            if line is None:
+                yield f"{uri}:{lineno}", BadRecord(f"line longer than {MAX_LINE_CHARS:,} characters (split it into smaller records)")
+                continue
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                yield f"{uri}:{lineno}", BadRecord("not valid UTF-8")
+                continue
+            if fmt == "jsonl":
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{uri}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{uri}:{lineno}", BadRecord(f"not valid JSON ({e.msg})")
+            elif cfg.sample_by == "line":
+                if line.strip():
+                    yield f"{uri}:{lineno}", {cfg.text_field: line.rstrip("\n")}
+            elif cfg.sample_by == "paragraph" and not line.strip():
+                if para:
+                    yield f"{uri}:{para_start}", {cfg.text_field: "".join(para).strip()}
+                para, para_start = [], lineno + 1
+            else:
+                para.append(line)
         if fmt == "text" and cfg.sample_by != "line" and "".join(para).strip():
             yield f"{uri}:{para_start}", {cfg.text_field: "".join(para).strip()}
 

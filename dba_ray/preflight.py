@@ -1,0 +1,150 @@
+"""Checks a command makes before it starts anything costly (pretraining, Stage 1, a
+training run): whatever the config and the files' names and sizes can tell is refused
+here, with a message naming the thing and what to do, instead of hours later."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from dba_ray import artifact, storage
+from dba_ray.config import Config, DataConfig, MethodSpec
+from dba_ray.errors import UserError
+from dba_ray.methods import resolve, uses_global_gradient
+
+# What `from_pretrained` can load weights from.
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+
+
+def writable(uri: str, what: str) -> None:
+    """Refuse a destination that cannot be written (a missing bucket, refused
+    credentials, a read-only or non-directory path): a probe file is written and removed,
+    locally in the nearest folder that exists, so nothing is created here."""
+    uri = storage.absolute(uri)
+    try:
+        if storage.is_remote(uri):
+            fs, path = storage.resolve(uri)
+            bucket = path.split("/")[0]
+            # Asked first: a write to a missing bucket is retried for minutes.
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise UserError(f"cannot write to {what} {uri}: bucket {bucket} does not exist; create it or correct the URI")
+            probe = storage.join(uri, f".dba-ray-probe-{uuid.uuid4().hex[:8]}")
+            storage.write_bytes_atomic(probe, b"")
+            storage.delete(probe)
+        else:
+            folder = Path(uri)
+            while not folder.exists():
+                folder = folder.parent
+            if not folder.is_dir():
+                raise NotADirectoryError(f"{folder} is a file")
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:  # pyarrow's errors are OSErrors too
+        reason = re.sub(r"^When [^:]*: |\s*\(Request ID: [^)]*\)", "", " ".join(str(e).split()))
+        raise UserError(
+            f"cannot write to {what} {uri}: {reason}; check that it exists and that you may "
+            "write there (credentials, permissions), or choose another"
+        ) from None
+
+
+def data_source(data: DataConfig, key: str, max_len: int | None) -> None:
+    """A data source that exists, holds files of a known format, and a seq_len the
+    model can take. Contents are checked while they are read."""
+    from dba_ray.data.records import file_format
+
+    if max_len is not None and data.seq_len > max_len:
+        raise UserError(
+            f"{key}.seq_len {data.seq_len} is longer than the model's context "
+            f"({max_len} positions): lower it"
+        )
+    if data.path is None or data.path.startswith("builtin:"):
+        return
+    if not storage.exists(data.path):
+        raise UserError(f"{key}.path {data.path} does not exist: correct the path")
+    files = [(f, size) for f, size in storage.list_files(data.path) if size > 0]
+    if not files:
+        raise UserError(f"{key}.path {data.path} holds no non-empty data files: point it at your data")
+    for f, _ in files:
+        file_format(f, data.file_format)
+
+
+def model(cfg: Config) -> int | None:
+    """The base model can be loaded: its config is readable and a local folder holds
+    weights. Returns its context length (None when it has none)."""
+    from dba_ray.model import load_empty_model
+
+    path = cfg.model.name_or_path
+    if path.startswith(("/", ".", "~")) and not storage.exists(path):
+        raise UserError(
+            f"model.name_or_path {path} does not exist: give a folder written by "
+            "save_pretrained, or a hub name"
+        )
+    empty = load_empty_model(cfg.model)  # refuses a missing model or a bad config
+    if not storage.is_remote(path) and storage.exists(path):
+        names = [f for f, _ in storage.list_files(path)]
+        if not any(n.endswith(_WEIGHTS) for n in names):
+            raise UserError(
+                f"model {path} has a config but no weights (*.safetensors or *.bin): "
+                "copy the weight files there, or point model.name_or_path at a complete save_pretrained folder"
+            )
+    return getattr(empty.config, "max_position_embeddings", None)
+
+
+def check(cfg: Config, specs: list[MethodSpec]) -> None:
+    """Refuse, with a UserError, what would fail or do harm later in `run`, `compare` or
+    `tune` training ``specs``."""
+    from dba_ray.run import planned_base, refuse_replacing, stage1_mismatch
+
+    resolved = {s.name: resolve(cfg, s).train for s in specs}
+    needs_grad = any(uses_global_gradient(t.dba) for t in resolved.values())
+    fisher = [n for n, t in resolved.items() if t.dba.anchor == "fisher"]
+    mixture = [s.name for s in specs if s.method == "mixture"]
+    if cfg.train.data is None:
+        raise UserError("train.data is required: the domain data to fine-tune on")
+    if mixture and cfg.train.mixture.data is None and cfg.stage1.data is None:
+        raise UserError(f"{mixture[0]} mixes in general data: set train.mixture.data or stage1.data")
+
+    max_len = model(cfg)
+    sources = [("train.data", cfg.train.data)]
+    sources += [(f"eval set {s.name!r} data", s.data)
+                for s in [*cfg.eval.sets, *cfg.eval.validation_sets, *cfg.tune.validation_sets]]
+    if cfg.pretrain is not None:
+        sources.append(("pretrain.data", cfg.pretrain.data))
+    if mixture and cfg.train.mixture.data is not None:
+        sources.append(("train.mixture.data", cfg.train.mixture.data))
+    computes_grad = needs_grad and cfg.train.global_gradient is None
+    if computes_grad or (mixture and cfg.train.mixture.data is None):
+        if cfg.stage1.data is None:
+            raise UserError("stage1.data is required: the general data to compute ĝ_G on")
+        sources.append(("stage1.data", cfg.stage1.data))
+    for key, data in sources:
+        data_source(data, key, max_len)
+
+    if cfg.train.global_gradient is not None and needs_grad:
+        meta = artifact.read_meta(storage.absolute(cfg.train.global_gradient))
+        from dba_ray.model import load_empty_model
+
+        artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
+        if fisher and not meta.get("has_second_moment"):
+            raise UserError(
+                f"{fisher[0]} uses the fisher anchor, which needs v_G, but "
+                f"{cfg.train.global_gradient} has none: make it with stage1.second_moment: true"
+            )
+    elif fisher and not cfg.stage1.second_moment:
+        raise UserError(
+            f"{fisher[0]} uses the fisher anchor, which needs v_G: set stage1.second_moment: true"
+        )
+
+    writable(cfg.output_dir, "output_dir")
+    if computes_grad:
+        uri = storage.absolute(cfg.stage1_output())
+        if not cfg.stage1.overwrite and storage.exists(storage.join(uri, artifact.META)):
+            base = planned_base(cfg)
+            # A base model still to be pretrained has no shapes yet: checked again after.
+            known = cfg.pretrain is None or storage.exists(storage.join(base.model.name_or_path, "config.json"))
+            differs = stage1_mismatch(base, artifact.read_meta(uri), check_shapes=known)
+            if differs is not None:
+                raise refuse_replacing(uri, differs)

@@ -1,0 +1,337 @@
+"""Bad input, as a table: each case ends the command with one line on stderr naming the
+thing and what to do, exit code 2, no traceback, and nothing half-written that a later
+run would load. Cases that fail before Ray starts run in-process, without a cluster."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import make_docs, write_jsonl
+from dba_ray import artifact
+from dba_ray.cli import main
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dba-ray: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def write_artifact(path, data_path: str) -> dict:
+    """A real ĝ_G artifact of the builtin model, as Stage 1 would record it for a config
+    whose general data is ``data_path`` (no Ray: the tensors are zeros)."""
+    from dba_ray.config import Config
+    from dba_ray.data import describe_source
+    from dba_ray.global_gradient import stage1_settings
+    from dba_ray.model import load_empty_model, model_source
+
+    import torch
+
+    cfg = Config.model_validate({"stage1": {"data": {"path": data_path, "seq_len": 32}}})
+    shapes = artifact.parameter_shapes(load_empty_model(cfg.model))
+    mean = {n: torch.zeros(s) for n, s in shapes.items()}
+    stats = artifact.Stats(tokens=1, sequences=1, batches=1, loss_sum=0.0, data_fingerprint="0",
+                           extra={"stage1_settings": stage1_settings(cfg.stage1)})
+    meta = artifact.build_meta(
+        mean, shapes, stats, base_model=model_source(cfg.model), data=describe_source(cfg.stage1.data),
+        seq_len=32, dtype="float32", description="", has_second_moment=False,
+    )
+    artifact.save(str(path), artifact.GlobalGradient(mean=mean, meta=meta))
+    return artifact.read_meta(str(path))
+
+
+def pipeline_tree(tmp_path) -> dict:
+    """A `run` / `compare` config on tiny files; nothing in it is wrong."""
+    gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(30, seed=0))
+    dom = write_jsonl(tmp_path / "dom.jsonl", make_docs(30, seed=1))
+    ev = write_jsonl(tmp_path / "ev.jsonl", make_docs(4, seed=2))
+    return {
+        "output_dir": str(tmp_path / "out"),
+        "stage1": {"data": {"path": gen, "seq_len": 32}, "output": str(tmp_path / "shared_gg")},
+        "train": {"data": {"path": dom, "seq_len": 32}, "max_steps": 2, "batch_size": 2},
+        "eval": {"sets": [{"name": "ev", "kind": "general", "data": {"path": ev, "seq_len": 32}}]},
+    }
+
+
+def write_config(tmp_path, tree, name="cfg.yaml") -> str:
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump(tree))
+    return str(f)
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+@pytest.mark.parametrize("pretrain", [False, True])
+def test_another_configs_global_gradient_is_not_replaced(tmp_path, capsys, command, pretrain):
+    """Two configs pointing at one stage1.output: the second must not destroy the first
+    one's ĝ_G (it used to, silently). Refused before pretraining or Stage 1 starts."""
+    tree = pipeline_tree(tmp_path)
+    other = write_jsonl(tmp_path / "other_gen.jsonl", make_docs(30, seed=5))
+    made = write_artifact(tmp_path / "shared_gg", other)
+    if pretrain:
+        tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
+    assert main([command, write_config(tmp_path, tree)]) == 2
+    line = error_line(capsys)
+    what = "base model" if pretrain else "general data"
+    assert f"the global gradient at {tmp_path / 'shared_gg'} was made with another {what}" in line
+    assert "stage1.overwrite: true" in line
+    assert artifact.read_meta(str(tmp_path / "shared_gg")) == made
+    assert not (tmp_path / "out").exists()  # nothing started: no pretraining, no Stage 1
+
+
+# ---------------------------------------------------------------- the table
+#
+# Each case: (id, command, what to set up, a part of the expected error line, whether
+# the error comes from reading data under Ray). Setup functions get tmp_path and the
+# base tree (pipeline_tree) and return the config tree and extra command-line words;
+# a tree of None writes the file as the function left it.
+
+SAFE = ["--set", "ray.address=127.0.0.1:9"]  # a pre-Ray case that slipped through must not start or join a cluster
+
+
+def _file(tmp_path, name, data: bytes) -> str:
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return str(p)
+
+
+def raw_config(text):
+    def setup(tmp_path, tree):
+        (tmp_path / "cfg.yaml").write_text(text)
+        return None, []
+    return setup
+
+
+def overrides(*sets):
+    def setup(tmp_path, tree):
+        return tree, [w for s in sets for w in ("--set", s)]
+    return setup
+
+
+def train_data(make):
+    """Domain data made by ``make(tmp_path)`` (a path). `run` reads it (Ray Data, no
+    training) before pretraining or Stage 1, so these cases are cheap."""
+    def setup(tmp_path, tree):
+        tree["train"]["data"]["path"] = make(tmp_path)
+        return tree, []
+    return setup
+
+
+def edit(fn):
+    def setup(tmp_path, tree):
+        fn(tmp_path, tree)
+        return tree, []
+    return setup
+
+
+def _gz_truncated(tmp_path):
+    full = gzip.compress("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(3000)).encode())
+    return _file(tmp_path, "data/g.jsonl.gz", full[: len(full) // 2])
+
+
+def _no_data_files(tmp_path):
+    _file(tmp_path, "data/_SUCCESS", b"x")
+    _file(tmp_path, "data/.hidden.jsonl", b'{"text": "x"}\n')
+    return str(tmp_path / "data")
+
+
+def _weightless_model(tmp_path, tree):
+    from dba_ray.config import ModelConfig
+    from dba_ray.model import load_model
+
+    d = tmp_path / "model_without_weights"
+    load_model(ModelConfig()).config.save_pretrained(d)
+    tree["model"] = {"name_or_path": str(d), "tokenizer": "builtin:bytes"}
+
+
+def _other_models_gradient(tmp_path, tree):
+    write_artifact(tmp_path / "gg_small", tree["stage1"]["data"]["path"])
+    tree["model"] = {"builtin_config": {"hidden_size": 32, "intermediate_size": 64}}
+    tree["train"]["global_gradient"] = str(tmp_path / "gg_small")
+
+
+def _fisher_without_v(tmp_path, tree):
+    tree["methods"] = [{"name": "anchored", "method": "dba", "set": {"dba.anchor": "fisher"}}]
+
+
+def _fisher_artifact_without_v(tmp_path, tree):
+    write_artifact(tmp_path / "gg_no_v", tree["stage1"]["data"]["path"])
+    tree["train"]["global_gradient"] = str(tmp_path / "gg_no_v")
+    _fisher_without_v(tmp_path, tree)
+
+
+def _eval_file_missing(tmp_path, tree):
+    # With a pretrain section: refused before pretraining starts.
+    tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
+    tree["eval"]["sets"][0]["data"]["path"] = str(tmp_path / "missing_eval.jsonl")
+
+
+def _mixture_without_general(tmp_path, tree):
+    # With a pretrain section: refused before pretraining starts. (Too few general
+    # sequences for the ratio is not an error: they are cycled, and the report says so.)
+    tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
+    none = write_jsonl(tmp_path / "none.jsonl", [{"body": "no text field"}] * 3)
+    tree["train"]["mixture"] = {"ratio": 0.5, "data": {"path": none, "seq_len": 32, "on_bad_record": "skip"}}
+    tree["methods"] = ["mixture"]
+
+
+def _output_under_a_file(tmp_path, tree):
+    _file(tmp_path, "a_file", b"x")
+    tree["output_dir"] = str(tmp_path / "a_file" / "out")
+
+
+CASES = [
+    # configs
+    ("yaml-syntax", "run", raw_config("stage1: [unclosed\n"), "is not valid YAML", False),
+    ("top-level-list", "run", raw_config("- a\n- b\n"), "must be a mapping at the top level", False),
+    ("unknown-key", "run", edit(lambda p, t: t["stage1"].update(batch_sise=4)),
+     "unknown key 'stage1.batch_sise' (allowed here: data,", False),
+    ("wrong-type", "run", overrides("stage1.batch_size=four"), "'stage1.batch_size': Input should be a valid integer", False),
+    ("negative-size", "run", overrides("train.batch_size=-2"), "'train.batch_size': Input should be greater than or equal to 1", False),
+    ("absurd-seq-len", "run", overrides("train.data.seq_len=1e9"),
+     "train.data.seq_len 1000000000 is longer than the model's context (2048 positions): lower it", False),
+    ("set-names-nothing", "run", overrides("train.dba.bost=20"), "unknown key 'train.dba.bost' (allowed here: ggb, boost,", False),
+    ("set-without-value", "run", overrides("train.max_steps"), "is not of the form key.path=value", False),
+    # data
+    ("binary-file", "run", train_data(lambda p: _file(p, "data/b.jsonl", bytes(range(255, -1, -1)) * 40)),
+     "b.jsonl:1: not valid UTF-8", True),
+    ("invalid-utf8", "run", train_data(lambda p: _file(p, "data/u.txt", b"fine\nalso fine\nbad \xff byte\n")),
+     "u.txt:3: not valid UTF-8", True),
+    ("truncated-gz", "run", train_data(_gz_truncated), "g.jsonl.gz as jsonl: Truncated compressed stream", True),
+    ("json-wrong-types", "run", train_data(lambda p: _file(p, "data/w.json", b'[{"text": 5}]')),
+     "w.json: record 0: field 'text' missing or not a string", True),
+    ("corrupt-parquet", "run", train_data(lambda p: _file(p, "data/c.parquet", b"PAR1" + bytes(500))),
+     "c.parquet as parquet:", True),
+    ("100mb-line", "run", train_data(lambda p: _file(p, "data/l.jsonl", b'{"text": "' + b"a" * 100 * 2**20 + b'"}\n')),
+     "l.jsonl:1: line longer than 16,777,216 characters (split it into smaller records)", True),
+    ("empty-file", "run", edit(lambda p, t: t["train"]["data"].update(path=_file(p, "data/e.jsonl", b""))),
+     "e.jsonl holds no non-empty data files", False),
+    ("no-data-files", "run", edit(lambda p, t: t["stage1"]["data"].update(path=_no_data_files(p))),
+     "data holds no non-empty data files", False),
+    ("unknown-extension", "run", edit(lambda p, t: t["train"]["data"].update(path=_file(p, "data/d.csv", b"a,b\n"))),
+     "cannot tell the format of", False),
+    ("data-path-missing", "run", edit(lambda p, t: t["train"]["data"].update(path=str(p / "nowhere.jsonl"))),
+     "train.data.path", False),
+    ("eval-file-missing", "run", edit(_eval_file_missing), "eval set 'ev' data.path", False),
+    # models
+    ("model-missing", "run", overrides("model.name_or_path=/nonexistent/model-dir"), "model.name_or_path /nonexistent/model-dir does not exist", False),
+    ("model-without-weights", "run", edit(_weightless_model), "has a config but no weights", False),
+    ("gradient-of-another-model", "run", edit(_other_models_gradient), "which does not match", False),
+    ("fisher-without-v", "run", edit(_fisher_without_v), "anchored uses the fisher anchor, which needs v_G: set stage1.second_moment: true", False),
+    ("fisher-artifact-without-v", "run", edit(_fisher_artifact_without_v), "gg_no_v has none: make it with stage1.second_moment: true", False),
+    ("mixture-without-general", "run", edit(_mixture_without_general),
+     "none.jsonl has no sequences: point train.mixture.data (or stage1.data) at general text", True),
+    # storage
+    ("output-under-a-file", "run", edit(_output_under_a_file), "cannot write to output_dir", False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path, capsys, request, case):
+    _, command, setup, expected, needs_ray = case
+    if needs_ray:
+        request.getfixturevalue("ray_cluster")
+    tree, extra = setup(tmp_path, pipeline_tree(tmp_path))
+    cfg = write_config(tmp_path, tree) if tree is not None else str(tmp_path / "cfg.yaml")
+    assert main([command, cfg, *extra, *([] if needs_ray else SAFE)]) == 2
+    assert expected in error_line(capsys)
+    assert_nothing_loadable(tmp_path)
+
+
+def assert_nothing_loadable(tmp_path):
+    """No complete artifact or model (their markers) and no temporary leftovers."""
+    for where in (tmp_path / "out", tmp_path / "shared_gg"):
+        if where.exists():
+            names = [p.name for p in where.rglob("*")]
+            assert not [n for n in names if n in ("meta.json", "config.json") or ".tmp-" in n], names
+
+
+def make_bucket(s3_env, name: str) -> str:
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"
+
+
+def test_bucket_that_does_not_exist(tmp_path, capsys, s3_env):
+    tree = pipeline_tree(tmp_path)
+    tree["output_dir"] = "s3://no-such-bucket-14/run"
+    assert main(["run", write_config(tmp_path, tree), *SAFE]) == 2
+    line = error_line(capsys)
+    assert "cannot write to output_dir s3://no-such-bucket-14/run: bucket no-such-bucket-14 does not exist" in line
+
+
+def test_credentials_refused_by_the_s3_server(tmp_path, capsys, s3_env):
+    from moto.core.authorization import enable_iam_authentication
+
+    bucket = make_bucket(s3_env, "guarded-14")
+    tree = pipeline_tree(tmp_path)
+    tree["output_dir"] = f"{bucket}/run"
+    # The local server now checks every request's signature against its IAM users, of
+    # which there are none: the environment's keys are refused, as a wrong key would be.
+    with enable_iam_authentication():
+        assert main(["run", write_config(tmp_path, tree), *SAFE]) == 2
+    line = error_line(capsys)
+    assert f"cannot write to output_dir {bucket}/run: AWS Error ACCESS_DENIED" in line
+
+
+def mount_tmpfs(path, options: str):
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'})")
+    return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    path = mount_tmpfs(tmp_path / "disk", "size=512k")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    path = mount_tmpfs(tmp_path / "ro", "size=64k,ro")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_output_dir(tmp_path, capsys, read_only_disk):
+    tree = pipeline_tree(tmp_path)
+    tree["output_dir"] = str(read_only_disk / "out")
+    assert main(["run", write_config(tmp_path, tree), *SAFE]) == 2
+    assert f"cannot write to output_dir {read_only_disk / 'out'}: [Errno 30] Read-only file system" in error_line(capsys)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_full_disk_leaves_no_partial_artifact(tmp_path, capsys, small_disk):
+    """ĝ_G of the builtin model (3.4 MB) on a 512 KiB disk: refused once full, and the
+    partial copy is gone."""
+    tree = pipeline_tree(tmp_path)
+    tree["stage1"]["output"] = str(small_disk / "gg")
+    tree["stage1"]["max_tokens"] = 64
+    assert main(["global-gradient", write_config(tmp_path, tree)]) == 2
+    assert f"no space left on the device writing {small_disk / 'gg'}: free some, or write elsewhere" in error_line(capsys)
+    assert os.listdir(small_disk) == []
+
+
+def test_exit_code_and_traceback_contract(tmp_path, capsys):
+    """As a user runs it: exit code 2 and one line on stderr; --debug adds the traceback."""
+    cfg = write_config(tmp_path, {"stage1": {"batch_sise": 4}})
+    done = subprocess.run([sys.executable, "-m", "dba_ray", "global-gradient", cfg], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"dba-ray: error: invalid config {cfg}: unknown key 'stage1.batch_sise' (allowed here: "
+        + ", ".join(__import__("dba_ray.config").config.Stage1Config.model_fields) + ")"
+    ]
+    from dba_ray.errors import UserError
+
+    with pytest.raises(UserError, match="unknown key 'stage1.batch_sise'"):
+        main(["--debug", "global-gradient", cfg])
