@@ -9,7 +9,7 @@ import time
 
 import ray
 
-from dba_ray import artifact, storage
+from dba_ray import artifact, harness, model_card, storage, tracking
 from dba_ray.config import Config, digest
 from dba_ray.data import describe_source
 from dba_ray.errors import UserError
@@ -98,20 +98,29 @@ def _evaluate_remote(cfg_dump: dict, model_path: str, eval_refs: dict, kinds: di
 
 
 def evaluate_models(cfg: Config, models: dict[str, str], eval_refs=None) -> dict[str, dict]:
-    """Score each model (name: path) on every eval set, as Ray tasks."""
+    """Score each model (name: path) on every eval set, as Ray tasks (lm_eval sets in
+    tasks of their own, see dba_ray/harness.py)."""
     ensure_ray(cfg.ray)
+    harness.require_harness(cfg)
     refs, kinds = eval_refs or prepare_eval(cfg)
-    if not refs:
+    if not refs and not harness.harness_sets(cfg):
         raise UserError("no eval sets: add eval.sets to the config")
     t = cfg.train
     task = _evaluate_remote.options(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0)
     futures = {
         name: task.remote(cfg.model_dump(), path, refs, kinds, t.cpus_per_worker)
         for name, path in models.items()
+    } if refs else {}
+    benchmarks = harness.submit(cfg, models)
+    return {
+        name: harness.combine(
+            cfg, ray.get(futures[name])["eval"] if refs else {}, ray.get(benchmarks[name]) if benchmarks else {}
+        )
+        for name in models
     }
-    return {name: ray.get(f) for name, f in futures.items()}
 
 
+@tracking.tracked_command("run")
 def run_all(cfg: Config) -> dict:
     """The whole pipeline; returns the report (also written to output_dir)."""
     if not cfg.eval.sets:
@@ -137,5 +146,6 @@ def run_all(cfg: Config) -> dict:
         },
     )
     md = write_report(storage.absolute(cfg.output_dir), report)
+    model_card.write_cards(report)
     print(md)
     return report
