@@ -24,6 +24,7 @@ import math
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 
 import ray
@@ -102,6 +103,11 @@ class _RunActor:
 
             if parent.mlflow_run_id:
                 tags["mlflow.parentRunId"] = parent.mlflow_run_id
+            uri = tc.mlflow.tracking_uri or ""
+            if uri.startswith("file:") or (uri and "://" not in uri):
+                # MLflow 3 keeps its file store in maintenance mode behind this switch; a
+                # file tracking_uri in the config is the user asking for it.
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             self._mlflow = setup_mlflow(
                 config=_params(config), tracking_uri=tc.mlflow.tracking_uri, experiment_name=tc.mlflow.experiment,
                 run_name=name, create_experiment_if_not_exists=True, tags=tags, rank_zero_only=False,
@@ -116,11 +122,9 @@ class _RunActor:
             wdir = w.dir or parent.wandb_dir
             if wdir:
                 os.makedirs(wdir, exist_ok=True)
-            import wandb
-
             self._wandb = setup_wandb(
                 config=config, project=w.project, entity=w.entity, group=parent.group, job_type=kind,
-                trial_id=wandb.util.generate_id(), trial_name=name, dir=wdir, mode=w.mode,
+                trial_id=uuid.uuid4().hex[:8], trial_name=name, dir=wdir, mode=w.mode,
                 resume="allow", reinit="create_new", tags=[kind], rank_zero_only=False,
             )
 

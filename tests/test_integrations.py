@@ -6,13 +6,22 @@ files written here; MLflow is a local file store (and a real `mlflow server` on
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import yaml
 
 from conftest import make_docs, write_jsonl
 from dba_ray.cli import main
+from dba_ray.curves import STEP_KEYS, read_curves
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -44,7 +53,7 @@ def _harness_direct(model_dir: str, task_files: list[str]) -> dict:
 
     out = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": model_dir, "dtype": "float32"}, device="cpu",
-        tasks=task_files, task_manager=TaskManager(), log_samples=False,
+        tasks=task_files, task_manager=TaskManager(include_defaults=False), log_samples=False,
     )
     return out["results"]
 
@@ -98,6 +107,10 @@ def pipeline(tmp_path_factory):
             {"name": "bench", "kind": "domain", "type": "lm_eval", "tasks": tasks},
         ]},
     }
+    tree["tracking"] = {
+        "mlflow": {"tracking_uri": f"file://{tmp}/mlruns", "experiment": "itest"},
+        "wandb": {"project": "itest", "mode": "offline", "dir": str(tmp / "wandb")},
+    }
     cfg_file = tmp / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(tree))
     assert main(["run", str(cfg_file)]) == 0
@@ -109,7 +122,7 @@ def test_harness_scores_match_the_harness_run_directly(pipeline, tmp_path):
     report, tasks = pipeline["report"], pipeline["tasks"]
     base = report["base"]["eval"]["bench"]
     assert base["tiny_qa/exact_match"] == 0.5  # by construction of the answers
-    models = {"base": pipeline["base"], **{m: r["model_dir"] for m, r in report["results"].items()}}
+    models = {"base": pipeline["base"], "dba": report["results"]["dba"]["model_dir"]}
     rows = {"base": report["base"], **report["results"]}
     for name, model_dir in models.items():
         direct = _harness_direct(model_dir, tasks)
@@ -143,3 +156,218 @@ def test_missing_harness_task_file_is_one_line(pipeline, tmp_path, capsys):
     assert main(["eval", str(cfg_file)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "task file not found" in err and "nope.yaml" in err
+
+
+# ---------------------------------------------------------------- tracking
+
+
+def _mlflow_runs(uri: str, experiment: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+def _finite_keys(evals: list[dict]) -> list[str]:
+    """The evaluation values every in-training evaluation has (S_D is NaN there when
+    the only domain set is an lm_eval set, scored on the saved model only)."""
+    keys = [k for k in evals[0] if k not in ("kind", "step")]
+    found = [k for k in keys if all(isinstance(r.get(k), float) and r[k] == r[k] for r in evals)]
+    assert "S_G" in found and "gen/acc" in found
+    return found
+
+
+def _check_mlflow_stage2(client, run, curves: list[dict], result: dict) -> None:
+    """A Stage 2 run's per-step curves and evaluations equal curves.jsonl; its final
+    scores equal its row of report.json."""
+    train = [r for r in curves if r["kind"] == "train"]
+    evals = [r for r in curves if r["kind"] == "eval"]
+    assert train and evals
+    for key in STEP_KEYS:
+        expected = [(r["step"], r[key]) for r in train if key in r]
+        if expected:
+            got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"train/{key}")]
+            assert sorted(got) == pytest.approx(expected), key
+    for key in _finite_keys(evals):
+        got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"eval/{key}")]
+        assert sorted(got) == pytest.approx([(r["step"], r[key]) for r in evals]), key
+    m = run.data.metrics
+    for key in ("S_D", "S_G", "S"):
+        assert m[f"final/{key}"] == pytest.approx(result[key])
+    for name, metrics in result["eval"].items():
+        for k, v in metrics.items():
+            assert m[f"final/eval/{name}/{k}"] == pytest.approx(v), (name, k)
+    assert m["final/tokens"] == result["tokens"] and m["final/steps"] == result["steps"]
+
+
+def test_mlflow_file_store_has_every_run_grouped(pipeline, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: the file store is opt-in
+    report, out = pipeline["report"], pipeline["tmp"] / "out"
+    client, runs = _mlflow_runs(f"file://{pipeline['tmp']}/mlruns", "itest")
+    assert set(runs) == {"run", "stage1", "dba", "direct"}
+    parent = runs["run"]
+    group = parent.data.tags["dba_ray.group"]
+    for name in ("stage1", "dba", "direct"):
+        assert runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert runs[name].data.tags["dba_ray.group"] == group
+        assert runs[name].info.status == "FINISHED"
+    for method, result in report["results"].items():
+        _check_mlflow_stage2(client, runs[method], read_curves(str(out / method)), result)
+        assert parent.data.metrics[f"{method}/S"] == pytest.approx(result["S"])
+        assert runs[method].data.params["train.schedule.lr"] == "0.003"
+    assert parent.data.metrics["base/S"] == pytest.approx(report["base"]["S"])
+    meta = json.loads((out / "global_gradient" / "meta.json").read_text())
+    assert runs["stage1"].data.metrics["stage1/tokens"] == meta["tokens"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "report.json", "report.json"} <= artifacts
+    logged = json.loads(open(client.download_artifacts(parent.info.run_id, "report.json")).read())
+    assert logged["results"]["dba"]["S"] == report["results"]["dba"]["S"]
+
+
+def _wandb_records(path: str) -> list:
+    """The records of an offline W&B run file: a LevelDB-style log of protobuf records
+    (32 KiB blocks, a 7-byte header per fragment) after a 7-byte file header."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    records, pos, buf, block = [], 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the rest of a block too small for a header: padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last fragment of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            records.append(record)
+            buf = b""
+    return records
+
+
+def _wandb_runs(root: str) -> dict[str, dict]:
+    runs = {}
+    for path in glob.glob(os.path.join(root, "wandb", "offline-run-*", "run-*.wandb")):
+        run = {"history": {}, "summary": {}, "files": set()}
+        for r in _wandb_records(path):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run["name"], run["group"] = r.run.display_name, r.run.run_group
+            elif kind == "history":
+                for item in r.history.item:
+                    run["history"].setdefault(item.key, []).append((r.history.step.num, json.loads(item.value_json)))
+            elif kind == "summary":
+                run["summary"].update({i.key: json.loads(i.value_json) for i in r.summary.update if i.key})
+            elif kind == "files":
+                run["files"].update(f.path for f in r.files.files)
+        runs[run["name"]] = run
+    return runs
+
+
+def test_wandb_offline_runs_match_curves_and_report(pipeline):
+    report, out = pipeline["report"], pipeline["tmp"] / "out"
+    runs = _wandb_runs(str(pipeline["tmp"] / "wandb"))
+    assert set(runs) == {"run", "stage1", "dba", "direct"}
+    assert len({r["group"] for r in runs.values()}) == 1
+    for method, result in report["results"].items():
+        run, curves = runs[method], read_curves(str(out / method))
+        for key in STEP_KEYS:
+            expected = [(r["step"], r[key]) for r in curves if r["kind"] == "train" and key in r]
+            assert run["history"].get(f"train/{key}", []) == pytest.approx(expected), key
+        evals = [r for r in curves if r["kind"] == "eval"]
+        for key in _finite_keys(evals):
+            assert run["history"][f"eval/{key}"] == pytest.approx([(r["step"], r[key]) for r in evals]), key
+        for key in ("S_D", "S_G", "S"):
+            assert run["summary"][f"final/{key}"] == pytest.approx(result[key])
+        assert run["summary"]["final/eval/bench/acc"] == pytest.approx(result["eval"]["bench"]["acc"])
+    assert {"report.md", "report.json"} <= runs["run"]["files"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1; the test is skipped if it does not answer
+    within 90 s (a loaded CI machine)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.terminate()
+                pytest.skip("mlflow server did not start within 90 s")
+            time.sleep(1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_compare_tracked_on_an_mlflow_server(pipeline, mlflow_server, tmp_path):
+    """A `compare` is one tracked run holding the report table, its costs and the
+    frontier PNG, with its Stage 2 run (a Tune trial) nested under it."""
+    tree = json.loads(json.dumps(pipeline["tree"]))
+    gen_set = tree["eval"]["sets"][0]
+    dom_eval = write_jsonl(tmp_path / "dom_eval.jsonl", [{"text": "def g(y):\n    return y + 1"}] * 4)
+    tree["eval"]["sets"] = [gen_set, {"name": "dom", "kind": "domain", "data": {"path": dom_eval, "seq_len": 32}}]
+    tree.update(output_dir=str(tmp_path / "out"), methods=["direct"], compare={"max_concurrent": 1},
+                tracking={"mlflow": {"tracking_uri": mlflow_server, "experiment": "cmp"}})
+    tree["train"]["max_steps"] = 2
+    cfg_file = tmp_path / "compare.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree))
+    assert main(["compare", str(cfg_file)]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    client, runs = _mlflow_runs(mlflow_server, "cmp")
+    assert set(runs) == {"compare", "direct"}
+    parent, child = runs["compare"], runs["direct"]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert {"frontier.png", "report.md", "report.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    row = report["results"]["direct"]
+    assert parent.data.metrics["direct/cost/total_tokens"] == row["cost"]["total_tokens"]
+    assert parent.data.metrics["direct/S"] == pytest.approx(row["S"])
+    _check_mlflow_stage2(client, child, read_curves(os.path.dirname(row["model_dir"])), row)
+
+
+# ---------------------------------------------------------------- model cards
+
+
+def _front_matter(text: str) -> tuple[dict, str]:
+    assert text.startswith("---\n")
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+def test_model_cards_name_the_base_and_carry_the_report_scores(pipeline):
+    report = pipeline["report"]
+    meta = json.loads((pipeline["tmp"] / "out" / "global_gradient" / "meta.json").read_text())
+    for method, result in report["results"].items():
+        front, body = _front_matter((pipeline["tmp"] / "out" / method / "model" / "README.md").read_text())
+        assert front["base_model"] == pipeline["base"]
+        assert front["library_name"] == "transformers" and method in front["tags"]
+        assert pipeline["tree"]["train"]["data"]["path"] in front["datasets"]
+        (entry,) = front["model-index"]
+        assert entry["name"] == method
+        scored = {r["dataset"]["name"]: {m["name"]: m["value"] for m in r["metrics"]} for r in entry["results"]}
+        assert scored == pytest.approx(result["eval"])
+        for key in ("S_D", "S_G", "S"):
+            delta = result[key] - report["base"][key]
+            assert f"| {key} | {result[key]:.4f} | {report['base'][key]:.4f} | {delta:+.4f} |" in body
+        # dba used ĝ_G: the card names the artifact's data fingerprint; direct did not.
+        assert (meta["data"]["fingerprint"] in body) == (method == "dba")
