@@ -100,8 +100,8 @@ def _evaluate_remote(cfg_dump: dict, model_path: str, eval_refs: dict, kinds: di
 def evaluate_models(cfg: Config, models: dict[str, str], eval_refs=None) -> dict[str, dict]:
     """Score each model (name: path) on every eval set, as Ray tasks (lm_eval sets in
     tasks of their own, see dba_ray/harness.py)."""
-    ensure_ray(cfg.ray)
     harness.require_harness(cfg)
+    ensure_ray(cfg.ray)
     refs, kinds = eval_refs or prepare_eval(cfg)
     if not refs and not harness.harness_sets(cfg):
         raise UserError("no eval sets: add eval.sets to the config")

@@ -173,7 +173,11 @@ class _RunActor:
         if self._mlflow:
             self._mlflow.end_run(status="FINISHED" if ok else "FAILED")
         if self._wandb:
+            import wandb
+
             self._wandb.finish(exit_code=0 if ok else 1)
+            # The actor is killed next: wait until W&B's service has written everything.
+            wandb.teardown()
 
 
 class TrackedRun:

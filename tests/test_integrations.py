@@ -25,7 +25,11 @@ from dba_ray.curves import STEP_KEYS, read_curves
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install -e '.[lmeval]')")
+
+
+def _needs(*modules: str) -> None:
+    for name in modules:
+        pytest.importorskip(name, reason=f"{name} not installed (pip install -e '.[dev]')")
 
 MC = [
     {"question": "def f(x): return", "choices": ["x + 1", "the cat"], "answer": 0},
@@ -49,6 +53,7 @@ def _task_yaml(path, name, data_file, **fields) -> str:
 def _harness_direct(model_dir: str, task_files: list[str]) -> dict:
     """The harness's own numbers for a saved model: its `hf` backend loading the
     directory with AutoModelForCausalLM / AutoTokenizer, as a user would run it."""
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(
@@ -61,6 +66,7 @@ def _harness_direct(model_dir: str, task_files: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """One `dba-ray run` (dba and direct) with a harness set, MLflow and W&B tracking."""
+    _needs("lm_eval", "mlflow", "wandb")
     import transformers
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -145,6 +151,25 @@ def test_harness_scores_match_the_harness_run_directly(pipeline, tmp_path):
     scored = json.loads((tmp_path / "eval.json").read_text())
     assert scored["base"]["eval"]["bench"] == pytest.approx(base)
     assert scored["results"]["tuned"]["eval"]["bench"] == pytest.approx(report["results"]["dba"]["eval"]["bench"])
+
+
+def test_missing_lm_eval_is_one_line_before_any_work(tmp_path):
+    """Without lm-eval installed (made unimportable in a fresh interpreter), a config
+    with an lm_eval set stops with the install hint, before Ray starts."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"),
+        "eval": {"sets": [{"name": "b", "kind": "general", "type": "lm_eval", "tasks": ["hellaswag"]}]},
+    }))
+    code = "import sys; sys.modules['lm_eval'] = None; from dba_ray.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "eval", str(cfg_file)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dba-ray: error: eval set 'b' has type lm_eval, which needs lm-evaluation-harness: "
+        "pip install 'dba-ray[lmeval]'"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_harness_task_file_is_one_line(pipeline, tmp_path, capsys):
@@ -250,6 +275,10 @@ def _wandb_records(path: str) -> list:
     return records
 
 
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)  # W&B may split "a/b" into a nested key
+
+
 def _wandb_runs(root: str) -> dict[str, dict]:
     runs = {}
     for path in glob.glob(os.path.join(root, "wandb", "offline-run-*", "run-*.wandb")):
@@ -260,9 +289,9 @@ def _wandb_runs(root: str) -> dict[str, dict]:
                 run["name"], run["group"] = r.run.display_name, r.run.run_group
             elif kind == "history":
                 for item in r.history.item:
-                    run["history"].setdefault(item.key, []).append((r.history.step.num, json.loads(item.value_json)))
+                    run["history"].setdefault(_key(item), []).append((r.history.step.num, json.loads(item.value_json)))
             elif kind == "summary":
-                run["summary"].update({i.key: json.loads(i.value_json) for i in r.summary.update if i.key})
+                run["summary"].update({_key(i): json.loads(i.value_json) for i in r.summary.update})
             elif kind == "files":
                 run["files"].update(f.path for f in r.files.files)
         runs[run["name"]] = run
@@ -365,7 +394,9 @@ def test_model_cards_name_the_base_and_carry_the_report_scores(pipeline):
         (entry,) = front["model-index"]
         assert entry["name"] == method
         scored = {r["dataset"]["name"]: {m["name"]: m["value"] for m in r["metrics"]} for r in entry["results"]}
-        assert scored == pytest.approx(result["eval"])
+        assert set(scored) == set(result["eval"])
+        for name, metrics in result["eval"].items():
+            assert scored[name] == pytest.approx(metrics), name
         for key in ("S_D", "S_G", "S"):
             delta = result[key] - report["base"][key]
             assert f"| {key} | {result[key]:.4f} | {report['base'][key]:.4f} | {delta:+.4f} |" in body
