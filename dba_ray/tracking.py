@@ -280,7 +280,8 @@ def report_table(report: dict) -> tuple[list[str], list[list]]:
 def tracked_command(command: str):
     """Decorator for ``run_all`` / ``run_compare`` / ``run_tune(cfg)``: the command is one
     tracked run that groups every run it starts; at the end it gets the report (table,
-    each run's scores and costs as ``<run>/...``), report.md / report.json and the PNGs."""
+    each run's scores and costs as ``<run>/...``) and the files of ``OUTPUT_FILES`` it
+    wrote (report.md / report.json, the PNGs, tune.md / tune.json / best.yaml)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -292,11 +293,15 @@ def tracked_command(command: str):
             ensure_ray(cfg.ray)
             run = open_run(cfg, command, command)
             token = _CURRENT.set(run.child_parent())
-            ok = False
+            ok, started = False, time.time()
             try:
                 out = fn(cfg, *args, **kwargs)
+                out_dir = storage.absolute(cfg.output_dir)
                 if isinstance(out, dict) and "results" in out and "base" in out:
-                    _log_report(run, out, storage.absolute(cfg.output_dir))
+                    _log_report(run, out)
+                # What this command wrote (not what an earlier command left there).
+                written = [storage.join(out_dir, n) for n in OUTPUT_FILES]
+                run.files([p for p in written if os.path.exists(p) and os.path.getmtime(p) >= started])
                 ok = True
                 return out
             finally:
@@ -308,12 +313,14 @@ def tracked_command(command: str):
     return wrap
 
 
-def _log_report(run: TrackedRun, report: dict, out_dir: str) -> None:
+# A command's outputs in output_dir that its tracked run keeps.
+OUTPUT_FILES = ("report.md", "report.json", "frontier.png", "dba_curves.png", "tune.md", "tune.json", "best.yaml")
+
+
+def _log_report(run: TrackedRun, report: dict) -> None:
     values = scalars({k: report["base"][k] for k in ("S_D", "S_G", "S", "eval")}, "base")
     for name, r in report["results"].items():
         keep = {k: r[k] for k in ("S_D", "S_G", "S", "eval", "delta", "tokens", "wall_s", "cost") if k in r}
         values.update(scalars(keep, name))
     run.summary(values)
     run.table("report", *report_table(report))
-    names = ("report.md", "report.json", "frontier.png", "dba_curves.png")
-    run.files([storage.join(out_dir, n) for n in names])
