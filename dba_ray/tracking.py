@@ -188,7 +188,12 @@ class TrackedRun:
         _require(cfg.tracking)
         self.parent = parent or TrackingParent(group=_group_name(cfg, kind), mlflow_run_id=None, wandb_dir=_wandb_dir(cfg))
         self.actor = _RunActor.remote(cfg.tracking.model_dump(), name, kind, self.parent, config)
-        self.ids = ray.get(self.actor.ids.remote())
+        try:
+            self.ids = ray.get(self.actor.ids.remote())
+        except ray.exceptions.RayActorError as e:
+            # e.g. an MLflow server that does not answer, or W&B online without a login
+            cause = str(getattr(e, "cause", None) or e).strip().splitlines()
+            raise UserError(f"tracking: cannot open run {name!r}: {cause[-1] if cause else e}") from None
         self._open = True
 
     def log(self, batches: list[tuple[dict[str, float], int | None]]) -> None:
