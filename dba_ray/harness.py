@@ -19,7 +19,7 @@ import os
 import ray
 
 from dba_ray.config import Config, EvalSetConfig
-from dba_ray.errors import UserError
+from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores
 
 log = logging.getLogger("dba_ray")
@@ -161,6 +161,18 @@ def submit(cfg: Config, models: dict[str, str]) -> dict[str, ray.ObjectRef]:
     return {name: task.remote(cfg.model_dump(), path, t.cpus_per_worker) for name, path in models.items()}
 
 
+def fetch(ref: ray.ObjectRef) -> dict[str, dict[str, float]]:
+    """A scoring task's result; a user error inside it comes out as itself, one line
+    (Ray's copy of it carries the remote traceback in its text)."""
+    try:
+        return ray.get(ref)
+    except Exception as e:
+        user = find_user_error(e)
+        if user is not None:
+            raise user from None
+        raise
+
+
 def combine(cfg: Config, metrics: dict[str, dict], harness: dict[str, dict]) -> dict:
     """Every set's metrics in config order, and S_D / S_G / S over all of them."""
     merged = {**metrics, **harness}
@@ -173,7 +185,7 @@ def add_final_scores(cfg: Config, metrics: dict, model_dir: str) -> dict:
     """A finished training run's last evaluation plus its saved model's lm_eval sets."""
     if not harness_sets(cfg):
         return metrics
-    scored = ray.get(submit(cfg, {"model": model_dir})["model"])
+    scored = fetch(submit(cfg, {"model": model_dir})["model"])
     out = combine(cfg, metrics.get("eval", {}), scored)
     log.info(
         "lm_eval sets of %s: %s", model_dir,

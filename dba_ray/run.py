@@ -114,7 +114,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], eval_refs=None) -> dict
     benchmarks = harness.submit(cfg, models)
     return {
         name: harness.combine(
-            cfg, ray.get(futures[name])["eval"] if refs else {}, ray.get(benchmarks[name]) if benchmarks else {}
+            cfg, ray.get(futures[name])["eval"] if refs else {}, harness.fetch(benchmarks[name]) if benchmarks else {}
         )
         for name in models
     }

@@ -180,7 +180,7 @@ def test_missing_harness_task_file_is_one_line(pipeline, tmp_path, capsys):
     cfg_file.write_text(yaml.safe_dump(tree))
     assert main(["eval", str(cfg_file)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "task file not found" in err and "nope.yaml" in err
+    assert err == f"dba-ray: error: eval set 'bench': task file not found: {tmp_path / 'nope.yaml'}"
 
 
 # ---------------------------------------------------------------- tracking
