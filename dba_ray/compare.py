@@ -18,7 +18,7 @@ import time
 
 import ray
 
-from dba_ray import preflight, storage
+from dba_ray import model_card, preflight, storage, tracking
 from dba_ray.config import Config, MethodSpec
 from dba_ray.curves import read_curves
 from dba_ray.errors import UserError
@@ -75,6 +75,7 @@ def _cost(rows: dict[str, dict], stage1: dict | None) -> None:
         r["cost"]["total_wall_s"] = r["wall_s"] + extra_wall
 
 
+@tracking.tracked_command("compare")
 def run_compare(cfg: Config) -> dict:
     from dba_ray.run import check_merge, ensure_base_model, ensure_global_gradient, evaluate_models, score_after_training
     from dba_ray.trainer import (
@@ -144,6 +145,7 @@ def run_compare(cfg: Config) -> dict:
     })
     out = storage.absolute(cfg.output_dir)
     md = write_report(out, report)
+    model_card.write_cards(report)
     frontier(report, storage.join(out, "frontier.png"))
     dba_runs = {n: read_curves(os.path.dirname(r["model_dir"])) for n, r in ordered.items() if r["family"] == "dba"}
     if dba_runs:

@@ -347,13 +347,57 @@ class TrainConfig(_Strict):
 class EvalSetConfig(_Strict):
     name: str = Field(description="Name in reports.")
     kind: Literal["domain", "general"] = Field(description="Which score it counts toward.")
-    type: Literal["text", "choice"] = Field(
+    type: Literal["text", "choice", "lm_eval"] = Field(
         "text",
         description="text: held-out text, tokenized like training data (NLL, perplexity, "
         "next-token accuracy). choice: multiple-choice records {question, choices, "
-        "answer (index)}, scored by the log-likelihood of each choice (accuracy).",
+        "answer (index)}, scored by the log-likelihood of each choice (accuracy). lm_eval: "
+        "lm-evaluation-harness tasks run on the saved model with the harness's Hugging Face "
+        "backend (needs `pip install 'dba-ray[lmeval]'`); the set's score is the mean over "
+        "`tasks` of each task's counted metric. Scored on saved models only: at the end of "
+        "a run and by eval / run / compare, not at train.eval_every evaluations.",
     )
-    data: DataConfig = Field(description="The set's records (a `path`, for choice sets).")
+    data: Optional[DataConfig] = Field(
+        None, description="The set's records (a `path`, for choice sets). Not for lm_eval sets."
+    )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm_eval sets: harness task or group names (e.g. mmlu, gsm8k, arc_challenge, "
+        "hellaswag; hub data sets need the network) or paths to task YAML files (offline with "
+        "local data files).",
+    )
+    num_fewshot: Optional[int] = Field(
+        None, ge=0, description="lm_eval sets: few-shot examples per prompt (None: each task's default)."
+    )
+    limit: Optional[float] = Field(
+        None,
+        gt=0,
+        description="lm_eval sets: documents per task, a count (>= 1) or a fraction (< 1) of "
+        "each task's test split (None: all).",
+    )
+    metrics: dict[str, str] = Field(
+        default_factory=dict,
+        description="lm_eval sets: the metric each task counts with (task name: metric, or "
+        "metric,filter such as exact_match,flexible-extract). A task not named here counts "
+        "with its primary metric: acc_norm when the task reports it, else the first metric "
+        "of its metric_list, under its first filter.",
+    )
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "EvalSetConfig":
+        if self.type == "lm_eval":
+            if not self.tasks:
+                raise ValueError(f"eval set {self.name!r}: type lm_eval needs tasks")
+            if self.data is not None:
+                raise ValueError(f"eval set {self.name!r}: an lm_eval set reads its tasks' data, not `data`")
+        else:
+            if self.data is None:
+                raise ValueError(f"eval set {self.name!r}: type {self.type} needs data")
+            # By value, not by presence: a dumped config carries every key.
+            harness_keys = [k for k in ("tasks", "num_fewshot", "limit", "metrics") if getattr(self, k) not in (None, [], {})]
+            if harness_keys:
+                raise ValueError(f"eval set {self.name!r}: {', '.join(harness_keys)} apply to lm_eval sets only")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -539,6 +583,50 @@ class CompareConfig(_Strict):
     max_concurrent: int = Field(2, ge=1, description="Runs at once (as Ray Tune trials).")
 
 
+class MlflowTrackingConfig(_Strict):
+    """MLflow: one tracked run per Stage 1 job, Stage 2 run and command."""
+
+    tracking_uri: Optional[str] = Field(
+        None,
+        description="Where runs go: a tracking server (http://127.0.0.1:5000), a local store "
+        "(file:///abs/path/mlruns, sqlite:///mlflow.db) or databricks. None: "
+        "MLFLOW_TRACKING_URI, else MLflow's default.",
+    )
+    experiment: str = Field("dba-ray", description="MLflow experiment (created if missing).")
+
+
+class WandbTrackingConfig(_Strict):
+    """Weights & Biases: one W&B run per Stage 1 job, Stage 2 run and command."""
+
+    project: str = Field("dba-ray", description="W&B project.")
+    entity: Optional[str] = Field(None, description="W&B team or user (None: your default).")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online",
+        description="online needs WANDB_API_KEY or `wandb login`; offline keeps the runs on disk "
+        "(upload them later with `wandb sync`).",
+    )
+    dir: Optional[str] = Field(
+        None,
+        description="Local directory for W&B's run files (a wandb/ folder inside it). None: "
+        "output_dir when it is local, else W&B's default.",
+    )
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking. Each Stage 1 job, Stage 2 run (a `tune` trial and a `compare`
+    run included) and each run / compare / tune command is one tracked run; a command's
+    runs share a group (W&B group; MLflow: nested under the command's run, tag
+    dba_ray.group). Nothing is logged when `tracking` is absent."""
+
+    mlflow: Optional[MlflowTrackingConfig] = Field(None, description="Track in MLflow.")
+    wandb: Optional[WandbTrackingConfig] = Field(None, description="Track in Weights & Biases.")
+    group: Optional[str] = Field(
+        None,
+        description="Name of the group a command's runs share. None: <command>-<last part of "
+        "output_dir>-<UTC time>.",
+    )
+
+
 class Config(_Strict):
     output_dir: str = Field("runs/dba", description="Where a run writes its outputs.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -557,6 +645,9 @@ class Config(_Strict):
         None, description="Merge curves toward the base after training (`run`, `compare`, `merge`)."
     )
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: Optional[TrackingConfig] = Field(
+        None, description="Log runs to MLflow and/or W&B (see the tracking.* keys)."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Config":

@@ -35,6 +35,22 @@ def eval_row(step: int, metrics: dict) -> dict:
     return row
 
 
+def report_rows(m: dict) -> tuple[int, list[dict]]:
+    """(first step, curve rows) of one report of rank 0: its steps, then its evaluation."""
+    history = m.get("history", [])
+    first = history[0]["step"] if history else m.get("step", 0)
+    rows = [{"kind": "train", **{k: h[k] for k in ("step", *STEP_KEYS) if k in h}} for h in history]
+    if "S" in m:
+        rows.append(eval_row(m["step"], m))
+    return first, rows
+
+
+def row_scalars(row: dict) -> dict[str, float]:
+    """A curve row as named scalars (``train/loss``, ``eval/S``, ``eval/<set>/acc``): the
+    names in TensorBoard and in the trackers."""
+    return {f"{row['kind']}/{k}": v for k, v in row.items() if k not in ("kind", "step") and _finite(v)}
+
+
 class CurvesCallback(UserCallback):
     """Appends each report's steps and evaluation to the run's curves.
 
@@ -60,18 +76,13 @@ class CurvesCallback(UserCallback):
         self._writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=first_step)
 
     def after_report(self, run_context, metrics, checkpoint):
-        m = metrics[0]  # rank 0's report
-        history = m.get("history", [])
+        first, new = report_rows(metrics[0])  # rank 0's report
         if not self._started:
-            self._start(history[0]["step"] if history else m.get("step", 0))
-        new = [{"kind": "train", **{k: h[k] for k in ("step", *STEP_KEYS) if k in h}} for h in history]
-        if "S" in m:
-            new.append(eval_row(m["step"], m))
+            self._start(first)
         if self._writer is not None:
             for row in new:
-                for k, v in row.items():
-                    if k not in ("kind", "step") and _finite(v):
-                        self._writer.add_scalar(f"{row['kind']}/{k}", v, row["step"])
+                for k, v in row_scalars(row).items():
+                    self._writer.add_scalar(k, v, row["step"])
             self._writer.flush()
         text = "".join(json.dumps(r) + "\n" for r in new)
         if self.rows is None:

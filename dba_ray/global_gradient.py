@@ -26,7 +26,7 @@ from ray.train import DataConfig as TrainDataConfig
 from ray.train import RunConfig
 from ray.train.torch import TorchTrainer
 
-from dba_ray import artifact, storage
+from dba_ray import artifact, storage, tracking
 from dba_ray.config import Config
 from dba_ray.data import build_sequences, describe_source
 from dba_ray.data.tokenize import IGNORE
@@ -269,6 +269,7 @@ def run_global_gradient(
         meta["global_norm"], f", written to {uri}" if uri else "",
     )
     ref = tracker.take_result.remote("grad") if s1.to_object_store else None
+    tracking.log_stage1(cfg, meta, elapsed)
     return Stage1Result(meta=meta, uri=uri, ref=ref)
 
 

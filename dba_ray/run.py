@@ -9,7 +9,7 @@ import time
 
 import ray
 
-from dba_ray import artifact, preflight, storage
+from dba_ray import artifact, harness, model_card, preflight, storage, tracking
 from dba_ray.config import Config, MergeConfig, digest
 from dba_ray.data import describe_source
 from dba_ray.errors import UserError
@@ -150,18 +150,26 @@ def _evaluate_remote(cfg_dump: dict, model_path: str, eval_refs: dict, kinds: di
 
 
 def evaluate_models(cfg: Config, models: dict[str, str], eval_refs=None) -> dict[str, dict]:
-    """Score each model (name: path) on every eval set, as Ray tasks."""
+    """Score each model (name: path) on every eval set, as Ray tasks (lm_eval sets in
+    tasks of their own, see dba_ray/harness.py)."""
+    harness.require_harness(cfg)
     ensure_ray(cfg.ray)
     refs, kinds = eval_refs or prepare_eval(cfg)
-    if not refs:
+    if not refs and not harness.harness_sets(cfg):
         raise UserError("no eval sets: add eval.sets to the config")
     t = cfg.train
     task = _evaluate_remote.options(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0)
     futures = {
         name: task.remote(cfg.model_dump(), path, refs, kinds, t.cpus_per_worker)
         for name, path in models.items()
+    } if refs else {}
+    benchmarks = harness.submit(cfg, models)
+    return {
+        name: harness.combine(
+            cfg, ray.get(futures[name])["eval"] if refs else {}, harness.fetch(benchmarks[name]) if benchmarks else {}
+        )
+        for name in models
     }
-    return {name: ray.get(f) for name, f in futures.items()}
 
 
 def check_merge(cfg: Config) -> None:
@@ -182,13 +190,24 @@ def needs_stage1(cfg: Config, specs) -> bool:
     return merge_fisher or any(uses_global_gradient(resolve(cfg, spec).train.dba) for spec in specs)
 
 
+def validation_config(cfg: Config) -> Config | None:
+    """``cfg`` with the validation sets as its eval sets (None without any): scored and
+    combined exactly like the eval sets, but never reported as them."""
+    if not cfg.eval.validation_sets:
+        return None
+    out = cfg.model_copy(deep=True)
+    out.eval.sets = cfg.eval.validation_sets
+    return out
+
+
 def score_after_training(cfg: Config, base: dict, results: dict[str, dict], eval_refs) -> dict:
     """Scores of the base and every run on eval.validation_sets (``validation``) and,
     with a merge section, each run's merge curve; returns the curves for report.json."""
-    val_refs = prepare_eval(cfg, cfg.eval.validation_sets) if cfg.eval.validation_sets else None
+    val_cfg = validation_config(cfg)
+    val_refs = prepare_eval(val_cfg) if val_cfg else None
     if val_refs is not None:
         models = {"base": cfg.model.name_or_path, **{n: r["model_dir"] for n, r in results.items()}}
-        scored = evaluate_models(cfg, models, val_refs)
+        scored = evaluate_models(val_cfg, models, val_refs)
         base["validation"] = scored.pop("base")
         for name, s in scored.items():
             results[name]["validation"] = s
@@ -199,6 +218,7 @@ def score_after_training(cfg: Config, base: dict, results: dict[str, dict], eval
     return curves_json(merge_curves(cfg, models, EvalGroups.of(eval_refs, val_refs)))
 
 
+@tracking.tracked_command("run")
 def run_all(cfg: Config) -> dict:
     """The whole pipeline; returns the report (also written to output_dir)."""
     if not cfg.eval.sets:
@@ -237,6 +257,7 @@ def run_all(cfg: Config) -> dict:
     )
     out = storage.absolute(cfg.output_dir)
     md = write_report(out, report)
+    model_card.write_cards(report)
     if merges:
         frontier(report, storage.join(out, "frontier.png"))
     print(md)
@@ -263,10 +284,11 @@ def run_merge(cfg: Config) -> dict:
             "(train first with dba-ray run or dba-ray train)"
         )
     eval_refs = prepare_eval(cfg)
-    val_refs = prepare_eval(cfg, cfg.eval.validation_sets) if cfg.eval.validation_sets else None
+    val_cfg = validation_config(cfg)
+    val_refs = prepare_eval(val_cfg) if val_cfg else None
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, eval_refs)["base"]
     if val_refs is not None:
-        base["validation"] = evaluate_models(cfg, {"base": cfg.model.name_or_path}, val_refs)["base"]
+        base["validation"] = evaluate_models(val_cfg, {"base": cfg.model.name_or_path}, val_refs)["base"]
     merges = curves_json(merge_curves(cfg, models, EvalGroups.of(eval_refs, val_refs)))
     report = {"base": base, "merges": merges}
     storage.write_bytes_atomic(storage.join(out, "merge.json"), json.dumps(report, indent=1).encode())

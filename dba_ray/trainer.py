@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from dba_ray import artifact, sharding, storage
+from dba_ray import artifact, harness, model_card, sharding, storage, tracking
 from dba_ray.config import Config, DBAConfig, MethodSpec, ScheduleConfig, digest
 from dba_ray.curves import CurvesCallback
 from dba_ray.data import build_sequences, collect_arrays
@@ -308,6 +308,8 @@ def prepare_eval(cfg: Config, sets=None) -> tuple[dict[str, ray.ObjectRef], dict
     ensure_ray(cfg.ray)
     refs, kinds = {}, {}
     for s in cfg.eval.sets if sets is None else sets:
+        if s.type == "lm_eval":  # scored on the saved model (dba_ray/harness.py)
+            continue
         if s.type == "choice":
             records = read_choice_records(s.data)[: cfg.eval.max_sequences]
             arrays = choice_arrays(records, load_tokenizer(cfg.model), s.data.seq_len)
@@ -410,11 +412,14 @@ def run_train(
     eval_refs: tuple[dict, dict] | None = None,
     general_ref: ray.ObjectRef | None = None,
     callbacks: tuple = (),
+    tracking_parent: tracking.TrackingParent | None = None,
+    tracking_name: str | None = None,
 ) -> TrainResult:
     """Train one method (or a named variant) on the domain data; save the model under
     ``<output_dir>/<name>/model``. ``train_ref`` / ``eval_refs`` / ``general_ref`` reuse
     data already tokenized by an earlier call; ``grad_source`` overrides the configured
-    artifact; ``callbacks`` are extra Ray Train callbacks (Tune's reporter)."""
+    artifact; ``callbacks`` are extra Ray Train callbacks (Tune's reporter);
+    ``tracking_parent`` / ``tracking_name``: the group and name of its tracked run."""
     spec = as_spec(method)
     cfg = resolve(cfg, spec)
     t = cfg.train
@@ -422,10 +427,11 @@ def run_train(
     if "global_gradient" in spec.set or grad_source is None:  # a variant's own ĝ_G wins over a shared one
         grad_source = storage.absolute(cfg.global_gradient_source())
     grad_id = None  # which ĝ_G: part of the run's identity, so a new one means a new run
+    grad_meta = None  # its metadata, for the model card
     if uses_global_gradient(dba_cfg):
         grad_id = grad_source.hex() if isinstance(grad_source, ray.ObjectRef) else None
         if isinstance(grad_source, str):
-            meta = artifact.read_meta(grad_source)
+            meta = grad_meta = artifact.read_meta(grad_source)
             grad_id = [meta["created_at"], meta["data"]["fingerprint"], meta["global_norm"]]
             # Refused here, before any worker starts, if made for another model.
             artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
@@ -444,6 +450,7 @@ def run_train(
                 )
     ensure_ray(cfg.ray)
     check_cpu_headroom(t.num_workers * t.cpus_per_worker)
+    harness.require_harness(cfg)
     if train_ref is None:
         train_ref = prepare_train_data(cfg)
     if eval_refs is None:
@@ -480,6 +487,9 @@ def run_train(
     out_dir = storage.absolute(cfg.output_dir)
     run_dir = storage.join(out_dir, spec.name)
     tracker = Tracker.remote()
+    tracked = tracking.open_run(cfg, tracking_name or spec.name, "train", tracking_parent)
+    if tracked is not None:
+        callbacks = (tracking.TrackingCallback(tracked.actor), *callbacks)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
@@ -513,12 +523,16 @@ def run_train(
         try:
             result = trainer.fit()
         except Exception as e:
+            if tracked is not None:
+                tracked.finish(ok=False)
             user = find_user_error(e)
             if user is not None:
                 raise user from None
             raise
     returned = result.return_value or {}
     if "nan_at_step" in returned:
+        if tracked is not None:
+            tracked.finish(ok=False)
         ckpt = result.checkpoint.path if result.checkpoint else "none yet"
         raise UserError(
             f"training {spec.name} stopped: the loss became {returned['loss']} at step "
@@ -526,7 +540,14 @@ def run_train(
         )
     metrics = returned.get("final", {})
     wall = time.monotonic() - start
+    metrics = harness.add_final_scores(cfg, metrics, storage.join(run_dir, "model"))
     log.info("stage 2 (%s) done in %.1fs: %s", spec.name, wall, _summary(metrics))
+    model_card.write_card(storage.join(run_dir, "model"), model_card.facts_for_run(
+        cfg, spec, grad_meta, grad_source if uses_global_gradient(dba_cfg) else None, metrics, total, tokens))
+    if tracked is not None:
+        peak = returned.get("peak_mem_mb", float("nan"))
+        tracked.summary(tracking.final_values({**metrics, "wall_s": wall, "tokens": tokens, "steps": total, "peak_mem_mb": peak}))
+        tracked.finish()
     return TrainResult(
         method=spec.name,
         model_dir=storage.join(run_dir, "model"),

@@ -20,7 +20,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dba_ray import preflight, storage
+from dba_ray import preflight, storage, tracking
 from dba_ray.config import Config, MethodSpec, flatten
 from dba_ray.errors import UserError
 from dba_ray.methods import resolve, uses_global_gradient
@@ -94,6 +94,9 @@ def _trial(params: dict, *, cfg_dump: dict, refs: dict, experiment: str, report_
     result = run_train(
         cfg, spec, grad_source=refs["grad_source"], train_ref=refs["train"], eval_refs=refs["eval"],
         general_ref=refs.get("general"), callbacks=(TuneReportCallback(),) if report_to_tune else (),
+        # compare's runs have unique names; a sweep's trials share their method's name
+        tracking_parent=refs.get("tracking"),
+        tracking_name=spec.name if experiment == "compare" else f"{spec.name}-{tune.get_context().get_trial_id()}",
     )
     tune.report(
         {
@@ -120,6 +123,7 @@ def run_trials(
     """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``."""
     # Tune moves each trial into its own directory: relative paths would follow it.
     cfg = cfg.model_copy(update={"output_dir": storage.absolute(cfg.output_dir)})
+    refs = {**refs, "tracking": tracking.current_parent()}  # trials run in other processes
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial, cfg_dump=cfg.model_dump(), refs=refs, experiment=name, report_to_tune=scheduler is not None
@@ -176,6 +180,7 @@ def trial_row(result) -> dict:
     }
 
 
+@tracking.tracked_command("tune")
 def run_tune(cfg: Config) -> dict:
     """`dba-ray tune`: sweep, then a table of trials and the best configuration, whose
     model is exported to ``<output_dir>/best/model``."""
