@@ -179,7 +179,8 @@ def run_all(cfg: Config) -> dict:
     results = {}
     for spec in cfg.methods:
         r = run_train(cfg, spec, eval_refs=eval_refs, train_ref=train_ref, general_ref=general_ref)
-        results[spec.name] = {**r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "model_dir": r.model_dir}
+        results[spec.name] = {**r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps,
+                              "resumed_at": r.resumed_at, "model_dir": r.model_dir}
     report = build_report(
         base,
         results,
