@@ -319,8 +319,9 @@ class TrainConfig(_Strict):
         description="ddp: every worker holds the whole model, its gradients, AdamW state "
         "and ĝ_G (fastest while they fit). fsdp: FSDP2, each worker holds 1/num_workers "
         "of each (one transformer block is gathered at a time), for models too big for "
-        "one device; the DBA statistics are all-reduced. Its checkpoints are sharded "
-        "(a file per worker) and resume only with the same num_workers.",
+        "one device; the DBA statistics are all-reduced. Checkpoints of either resume "
+        "under either, on any num_workers; the run's identity is its global batch "
+        "(batch_size × num_workers × grad_accum), not its layout.",
     )
     cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker; its torch threads.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL, bf16 autocast).")

@@ -241,8 +241,8 @@ def run_all(cfg: Config) -> dict:
     for spec in cfg.methods:
         r = run_train(cfg, spec, eval_refs=eval_refs, train_ref=train_ref, general_ref=general_ref)
         results[spec.name] = {
-            **r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "model_dir": r.model_dir,
-            "method": spec.name, "lr": resolve(cfg, spec).train.schedule.lr,
+            **r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "resumed_at": r.resumed_at,
+            "model_dir": r.model_dir, "method": spec.name, "lr": resolve(cfg, spec).train.schedule.lr,
         }
     merges = score_after_training(cfg, base, results, eval_refs)
     report = build_report(

@@ -9,7 +9,6 @@ batch, so a run is reproducible and resumes exactly from a checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -26,11 +25,9 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file, save_file
-from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
 
 from dba_ray import artifact, harness, model_card, sharding, storage, tracking
+from dba_ray import checkpoint as checkpointing
 from dba_ray.config import Config, DBAConfig, MethodSpec, ScheduleConfig, digest
 from dba_ray.curves import CurvesCallback
 from dba_ray.data import build_sequences, collect_arrays
@@ -97,41 +94,6 @@ def build_model(cfg: Config, method: str, device: torch.device) -> torch.nn.Modu
     return model
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def _save_checkpoint(path: str, model, optimizer, step: int, extra: dict) -> None:
-    st_save_model(model, os.path.join(path, "model.safetensors"))
-    names = {id(p): n for n, p in model.named_parameters()}
-    opt = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                opt[f"{names[id(p)]}::{key}"] = torch.as_tensor(value).detach().cpu().clone()
-    opt["__torch_rng__"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        opt["__cuda_rng__"] = torch.cuda.get_rng_state()
-    save_file(opt, os.path.join(path, "optimizer.safetensors"))
-    with open(os.path.join(path, "state.json"), "w") as f:
-        json.dump({"step": step, **extra}, f)
-
-
-def _load_checkpoint(path: str, model, optimizer) -> dict:
-    st_load_model(model, os.path.join(path, "model.safetensors"))
-    opt = load_file(os.path.join(path, "optimizer.safetensors"))
-    torch.set_rng_state(opt.pop("__torch_rng__"))
-    cuda_rng = opt.pop("__cuda_rng__", None)
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_rng)
-    params = dict(model.named_parameters())
-    for key, value in opt.items():
-        name, field = key.split("::")
-        p = params[name]
-        optimizer.state[p][field] = value.to(p.device) if value.dim() > 0 else value
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -182,12 +144,9 @@ def _train_loop(config: dict) -> dict:
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None:  # written by any number of workers, DDP or FSDP
         with checkpoint.as_directory() as d:
-            if fsdp:
-                step = sharding.load_checkpoint(d, model, optimizer, rank, world)["step"]
-            else:
-                step = _load_checkpoint(d, model, optimizer)["step"]
+            step = checkpointing.load(d, model, optimizer, rank, world)["step"]
         log.info("rank %d resumed at step %d", rank, step)
     resumed_at = step
 
@@ -276,12 +235,9 @@ def _train_loop(config: dict) -> dict:
         history = []
         if do_ckpt:
             with tempfile.TemporaryDirectory() as d:
-                if fsdp:  # every rank writes its shard; Ray Train merges the directories
-                    sharding.save_checkpoint(d, model, optimizer, step, {"total_steps": total}, rank, world)
-                elif rank == 0:
-                    _save_checkpoint(d, model, optimizer, step, {"total_steps": total})
-                writes = rank == 0 or fsdp
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if writes else None)
+                # FSDP: every rank writes its rows, and Ray Train merges the directories.
+                wrote = checkpointing.save(d, model, optimizer, step, {"total_steps": total}, rank, world)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if wrote else None)
         else:
             ray.train.report(metrics)
 
@@ -561,9 +517,14 @@ def run_train(
 
 
 def _settings_digest(cfg: Config, spec: MethodSpec, grad_id) -> str:
-    """``cfg`` as resolved for the run: its train section is what the run trains with."""
+    """``cfg`` as resolved for the run: its train section is what the run trains with.
+    The layout is not (workers, micro-batches, DDP or FSDP, CPUs): a run keeps its
+    identity, and resumes, on another layout with the same global batch."""
     keep = cfg.model_dump(include={"model", "train"})
-    for key in ("progress_interval_s", "max_failures", "fail_once_at_step"):
+    t = cfg.train
+    keep["train"]["global_batch"] = t.batch_size * t.num_workers * t.grad_accum
+    for key in ("progress_interval_s", "max_failures", "fail_once_at_step", "batch_size", "num_workers",
+                "grad_accum", "parallel", "cpus_per_worker"):
         keep["train"].pop(key)
     keep["method"] = spec.method
     keep["grad_id"] = grad_id

@@ -15,6 +15,7 @@ from safetensors.torch import load as st_load
 
 from conftest import make_docs, write_jsonl
 from dba_ray import artifact, storage
+from dba_ray.checkpoint import shard_file
 from dba_ray.cli import main
 from dba_ray.config import ModelConfig
 from dba_ray.errors import UserError
@@ -91,12 +92,12 @@ def test_dba_ray_run_keeps_every_artifact_in_s3(tmp_path, monkeypatch, bucket):
     assert ckpts and all(c.startswith("train-dba-") for c in ckpts)
     steps = [json.loads(storage.read_bytes(f"{out}/ray_train/{c}/state.json"))["step"] for c in ckpts]
     assert 4 in steps
-    final_ckpt = f"{out}/ray_train/{ckpts[steps.index(4)]}/model.safetensors"
+    final_ckpt = f"{out}/ray_train/{ckpts[steps.index(4)]}/{shard_file(0, 1)}"  # DDP: one shard
     ckpt_weights = st_load(storage.read_bytes(final_ckpt))
     tuned = load_model(ModelConfig(name_or_path=dba["model_dir"]))
     assert load_tokenizer(ModelConfig(name_or_path=dba["model_dir"])).eos_token == "<|eos|>"
-    for name, t in tuned.state_dict().items():
-        assert torch.equal(t, ckpt_weights[name]), name
+    for name, t in tuned.named_parameters():
+        assert torch.equal(t, ckpt_weights[f"model::{name}"]), name
     assert any(not torch.equal(t, base.state_dict()[n]) for n, t in tuned.state_dict().items())
 
     # `dba-ray eval` loads the model from S3 in a Ray task and writes eval.json there.

@@ -142,6 +142,21 @@ def test_ddp_matches_reference_through_a_worker_failure(tmp_path):
     assert_same_eval(resumed.metrics, one_process_eval(cfg, resumed.model_dir))
 
 
+def test_ddp_run_resumes_on_more_workers(tmp_path):
+    """Started on 1 worker, failed after step 3 (no retries); the same run on 2 workers
+    with the same global batch resumes from the step-2 checkpoint and ends where one
+    process would."""
+    one = make_config(tmp_path, "grow", num_workers=1, grad_accum=4, fail_once_at_step=3)
+    one = Config.model_validate({**one.model_dump(), "eval": {}})
+    with pytest.raises(Exception, match="injected failure at step 3"):
+        run_train(one, "direct")
+    two = one.model_copy(deep=True)
+    two.train.num_workers, two.train.grad_accum = 2, 2
+    result = run_train(two, "direct")
+    assert result.resumed_at == 2
+    assert rel_error(saved_weights(result.model_dir), reference_weights(resolve(two, "direct"))) < 1e-6
+
+
 def test_mixture_trains_on_domain_and_general_rows(tmp_path):
     """The mixture baseline against one process on the domain rows plus the first
     round(n·r/(1−r)) general rows: a run that dropped the general rows (or took others)
@@ -209,5 +224,12 @@ def test_run_identity_follows_settings_and_global_gradient(tmp_path):
     assert _settings_digest(resolve(cfg, spec), spec, ["t1", "f1", 2.0]) != first  # another ĝ_G
     variant = MethodSpec(name="dba", method="dba", set={"dba.dc": "none"})
     assert _settings_digest(resolve(cfg, variant), variant, ["t0", "f0", 1.0]) != first
+    # The layout is not the run's identity, the global batch is: a run resumes on
+    # another number of workers.
+    cfg.train.num_workers, cfg.train.grad_accum, cfg.train.parallel = 1, 4, "fsdp"
+    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) == first
+    cfg.train.grad_accum = 2
+    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) != first
+    cfg.train.grad_accum = 4
     cfg.train.schedule.lr = 1e-4
     assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) != first
