@@ -110,7 +110,8 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
     max_len = model(cfg)
     sources = [("train.data", cfg.train.data)]
     sources += [(f"eval set {s.name!r} data", s.data)
-                for s in [*cfg.eval.sets, *cfg.eval.validation_sets, *cfg.tune.validation_sets]]
+                for s in [*cfg.eval.sets, *cfg.eval.validation_sets, *cfg.tune.validation_sets]
+                if s.data is not None]  # lm_eval sets name harness tasks instead
     if cfg.pretrain is not None:
         sources.append(("pretrain.data", cfg.pretrain.data))
     if mixture and cfg.train.mixture.data is not None:

@@ -17,7 +17,7 @@ from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient, token_loss_sum
 from dba_ray.model import load_model
 from dba_ray.methods import resolve, uses_global_gradient
-from dba_ray.trainer import _global_batch_rows, run_train
+from dba_ray.trainer import _global_batch_rows, mixture_domain_rows, run_train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -158,16 +158,19 @@ def test_ddp_run_resumes_on_more_workers(tmp_path):
 
 
 def test_mixture_trains_on_domain_and_general_rows(tmp_path):
-    """The mixture baseline against one process on the domain rows plus the first
-    round(n·r/(1−r)) general rows: a run that dropped the general rows (or took others)
-    would end far from it."""
+    """The mixture baseline against one process on the domain rows a domain-only run of
+    3 steps trains on plus the first round(n·r/(1−r)) general rows: a run that dropped
+    the general rows (or took others) would end far from it."""
     cfg = make_config(tmp_path, "mix", num_workers=1, max_steps=3, checkpoint_every=0, mixture={"ratio": 0.25})
     cfg = Config.model_validate({**cfg.model_dump(), "eval": {}})
     result = run_train(cfg, "mixture")
     assert result.steps == 4  # ceil(3 / (1 - 0.25)): equal domain steps
     t = resolve(cfg, "mixture").train
     domain = collect_arrays(build_sequences(t.data, cfg.model))
-    n_general = round(len(domain["input_ids"]) * 0.25 / 0.75)
+    rows = mixture_domain_rows(t, len(domain["input_ids"]))
+    assert len(rows) == 3 * 4 < len(domain["input_ids"])  # 3 steps of 4: not the whole file
+    domain = {k: v[rows] for k, v in domain.items()}
+    n_general = round(len(rows) * 0.25 / 0.75)
     general = collect_arrays(build_sequences(cfg.stage1.data, cfg.model), limit=n_general)
     assert len(general["input_ids"]) == n_general > 0
     mixed = {k: np.concatenate([domain[k], general[k]]) for k in ("input_ids", "labels")}
