@@ -194,9 +194,9 @@ class DBAConfig(_Strict):
         description="Where ĝ_G enters. gradient (the paper): in g_B, which AdamW then "
         "normalizes per weight by the domain gradient's second moment, so a weight the "
         "domain data never moves takes a full lr-sized step along ĝ_G every step. update: "
-        "AdamW steps on g_D alone and then each weight moves by −γ_t·lr_t·ĝ_G/√v_G (v_G "
-        "from Stage 1), at most γ_t·lr_t and less where the general gradient is noise; "
-        "DC norm has nothing to restore there (c_t = 1). masked: in g_B, but ĝ_G clipped "
+        "AdamW steps on g_D alone and then each weight moves by −γ_t·c_t·lr_t·ĝ_G/√v_G "
+        "(v_G from Stage 1; clipped to ±1 per weight), at most γ_t·c_t·lr_t and less where "
+        "the general gradient is noise; c_t is DC's, as for gradient. masked: in g_B, but ĝ_G clipped "
         "per weight to ±|g_D| of the step, so it can tilt a weight the domain data moves "
         "and never moves one on its own.",
     )

@@ -157,7 +157,9 @@ class DBA:
             for h, (n, p) in zip(self.g, self.params):
                 v = second_moment[n].to(p.device, torch.float32).view_as(local(p))
                 root = v.sqrt()
-                self.update_dir.append(torch.where(root > 0, h.float() / root, torch.zeros_like(root)).to(dtype))
+                step = torch.where(root > 0, h.float() / root, torch.zeros_like(root))
+                # |ĝ_G| <= √v_G only roughly (token- vs batch-weighted means, SVD, bf16): enforce it.
+                self.update_dir.append(step.clamp_(-1.0, 1.0).to(dtype))
         if cfg.anchor == "fisher":
             v = [second_moment[n].to(p.device, torch.float32).view_as(local(p)) for n, p in self.params]
             total = self._reduce(torch.stack([x.sum() for x in v] + [torch.tensor(float(sum(x.numel() for x in v)), device=v[0].device)]))
@@ -204,16 +206,12 @@ class DBA:
             nd2, dot, projected = max(nd2 - dot * dot / ng2, 0.0), 0.0, True
         gamma = gamma_at(step, self.total, cfg.boost, cfg.gamma_max) if cfg.ggb else 0.0
         self.gamma = gamma
-        if cfg.boost_mode == "update":  # the boost is a move of its own, after the optimizer's
-            norm_d = math.sqrt(nd2)
-            c = correction(cfg.dc, 0.0, self.norm_g, norm_d, norm_d, cos, cfg.kappa, cfg.c_max)
-            return StepStats(gamma=gamma, cos=cos, c=c, norm_d=norm_d, norm_b=norm_d, projected=projected)
         if gamma > 0 and cfg.boost_mode == "masked":
             for g, h in zip(grads, self.g):
                 bound = g.abs()
                 g.mul_(1.0 - gamma).add_(torch.clamp(h.to(g.dtype), -bound, bound), alpha=gamma)
             nb2 = self._reduce(torch.stack(torch._foreach_norm(grads)).float().pow(2).sum().reshape(1))[0]
-        elif gamma > 0:
+        elif gamma > 0 and cfg.boost_mode == "gradient":
             torch._foreach_mul_(grads, 1.0 - gamma)
             if all(g.dtype == h.dtype for g, h in zip(grads, self.g)):
                 torch._foreach_add_(grads, self.g, alpha=gamma)
@@ -221,6 +219,8 @@ class DBA:
                 for g, h in zip(grads, self.g):
                     g.add_(h, alpha=gamma)
         if gamma == 0 or cfg.boost_mode != "masked":
+            # update mode: the g_B the paper's form would blend, so that DC corrects the
+            # step exactly as there and only where ĝ_G enters differs.
             nb2 = gamma**2 * ng2 + (1 - gamma) ** 2 * nd2 + 2 * gamma * (1 - gamma) * dot
         norm_d, norm_b = math.sqrt(nd2), math.sqrt(max(nb2, 0.0))
         c = correction(cfg.dc, gamma, self.norm_g, norm_d, norm_b, cos if defined else None, cfg.kappa, cfg.c_max)
@@ -229,7 +229,7 @@ class DBA:
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
         """After the optimizer's step (``lr``: the step's learning rate, c_t included):
-        ``boost_mode: update`` moves each weight by −γ_t·lr·ĝ_G/√v_G; else nothing."""
+        ``boost_mode: update`` moves each weight by −γ_t·lr·clip(ĝ_G/√v_G, ±1); else nothing."""
         if self.update_dir is None or self.gamma == 0:
             return
         params = [local(p) for _, p in self.params]

@@ -76,11 +76,18 @@ class EvalGroups:
 # ---------------------------------------------------------------- the merged model
 
 
-def base_tensors(cfg: Config):
-    """θ0 by parameter name: the builtin model rebuilt, else its safetensors files."""
-    if cfg.model.name_or_path == BUILTIN_MODEL:
-        return {n: p.detach() for n, p in load_model(cfg.model).named_parameters()}
-    return SavedTensors(_local_model_dir(cfg.model.name_or_path, cfg.model.revision))
+def base_tensors(cfg: Config, names: list[str] | None = None):
+    """θ0 by parameter name: read one tensor at a time from the base's safetensors files
+    when they hold every name, else (the builtin model, .bin weights, checkpoints saved
+    under other names) the base loaded whole."""
+    if cfg.model.name_or_path != BUILTIN_MODEL:
+        try:
+            saved = SavedTensors(_local_model_dir(cfg.model.name_or_path, cfg.model.revision))
+            if names is None or all(n in saved for n in names):
+                return saved
+        except UserError:
+            pass
+    return {n: p.detach() for n, p in load_model(cfg.model).named_parameters()}
 
 
 def _local_model_dir(name: str, revision: str | None) -> str:
@@ -106,7 +113,7 @@ def merged_model(cfg: Config, model_dir: str, mode: str, knob: float, fisher_uri
     if mode == "fisher":
         names = [n for n, _ in model.named_parameters()]
         fisher = FisherPair.of(_fisher_tensors(fisher_uris[0]), _fisher_tensors(fisher_uris[1]), names)
-    merge_into(model, base_tensors(cfg), knob, fisher)
+    merge_into(model, base_tensors(cfg, [n for n, _ in model.named_parameters()]), knob, fisher)
     return model
 
 
@@ -159,7 +166,9 @@ def score_merges(cfg: Config, model_dir: str, mode: str, knobs: list[float], gro
 def _model_identity(model_dir: str) -> str:
     """Names, sizes and modification times of a saved model's files: a retrained model
     in the same folder is another model."""
-    listing = [(os.path.basename(f), size) for f, size in storage.list_files(model_dir)]
+    # Weights and config only: the model card (README.md) is rewritten after scoring.
+    listing = [(os.path.basename(f), size) for f, size in storage.list_files(model_dir)
+               if f.endswith((".safetensors", ".bin", "config.json"))]
     if not storage.is_remote(model_dir):
         listing = [(n, s, os.path.getmtime(os.path.join(model_dir, n))) for n, s in listing]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
@@ -167,7 +176,8 @@ def _model_identity(model_dir: str) -> str:
 
 def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[str, int, float]:
     """F_D of the model at ``model_dir`` on ``train.data``, kept at ``uri`` (default:
-    ``domain_fisher`` beside the model): (artifact URI, tokens, wall seconds, 0 when reused)."""
+    ``domain_fisher`` beside the model): (artifact URI, tokens, wall seconds, 0 when reused).
+    On object stores the model's identity is its files' names and sizes only."""
     from dba_ray.global_gradient import run_global_gradient
 
     if cfg.train.data is None:
@@ -206,8 +216,10 @@ def general_fisher_uri(cfg: Config) -> str:
 # ---------------------------------------------------------------- curves
 
 
-def merge_curves(cfg: Config, models: dict[str, str], groups: EvalGroups) -> dict[str, MergeCurve]:
-    """A merge curve per trained model (run name: model directory)."""
+def merge_curves(cfg: Config, models: dict[str, str], groups: EvalGroups,
+                 homes: dict[str, str] | None = None) -> dict[str, MergeCurve]:
+    """A merge curve per trained model (run name: model directory). Each run's F_D and
+    exported merge go to its home (default: the folder holding its model)."""
     mc: MergeConfig = cfg.merge
     ensure_ray(cfg.ray)
     knobs = mc.knob_values()
@@ -219,26 +231,28 @@ def merge_curves(cfg: Config, models: dict[str, str], groups: EvalGroups) -> dic
     for run, model_dir in models.items():
         start = time.monotonic()
         fisher_uris, fisher_tokens = None, 0
+        home = (homes or {}).get(run) or os.path.dirname(model_dir.rstrip("/"))
         if mc.mode == "fisher":
-            fd_uri, fisher_tokens, _ = domain_fisher(cfg, model_dir)
+            fd_uri, fisher_tokens, _ = domain_fisher(cfg, model_dir, storage.join(home, "domain_fisher"))
             fisher_uris = (general, fd_uri)
         points = score_merges(cfg, model_dir, mc.mode, knobs, groups, fisher_uris)
         chosen = exported = None
-        if groups.validation is not None:
-            chosen = max(points, key=lambda p: (_finite(p.validation["S"]), -p.knob if mc.mode == "fisher" else p.knob)).knob
+        scored = [p for p in points if p.validation is not None and not math.isnan(p.validation["S"])]
+        if groups.validation is not None and not scored:
+            log.warning("merge %s: no point has a validation S (lm_eval-only validation sets?): "
+                        "nothing chosen or exported", run)
+        if scored:
+            # Ties go to the end nearer the trained model (larger α, smaller λ).
+            chosen = max(scored, key=lambda p: (p.validation["S"], -p.knob if mc.mode == "fisher" else p.knob)).knob
             if mc.export:
                 chosen_point = next(p for p in points if p.knob == chosen)
-                out = storage.join(os.path.dirname(model_dir.rstrip("/")), "merged", "model")
+                out = storage.join(home, "merged", "model")
                 exported = export_merge(cfg, run, model_dir, mc.mode, chosen, fisher_uris, chosen_point.validation, out)
         eval_tokens = len(points) * sum(groups.tokens.values())
         curves[run] = MergeCurve(run, mc.mode, model_dir, points, chosen, exported, eval_tokens, fisher_tokens,
                                  time.monotonic() - start, fisher_uris[1] if fisher_uris else None)
         log.info("merge %s (%s): %s", run, mc.mode, _curve_summary(curves[run]))
     return curves
-
-
-def _finite(x: float) -> float:
-    return x if not math.isnan(x) else -math.inf
 
 
 def export_merge(cfg: Config, run: str, model_dir: str, mode: str, knob: float, fisher_uris,

@@ -100,7 +100,9 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
 
     resolved = {s.name: resolve(cfg, s).train for s in specs}
     needs_grad = any(uses_global_gradient(t.dba) for t in resolved.values())
-    fisher = [n for n, t in resolved.items() if t.dba.anchor == "fisher"]
+    # What needs v_G: the fisher anchor, and the boost applied in update space.
+    fisher = [n for n, t in resolved.items()
+              if t.dba.anchor == "fisher" or (t.dba.ggb and t.dba.boost_mode == "update")]
     mixture = [s.name for s in specs if s.method == "mixture"]
     if cfg.train.data is None:
         raise UserError("train.data is required: the domain data to fine-tune on")
@@ -131,12 +133,12 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
         artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
         if fisher and not meta.get("has_second_moment"):
             raise UserError(
-                f"{fisher[0]} uses the fisher anchor, which needs v_G, but "
+                f"{fisher[0]} uses the fisher anchor or boost_mode update, which need v_G, but "
                 f"{cfg.train.global_gradient} has none: make it with stage1.second_moment: true"
             )
     elif fisher and not cfg.stage1.second_moment:
         raise UserError(
-            f"{fisher[0]} uses the fisher anchor, which needs v_G: set stage1.second_moment: true"
+            f"{fisher[0]} uses the fisher anchor or boost_mode update, which need v_G: set stage1.second_moment: true"
         )
 
     writable(cfg.output_dir, "output_dir")

@@ -289,7 +289,10 @@ def run_merge(cfg: Config) -> dict:
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, eval_refs)["base"]
     if val_refs is not None:
         base["validation"] = evaluate_models(val_cfg, {"base": cfg.model.name_or_path}, val_refs)["base"]
-    merges = curves_json(merge_curves(cfg, models, EvalGroups.of(eval_refs, val_refs)))
+    # A model named in merge.models gets its F_D and export under output_dir/merge/<name>,
+    # so models that share a parent folder keep theirs apart.
+    homes = {name: storage.join(out, "merge", name) for name in cfg.merge.models}
+    merges = curves_json(merge_curves(cfg, models, EvalGroups.of(eval_refs, val_refs), homes))
     report = {"base": base, "merges": merges}
     storage.write_bytes_atomic(storage.join(out, "merge.json"), json.dumps(report, indent=1).encode())
     md = merges_markdown(merges)

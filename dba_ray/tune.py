@@ -301,7 +301,8 @@ def run_merge_sweep(cfg: Config) -> dict:
     if len(cfg.merge.models) > 1 or not storage.exists(storage.join(model_dir, "config.json")):
         raise UserError(f"a merge.knob sweep needs one trained model: none at {model_dir} "
                         f"(train it with dba-ray train --method {tc.method.name}, or give one in merge.models)")
-    knobs = tc.search[MERGE_KNOB] if isinstance(tc.search.get(MERGE_KNOB), list) else None
+    knobs = flatten(tc.search, keep=_is_domain)[MERGE_KNOB]
+    knobs = knobs if isinstance(knobs, list) else None
     if knobs is None:
         raise UserError(f"tune.search.{MERGE_KNOB}: give a list of knob values (a grid)")
     cfg.merge = MergeConfig(mode=cfg.merge.mode, knobs=knobs)  # checks the values for the mode
@@ -324,7 +325,10 @@ def run_merge_sweep(cfg: Config) -> dict:
     done = [r for r in rows if r["status"] == "done"]
     if not done:
         raise UserError(f"no merge trial finished: {next((str(r.error) for r in grid if r.error), '?').splitlines()[-1]}")
-    best = max(done, key=lambda r: r["S"])
+    done = [r for r in done if not math.isnan(r["S"])] or done
+    # As merge curves choose: the best validation S, ties to the end nearer the trained model.
+    nearer = (lambda k: -k) if cfg.merge.mode == "fisher" else (lambda k: k)
+    best = max(done, key=lambda r: (r["S"], nearer(float(r["set"][MERGE_KNOB]))))
     knob = float(best["set"][MERGE_KNOB])
     test = None
     if cfg.eval.sets:
