@@ -240,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s dba-ray: %(message)s", datefmt="%H:%M:%S"
     )
+    if not args.debug:
+        # Ray Data logs each dataset's plan and, when a task fails, its traceback before
+        # re-raising it: a user error in the data reaches the user as our one line, a bug
+        # as its own traceback; progress is ours (--debug shows Ray Data's logs too).
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except UserError as e:

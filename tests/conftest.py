@@ -15,6 +15,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # steps that wait is much of a test's time. The local cluster's processes inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
+import sys  # noqa: E402
+
+# One root log handler for the whole session, on the real stderr: `dba-ray`'s main()
+# calls logging.basicConfig, which would otherwise bind its handler to the captured
+# stream of whichever test calls it first, closed by the time later tests log to it.
+logging.basicConfig(level=logging.INFO, stream=sys.__stderr__, format="%(asctime)s dba-ray: %(message)s")
+
 import pytest  # noqa: E402
 import ray  # noqa: E402
 

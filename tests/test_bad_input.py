@@ -223,7 +223,7 @@ CASES = [
     ("model-missing", "run", overrides("model.name_or_path=/nonexistent/model-dir"), "model.name_or_path /nonexistent/model-dir does not exist", False),
     ("model-without-weights", "run", edit(_weightless_model), "has a config but no weights", False),
     ("gradient-of-another-model", "run", edit(_other_models_gradient), "which does not match", False),
-    ("fisher-without-v", "run", edit(_fisher_without_v), "anchored uses the fisher anchor, which needs v_G: set stage1.second_moment: true", False),
+    ("fisher-without-v", "run", edit(_fisher_without_v), "anchored uses the fisher anchor or boost_mode update, which need v_G: set stage1.second_moment: true", False),
     ("fisher-artifact-without-v", "run", edit(_fisher_artifact_without_v), "gg_no_v has none: make it with stage1.second_moment: true", False),
     ("mixture-without-general", "run", edit(_mixture_without_general),
      "none.jsonl has no sequences: point train.mixture.data (or stage1.data) at general text", True),
