@@ -382,11 +382,13 @@ def main() -> None:
     base, stage1, info = prepare_base(b)
     groups = method_groups(info.pop("svd_uri"))
     results = {"base": info, "stage1": stage1, "regimes": {}}
-    for regime in args.regimes:
-        chosen = groups if regime == "long" else {
-            g: {m: specs for m, specs in ms.items() if m in SHORT_METHODS} for g, ms in groups.items()
-        }
-        for domain in args.domains:
+    # Domain by domain, both regimes each, so that a budget that runs out leaves whole
+    # domains behind it.
+    for domain in args.domains:
+        for regime in args.regimes:
+            chosen = groups if regime == "long" else {
+                g: {m: specs for m, specs in ms.items() if m in SHORT_METHODS} for g, ms in groups.items()
+            }
             d = evaluate_domain(b, base, regime, domain, chosen, stage1)
             results["regimes"].setdefault(regime, {})[domain] = d
             results["wall_s"] = time.monotonic() - start
