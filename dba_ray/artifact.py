@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from safetensors.torch import save as st_save
 
 from dba_ray import __version__, storage
 from dba_ray.errors import UserError
+
+log = logging.getLogger("dba_ray")
 
 FORMAT_VERSION = 1
 KIND = "dba-ray/global-gradient"
@@ -84,6 +87,15 @@ def check_fingerprint(meta: dict, model: torch.nn.Module, model_name: str) -> No
         f"{fingerprint_of(shapes)}); first difference {diff}: compute ĝ_G for this model "
         "(dba-ray global-gradient) or point to the artifact made for it"
     )
+
+
+def check_made_for(meta: dict, model: torch.nn.Module, model_name: str, uri: str) -> None:
+    """Refuse an artifact computed for another architecture; warn when only the shapes
+    say it fits (another model name: maybe a copy, maybe other weights)."""
+    check_fingerprint(meta, model, model_name)
+    made_for = meta.get("base_model", {}).get("name_or_path")
+    if made_for != model_name:
+        log.warning("ĝ_G at %s was computed on %s, not %s (same parameter shapes)", uri, made_for, model_name)
 
 
 def build_meta(

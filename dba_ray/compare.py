@@ -95,14 +95,14 @@ def run_compare(cfg: Config) -> dict:
     refs = {"train": prepare_train_data(cfg)}
     resolved = {r["name"]: resolve(cfg, MethodSpec(name=r["name"], method=r["method"], set=r["set"])) for r in runs}
     n_domain = len(ray.get(refs["train"])["input_ids"])
-    warnings = {saturation_warning(r["group"], resolved[r["name"]].train.dba, planned_steps(cfg.train, n_domain))
-                for r in runs}
+    warnings = {saturation_warning(r["group"], t.dba, planned_steps(t, n_domain))
+                for r in runs for t in [resolved[r["name"]].train]}
     for line in sorted(warnings - {None}):  # once per method, not per lr and seed
         log.warning(line)
-    ratios = [resolved[r["name"]].train.mixture.ratio for r in runs if r["method"] == "mixture"]
+    mixtures = [resolved[r["name"]].train for r in runs if r["method"] == "mixture"]
     general_have = 0
-    if ratios:
-        refs["general"] = prepare_mixture_data(cfg, refs["train"], ratios)
+    if mixtures:
+        refs["general"] = prepare_mixture_data(cfg, refs["train"], mixtures)
         general_have = len(ray.get(refs["general"])["input_ids"])
     cfg = ensure_base_model(cfg)
     needs_grad = {n for n, c in resolved.items() if uses_global_gradient(c.train.dba)}

@@ -26,7 +26,7 @@ from dba_ray.data import describe_source
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets, scored_tokens
 from dba_ray.merge import FisherPair, SavedTensors, merge_into
-from dba_ray.model import BUILTIN_MODEL, load_model, load_tokenizer
+from dba_ray.model import BUILTIN_MODEL, load_empty_model, load_model, load_tokenizer
 from dba_ray.ray_runtime import ensure_ray
 
 log = logging.getLogger("dba_ray")
@@ -183,7 +183,8 @@ def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[
     if cfg.train.data is None:
         raise UserError("merge.mode fisher needs train.data: F_D is the domain data's Fisher")
     uri = uri or storage.join(os.path.dirname(model_dir.rstrip("/")), "domain_fisher")
-    identity = f"domain Fisher of {model_dir} ({_model_identity(model_dir)})"
+    identity = (f"domain Fisher of {model_dir} ({_model_identity(model_dir)}), "
+                f"max_tokens {cfg.merge.fisher_max_tokens}")
     if storage.exists(storage.join(uri, artifact.META)):
         meta = artifact.read_meta(uri)
         same_data = meta["data"]["description"] == json.loads(json.dumps(describe_source(cfg.train.data)))
@@ -206,6 +207,7 @@ def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[
 def general_fisher_uri(cfg: Config) -> str:
     uri = storage.absolute(cfg.global_gradient_source())
     meta = artifact.read_meta(uri)
+    artifact.check_made_for(meta, load_empty_model(cfg.model), cfg.model.name_or_path, uri)  # F_G is θ0's
     if not meta.get("has_second_moment"):
         raise UserError(
             f"merge.mode fisher needs v_G (F_G), but {uri} has none (run Stage 1 with stage1.second_moment: true)"

@@ -15,7 +15,7 @@ from dba_ray.data import describe_source
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets
 from dba_ray.global_gradient import run_global_gradient, stage1_settings
-from dba_ray.merge_curves import EvalGroups, curves_json, merge_curves
+from dba_ray.merge_curves import EvalGroups, curves_json, general_fisher_uri, merge_curves
 from dba_ray.methods import resolve, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, model_source
 from dba_ray.plots import frontier
@@ -55,14 +55,21 @@ def planned_base(cfg: Config) -> Config:
     return out
 
 
-def ensure_base_model(cfg: Config) -> Config:
+def ensure_base_model(cfg: Config, may_pretrain: bool = True) -> Config:
     """With a ``pretrain`` section, train the base model once (reused while every
-    setting pretraining depends on is unchanged) and point ``model`` at it."""
+    setting pretraining depends on is unchanged) and point ``model`` at it. Commands
+    that only read finished runs (merge) pass ``may_pretrain=False``: a missing base
+    means those runs came from another config."""
     if cfg.pretrain is None:
         return cfg
     p = cfg.pretrain
     pre, base_dir, model_dir = _pretrain_plan(cfg)
     if not storage.exists(storage.join(model_dir, "config.json")):
+        if not may_pretrain:
+            raise UserError(
+                f"the pretrained base model of this config is not in {base_dir}: merging needs the base the "
+                "runs started from; run dba-ray run (or compare) with this config first"
+            )
         log.info("pretraining the base model (%d steps); cached under %s", p.max_steps, base_dir)
         pre.output_dir = base_dir
         run_train(pre, "pretrain")
@@ -182,6 +189,8 @@ def check_merge(cfg: Config) -> None:
         raise UserError(f"merge.methods names {unknown}, which are not in methods ({[m.name for m in cfg.methods]})")
     if mc.mode == "fisher" and cfg.train.global_gradient is None and not cfg.stage1.second_moment:
         raise UserError("merge.mode fisher weighs by v_G: set stage1.second_moment: true")
+    if mc.mode == "fisher" and cfg.train.global_gradient is not None:
+        general_fisher_uri(cfg)  # a given artifact: v_G present, made for this model
 
 
 def needs_stage1(cfg: Config, specs) -> bool:
@@ -231,8 +240,8 @@ def run_all(cfg: Config) -> dict:
     # pretrained base keeps), so that a mixture without general data is refused
     # before hours of work.
     train_ref = prepare_train_data(cfg)
-    ratios = [resolve(cfg, s).train.mixture.ratio for s in cfg.methods if s.method == "mixture"]
-    general_ref = prepare_mixture_data(cfg, train_ref, ratios) if ratios else None
+    mixtures = [resolve(cfg, s).train for s in cfg.methods if s.method == "mixture"]
+    general_ref = prepare_mixture_data(cfg, train_ref, mixtures) if mixtures else None
     cfg = ensure_base_model(cfg)
     stage1 = ensure_global_gradient(cfg) if needs_stage1(cfg, cfg.methods) else None
     eval_refs = prepare_eval(cfg)
@@ -270,8 +279,8 @@ def run_merge(cfg: Config) -> dict:
     if not cfg.eval.sets:
         raise UserError("dba-ray merge needs eval.sets (domain and general) to score the merges")
     cfg = cfg.model_copy(update={"merge": cfg.merge or MergeConfig()})
+    cfg = ensure_base_model(cfg, may_pretrain=False)
     ensure_ray(cfg.ray)
-    cfg = ensure_base_model(cfg)
     out = storage.absolute(cfg.output_dir)
     models = dict(cfg.merge.models) or {
         m.name: storage.join(out, m.name, "model")

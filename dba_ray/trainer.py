@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from dba_ray import artifact, harness, model_card, sharding, storage, tracking
 from dba_ray import checkpoint as checkpointing
-from dba_ray.config import Config, DBAConfig, MethodSpec, ScheduleConfig, digest
+from dba_ray.config import Config, DBAConfig, MethodSpec, ScheduleConfig, TrainConfig, digest
 from dba_ray.curves import CurvesCallback
 from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.data.records import read_choice_records
@@ -108,7 +108,17 @@ def _global_batch_rows(step: int, n: int, global_batch: int, steps_per_epoch: in
     return _epoch_permutation(n, seed + epoch)[i * global_batch : (i + 1) * global_batch]
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs each ray.train.report at INFO with its whole metrics dict; ours
+    carry every step since the last report, so that line would repeat the loss curve
+    into the user's console. Its logger is named after its file."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _train_loop(config: dict) -> dict:
+    _quiet_report_log()
     cfg = Config.model_validate(config["cfg"])
     t = cfg.train
     dba_cfg = DBAConfig.model_validate(config["dba"])
@@ -342,10 +352,12 @@ def prepare_general_data(cfg: Config, n: int) -> ray.ObjectRef:
     return ray.put(arrays)
 
 
-def prepare_mixture_data(cfg: Config, train_ref: ray.ObjectRef, ratios: list[float]) -> ray.ObjectRef:
-    """General sequences enough for the largest of ``ratios``, shared by mixture runs."""
-    n_domain = len(mixture_domain_rows(cfg.train, len(ray.get(train_ref)["input_ids"])))
-    return prepare_general_data(cfg, mixture_general_count(n_domain, max(ratios)))
+def prepare_mixture_data(cfg: Config, train_ref: ray.ObjectRef, trains: list[TrainConfig]) -> ray.ObjectRef:
+    """General sequences enough for every mixture run of ``trains`` (each run's own,
+    resolved settings: its ratio, steps and batch decide how many it mixes in), shared."""
+    n = len(ray.get(train_ref)["input_ids"])
+    need = max(mixture_general_count(len(mixture_domain_rows(t, n)), t.mixture.ratio) for t in trains)
+    return prepare_general_data(cfg, need)
 
 
 def _mix(domain: dict, general: dict, n_general: int, name: str) -> dict:
@@ -390,13 +402,7 @@ def run_train(
             meta = grad_meta = artifact.read_meta(grad_source)
             grad_id = [meta["created_at"], meta["data"]["fingerprint"], meta["global_norm"]]
             # Refused here, before any worker starts, if made for another model.
-            artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
-            if meta["base_model"]["name_or_path"] != cfg.model.name_or_path:
-                # Same shapes, another name: maybe a copy, maybe other weights.
-                log.warning(
-                    "ĝ_G at %s was computed on %s, not %s (same parameter shapes)",
-                    grad_source, meta["base_model"]["name_or_path"], cfg.model.name_or_path,
-                )
+            artifact.check_made_for(meta, load_empty_model(cfg.model), cfg.model.name_or_path, grad_source)
             needs_v = dba_cfg.anchor == "fisher" or (dba_cfg.ggb and dba_cfg.boost_mode == "update")
             if needs_v and not meta.get("has_second_moment"):
                 what = "anchor: fisher" if dba_cfg.anchor == "fisher" else "boost_mode: update"

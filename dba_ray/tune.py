@@ -157,8 +157,10 @@ def _grid_refs(cfg: Config, spec: MethodSpec, values: dict[str, list]) -> dict:
     if spec.method == "dba" or uses_global_gradient(resolve(cfg, spec).train.dba):
         refs["grad_source"] = ensure_global_gradient(cfg)["uri"]
     if spec.method == "mixture":
-        ratios = [resolve(cfg, spec).train.mixture.ratio, *map(float, values.get("mixture.ratio", []))]
-        refs["general"] = prepare_mixture_data(cfg, refs["train"], ratios)
+        t = resolve(cfg, spec).train
+        swept = [t.model_copy(update={"mixture": t.mixture.model_copy(update={"ratio": float(r)})})
+                 for r in values.get("mixture.ratio", [])]
+        refs["general"] = prepare_mixture_data(cfg, refs["train"], [t, *swept])
     return refs
 
 
@@ -294,7 +296,7 @@ def run_merge_sweep(cfg: Config) -> dict:
     validation = tc.validation_sets or cfg.eval.validation_sets
     if not validation:
         raise UserError("a merge.knob sweep chooses on validation sets: set eval.validation_sets")
-    cfg = ensure_base_model(cfg)
+    cfg = ensure_base_model(cfg, may_pretrain=False)
     cfg.merge = cfg.merge or MergeConfig()
     out = storage.absolute(cfg.output_dir)
     model_dir = next(iter(cfg.merge.models.values()), storage.join(out, tc.method.name, "model"))

@@ -166,6 +166,17 @@ def _fisher_artifact_without_v(tmp_path, tree):
     _fisher_without_v(tmp_path, tree)
 
 
+def _merge_with_other_models_v(tmp_path, tree):
+    _other_models_gradient(tmp_path, tree)
+    tree["methods"] = ["direct"]  # no method reads ĝ_G: only the fisher merge does
+    tree["merge"] = {"mode": "fisher", "methods": ["direct"]}
+
+
+def _merge_before_its_base_exists(tmp_path, tree):
+    tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
+    tree["methods"] = ["direct"]
+
+
 def _eval_file_missing(tmp_path, tree):
     # With a pretrain section: refused before pretraining starts.
     tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
@@ -223,6 +234,9 @@ CASES = [
     ("model-missing", "run", overrides("model.name_or_path=/nonexistent/model-dir"), "model.name_or_path /nonexistent/model-dir does not exist", False),
     ("model-without-weights", "run", edit(_weightless_model), "has a config but no weights", False),
     ("gradient-of-another-model", "run", edit(_other_models_gradient), "which does not match", False),
+    ("merge-v-of-another-model", "run", edit(_merge_with_other_models_v), "which does not match", False),
+    ("merge-before-its-base-exists", "merge", edit(_merge_before_its_base_exists),
+     "the pretrained base model of this config is not in", False),
     ("fisher-without-v", "run", edit(_fisher_without_v), "anchored uses the fisher anchor or boost_mode update, which need v_G: set stage1.second_moment: true", False),
     ("fisher-artifact-without-v", "run", edit(_fisher_artifact_without_v), "gg_no_v has none: make it with stage1.second_moment: true", False),
     ("mixture-without-general", "run", edit(_mixture_without_general),

@@ -62,6 +62,9 @@ def test_killed_run_resumes_where_it_was(tmp_path, caplog):
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert not (out / "report.json").exists() and not (out / "direct" / "model").exists()
+    # Workers' logs reach the console, but not Ray's line per report with every step in it.
+    console = (tmp_path / "killed.log").read_text()
+    assert "RayTrainWorker" in console and "Reporting training result" not in console
     pretrained = next(out.glob("pretrain/*/pretrain/model/config.json"))
     kept = {p: p.stat().st_mtime_ns for p in (pretrained, out / "global_gradient" / "meta.json")}
 

@@ -17,7 +17,9 @@ from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient, token_loss_sum
 from dba_ray.model import load_model
 from dba_ray.methods import resolve, uses_global_gradient
-from dba_ray.trainer import _global_batch_rows, mixture_domain_rows, run_train
+from dba_ray.trainer import (
+    _global_batch_rows, mixture_domain_rows, prepare_mixture_data, prepare_train_data, run_train,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -177,6 +179,22 @@ def test_mixture_trains_on_domain_and_general_rows(tmp_path):
     got = saved_weights(result.model_dir)
     assert rel_error(got, reference_weights(resolve(cfg, "mixture"), mixed, 4)) < 1e-6
     assert rel_error(got, reference_weights(resolve(cfg, "mixture"), domain, 4)) > 1e-3
+
+
+def test_mixture_general_data_is_sized_by_each_run_own_settings(tmp_path):
+    """Shared general data covers the mixture run that needs most, by its own resolved
+    steps and ratio (a variant with more steps than cfg.train mixes in more)."""
+    import ray
+
+    cfg = make_config(tmp_path, "mixsize", num_workers=1, max_steps=2, mixture={"ratio": 0.25})
+    short = resolve(cfg, "mixture").train
+    long = short.model_copy(update={"max_steps": 5, "mixture": short.mixture.model_copy(update={"ratio": 0.5})})
+    train_ref = prepare_train_data(cfg)
+    n = len(ray.get(train_ref)["input_ids"])
+    for trains, want in (([short], round(2 * 4 * 0.25 / 0.75)), ([short, long], 5 * 4)):
+        assert len(mixture_domain_rows(trains[-1], n)) < n  # T steps' rows, not the file
+        general = ray.get(prepare_mixture_data(cfg, train_ref, trains))
+        assert len(general["input_ids"]) == want
 
 
 def test_guards_stop_before_or_during_training(tmp_path):
