@@ -59,3 +59,26 @@ def test_costs_charge_stage1_once_and_the_ratio_search_per_domain():
     assert [total_tokens(dba, n) for n in (1, 4, 10)] == [1100, 1400, 2000]
     assert [total_tokens(mixture, n) for n in (1, 4, 10)] == [390, 1560, 3900]
     assert total_tokens(dba, 10, length=10) == 1000 + 10 * 1000
+
+
+def test_state_carries_what_resumes_and_nothing_heavy(tmp_path):
+    from run import carry_state
+
+    out, state = tmp_path / "out", tmp_path / "state"
+    files = {
+        "global_gradient/meta.json": True, "global_gradient_svd/mean.safetensors": True,
+        "medicine/pretrain/ab12/pretrain/model/model.safetensors": True,
+        "medicine/pretrain/ab12/pretrain/curves.jsonl": True,
+        "long/medicine/core-grid/phase.json": True, "long/medicine/core-grid/config.yaml": True,
+        "long/medicine/core-grid/compare/trial_0/model.safetensors": False,  # a run's weights
+        "medicine/pretrain/ab12/ray_train/checkpoint_0/shard.safetensors": False,
+    }
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(name)
+    carry_state(out, state)
+    assert {n for n in files if (state / n).exists()} == {n for n, kept in files.items() if kept}
+    # Back the other way, a file the destination has is left as it is.
+    (out / "long/medicine/core-grid/phase.json").write_text("newer")
+    carry_state(state, out)
+    assert (out / "long/medicine/core-grid/phase.json").read_text() == "newer"

@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -367,6 +368,22 @@ def cost_table(domains: dict) -> list[str]:
     return lines + [""]
 
 
+def carry_state(src: Path, dst: Path) -> None:
+    """Copy what makes a rerun resume (the base model and its curves, ĝ_G and its SVD
+    copy, finished phases' phase.json and config.yaml; no run weights or checkpoints)
+    from ``src`` to ``dst``, leaving files ``dst`` has. A machine that does not keep
+    OUT between sessions resumes from a copy kept in the repository (``--state``)."""
+    keep = ["global_gradient/*", "global_gradient_svd/*", "*/pretrain/*/pretrain/model/*",
+            "*/pretrain/*/pretrain/curves.jsonl", "*/pretrain/*/pretrain/card.json",
+            "*/*/*/phase.json", "*/*/*/config.yaml"]
+    for pattern in keep:
+        for f in src.glob(pattern):
+            target = dst / f.relative_to(src)
+            if f.is_file() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, help="folder laid out like ../shared/data")
@@ -374,7 +391,10 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
     ap.add_argument("--smoke", action="store_true", help="tiny model and grid: checks the whole path in minutes")
+    ap.add_argument("--state", type=Path, help="resume from (and add to) this copy of OUT's resumable state")
     args = ap.parse_args()
+    if args.state:
+        carry_state(args.state, args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     b = Bench(args.data, args.out, args.smoke)
     dest = b.dest
@@ -394,6 +414,8 @@ def main() -> None:
             results["wall_s"] = time.monotonic() - start
             (dest / "results.json").write_text(json.dumps(results, indent=1, default=str))
             (dest / "results.md").write_text(markdown(results))
+            if args.state:
+                carry_state(args.out, args.state)
     print((dest / "results.md").read_text())
 
 
