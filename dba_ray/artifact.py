@@ -16,12 +16,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
+from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from dba_ray import __version__, storage
@@ -33,6 +34,8 @@ FORMAT_VERSION = 1
 KIND = "dba-ray/global-gradient"
 META = "meta.json"
 MAX_SHARD_BYTES = 2 * 1024**3
+# name -> (start, stop): the dim-0 rows of a tensor one rank reads
+Rows = dict[str, tuple[int, int]]
 
 
 @dataclass
@@ -253,20 +256,26 @@ def read_meta(uri: str) -> dict:
     return meta
 
 
-def load(uri: str, *, verify: bool = False) -> GlobalGradient:
-    """Read an artifact; ``verify`` also checks every file's sha256."""
+def load(uri: str, *, verify: bool = False, rows: Rows | None = None) -> GlobalGradient:
+    """Read an artifact; ``verify`` also checks every file's sha256.
+
+    The files are memory-mapped (a remote artifact is first copied to the machine's
+    cache, ``storage.local_copy``), so only the bytes a tensor needs are read, and a
+    tensor kept as it is stays backed by the file. ``rows``: for each named parameter,
+    the dim-0 rows ``(start, stop)`` to read of ĝ_G and v_G, as an FSDP rank holds them
+    (``sharding.local_rows``); a rank then holds about 1/world of the artifact.
+    Parameters it does not name are read whole.
+    """
     meta = read_meta(uri)
+    directory = storage.local_copy(uri, META)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for fname, info in meta["files"].items():
-        furi = storage.join(uri, fname)
-        if not storage.exists(furi):
+        path = os.path.join(directory, fname)
+        if not os.path.exists(path):
             raise UserError(f"artifact {uri} is incomplete: {fname} is missing")
-        blob = storage.read_bytes(furi)
-        if len(blob) != info["bytes"] or (
-            verify and hashlib.sha256(blob).hexdigest() != info["sha256"]
-        ):
+        if os.path.getsize(path) != info["bytes"] or (verify and _sha256(path) != info["sha256"]):
             raise UserError(f"artifact {uri} is corrupt: {fname} does not match meta.json")
-        parts.setdefault(info["part"], {}).update(st_load(blob))
+        parts.setdefault(info["part"], {}).update(_read(path, rows or {}))
     mean = _decompress(parts.get("mean_gradient", {}))
     missing = set(meta["parameters"]) - set(mean)
     if missing:
@@ -274,14 +283,50 @@ def load(uri: str, *, verify: bool = False) -> GlobalGradient:
     return GlobalGradient(mean=mean, meta=meta, second_moment=parts.get("second_moment"))
 
 
-def load_any(source, model: torch.nn.Module | None = None, model_name: str = "the model"):
-    """Load from a path/URI or from an ObjectRef made by Stage 1, checking the model."""
+def _read(path: str, rows: Rows) -> dict[str, torch.Tensor]:
+    """The tensors of one file: backed by the mapped file when read whole, the asked
+    rows copied out otherwise (an SVD factor U·S holds W's rows; V^T is needed whole)."""
+    with safe_open(path, framework="pt") as f:
+        spans = {name: rows.get(name.removesuffix(".svd_us")) for name in f.keys()}
+        out = {name: f.get_tensor(name) for name, span in spans.items() if span is None}
+    for name, span in spans.items():
+        if span is not None:
+            # A mapping of its own, dropped once the rows are copied: the kernel maps a
+            # file in whole folios (2 MB here), so one mapping shared by small tensors
+            # would keep most of the file resident.
+            with safe_open(path, framework="pt") as f:
+                out[name] = f.get_slice(name)[span[0] : span[1]].clone()
+    return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 1024**2):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def select_rows(tensors: dict[str, torch.Tensor] | None, rows: Rows) -> dict[str, torch.Tensor] | None:
+    """The ``rows`` of whole tensors already in memory (an artifact from the object
+    store), as copies, so the whole tensors can be freed."""
+    if tensors is None:
+        return None
+    return {n: t[rows[n][0] : rows[n][1]].clone() if n in rows else t for n, t in tensors.items()}
+
+
+def load_any(source, model: torch.nn.Module | None = None, model_name: str = "the model",
+             rows: Rows | None = None):
+    """Load from a path/URI or from an ObjectRef made by Stage 1, checking the model;
+    ``rows`` as for ``load``."""
     import ray
 
     if isinstance(source, ray.ObjectRef):
         grad = ray.get(source)
+        if rows is not None:
+            grad.mean, grad.second_moment = select_rows(grad.mean, rows), select_rows(grad.second_moment, rows)
     else:
-        grad = load(str(source))
+        grad = load(str(source), rows=rows)
     if model is not None:
         grad.check_model(model, model_name)
     return grad

@@ -19,8 +19,9 @@ not move (AdamW divides by the domain gradient's second moment there); both vari
 bound what ĝ_G alone can do to a weight.
 
 Everything is computed from three scalars (⟨g_D, ĝ_G⟩, ‖g_D‖², ‖ĝ_G‖²); ‖g_B‖ follows
-from them, so a step costs one read of g_D and ĝ_G for the dot products and one
-in-place update. Under sharded training pass ``all_reduce`` to sum those scalars; with
+from them. A step is one loop over the tensors: for each, the anchor, both dot products
+and the in-place blend, back to back while the tensor is in cache, so g_D and ĝ_G are
+read from memory about once (``benchmarks/dba_overhead.py`` measures the cost). Under sharded training pass ``all_reduce`` to sum those scalars; with
 FSDP2 (DTensor parameters) pass each rank's shard of ĝ_G and v_G, and every tensor op
 here runs on the local shards.
 """
@@ -35,13 +36,6 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from dba_ray.config import DBAConfig, ScheduleConfig
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """⟨a, b⟩ in fp32 (or the tensors' dtype when it is wider)."""
-    if a.dtype != b.dtype or a.dtype in (torch.bfloat16, torch.float16):
-        a, b = a.float(), b.float()
-    return torch.dot(a.reshape(-1), b.reshape(-1)).float()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -181,20 +175,29 @@ class DBA:
         """Replace each ``.grad`` (g_D) by g_B for step ``step`` (0-based); return the
         stats, whose ``c`` multiplies this step's learning rate."""
         cfg = self.cfg
-        for _, p in self.params:
+        gamma = gamma_at(step, self.total, cfg.boost, cfg.gamma_max) if cfg.ggb else 0.0
+        self.gamma = gamma
+        # The paper's blend does not depend on the dot products, so it is done in the
+        # same pass over each tensor as they are: g_D and ĝ_G are read from memory once
+        # while the tensor is in cache (pcgrad must project first, masked clips first).
+        blend_now = gamma > 0 and cfg.boost_mode == "gradient" and cfg.dc != "pcgrad"
+        anchors = self.anchor or [None] * len(self.params)
+        grads, dots, squares = [], [], []
+        for (_, p), h, anchor in zip(self.params, self.g, anchors):
             if p.grad is None:  # unused in this step's graph: its g_D is zero
                 p.grad = torch.zeros_like(p)
-        grads = [local(p.grad) for _, p in self.params]
-        if self.anchor is not None:
-            for g, (w, theta0), (_, p) in zip(grads, self.anchor, self.params):
+            g = local(p.grad)
+            grads.append(g)
+            if anchor is not None:
+                w, theta0 = anchor
                 g.addcmul_(w, local(p) - theta0, value=cfg.fisher_lambda)
-        # Fused kernels: one dot product per tensor, one multi-tensor norm.
-        dots = torch.stack([_dot(g, h) for g, h in zip(grads, self.g)]).sum()
-        if all(g.dtype == torch.float32 for g in grads):
-            norms = torch.stack(torch._foreach_norm(grads))
-        else:  # a bf16/fp16 norm would not match the fp32 dot products
-            norms = torch.stack([g.float().norm() for g in grads])
-        dot, nd2 = self._reduce(torch.stack([dots, norms.pow(2).sum()]))
+            # Statistics in fp32 (a bf16 ĝ_G or g_D is widened one tensor at a time).
+            g32, h32 = g.float().reshape(-1), h.float().reshape(-1)
+            dots.append(torch.dot(g32, h32))
+            squares.append(torch.dot(g32, g32))
+            if blend_now:
+                g.lerp_(h32.view_as(g) if g.dtype == torch.float32 else h.to(g.dtype), gamma)
+        dot, nd2 = self._reduce(torch.stack([torch.stack(dots).sum(), torch.stack(squares).sum()]))
         ng2 = self.norm_g**2
         defined = nd2 > 0 and ng2 > 0
         cos = dot / math.sqrt(nd2 * ng2) if defined else 0.0
@@ -204,21 +207,15 @@ class DBA:
             for g, h in zip(grads, self.g):
                 g.add_(h, alpha=-coef)
             nd2, dot, projected = max(nd2 - dot * dot / ng2, 0.0), 0.0, True
-        gamma = gamma_at(step, self.total, cfg.boost, cfg.gamma_max) if cfg.ggb else 0.0
-        self.gamma = gamma
         if gamma > 0 and cfg.boost_mode == "masked":
             for g, h in zip(grads, self.g):
                 bound = g.abs()
                 g.mul_(1.0 - gamma).add_(torch.clamp(h.to(g.dtype), -bound, bound), alpha=gamma)
             nb2 = self._reduce(torch.stack(torch._foreach_norm(grads)).float().pow(2).sum().reshape(1))[0]
-        elif gamma > 0 and cfg.boost_mode == "gradient":
-            torch._foreach_mul_(grads, 1.0 - gamma)
-            if all(g.dtype == h.dtype for g, h in zip(grads, self.g)):
-                torch._foreach_add_(grads, self.g, alpha=gamma)
-            else:
+        else:
+            if gamma > 0 and cfg.boost_mode == "gradient" and not blend_now:  # after pcgrad
                 for g, h in zip(grads, self.g):
-                    g.add_(h, alpha=gamma)
-        if gamma == 0 or cfg.boost_mode != "masked":
+                    g.lerp_(h.to(g.dtype), gamma)
             # update mode: the g_B the paper's form would blend, so that DC corrects the
             # step exactly as there and only where ĝ_G enters differs.
             nb2 = gamma**2 * ng2 + (1 - gamma) ** 2 * nd2 + 2 * gamma * (1 - gamma) * dot

@@ -32,28 +32,21 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def local_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of ``full``, a whole tensor shaped like ``param``, as FSDP2
-    sharded ``param``; a copy, so the whole tensor can be freed."""
-    if not isinstance(param, DTensor):
-        return full
-    if tuple(param.placements) != (Shard(0),):
-        raise ValueError(f"expected a 1-D mesh sharded on dim 0, got {param.placements}")
-    mesh = param.device_mesh
-    rows = -(-param.shape[0] // mesh.size())  # ceil, as torch.chunk splits
-    start = mesh.get_local_rank() * rows
-    shard = full.reshape(param.shape)[start : start + rows]
-    if shard.shape != param.to_local().shape:
-        raise ValueError(f"shard of shape {tuple(shard.shape)} does not match {tuple(param.to_local().shape)}")
-    return shard.clone()
-
-
-def local_shards(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None):
-    """The local shards of whole tensors named like ``model``'s parameters (ĝ_G, v_G).
-    Consumes ``tensors`` so each whole tensor is freed once its shard is taken."""
-    if tensors is None:
-        return None
-    return {n: local_shard(tensors.pop(n), p) for n, p in model.named_parameters() if n in tensors}
+def local_rows(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """For each FSDP2-sharded parameter, the dim-0 rows ``(start, stop)`` this rank
+    holds (rows split as ``torch.chunk`` does), so that it reads only those of ĝ_G and
+    v_G (``artifact.load(rows=...)``)."""
+    rows = {}
+    for name, param in model.named_parameters():
+        if not isinstance(param, DTensor):
+            continue
+        if tuple(param.placements) != (Shard(0),):
+            raise ValueError(f"expected a 1-D mesh sharded on dim 0, got {param.placements}")
+        mesh = param.device_mesh
+        per_rank = -(-param.shape[0] // mesh.size())  # ceil, as torch.chunk splits
+        start = min(mesh.get_local_rank() * per_rank, param.shape[0])
+        rows[name] = (start, start + param.to_local().shape[0])
+    return rows
 
 
 def all_reduce_sum(values: torch.Tensor) -> None:

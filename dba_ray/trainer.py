@@ -135,16 +135,17 @@ def _train_loop(config: dict) -> dict:
         sharding.shard_model(model)
     dba = None
     if uses_global_gradient(dba_cfg):
-        grad = artifact.load_any(config["grad_source"], model=model, model_name=cfg.model.name_or_path)
-        mean, second = grad.mean, grad.second_moment
-        if fsdp:
-            mean, second = sharding.local_shards(model, mean), sharding.local_shards(model, second)
+        # FSDP: each rank reads only its rows of ĝ_G and v_G.
+        grad = artifact.load_any(
+            config["grad_source"], model=model, model_name=cfg.model.name_or_path,
+            rows=sharding.local_rows(model) if fsdp else None,
+        )
         # Built before any checkpoint is loaded, so the fisher anchor's θ0 is the base.
         dba = DBA(
-            model.named_parameters(), mean, total, dba_cfg, second_moment=second,
+            model.named_parameters(), grad.mean, total, dba_cfg, second_moment=grad.second_moment,
             all_reduce=sharding.all_reduce_sum if fsdp else None,
         )
-        del grad, mean, second
+        del grad
     ddp = model if fsdp else ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
     opt_cfg = t.optimizer
     optimizer = torch.optim.AdamW(

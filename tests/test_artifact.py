@@ -13,7 +13,7 @@ import torch
 from dba_ray import artifact
 from dba_ray.config import ModelConfig
 from dba_ray.errors import UserError
-from dba_ray.model import load_model
+from dba_ray.model import load_empty_model, load_model
 
 
 def fake_gradient(model, seed=0) -> artifact.GlobalGradient:
@@ -81,6 +81,10 @@ def test_svd_compression_error_is_reported_truthfully(tmp_path):
     assert meta["compression"]["relative_error"] == 0
     full = artifact.load(str(tmp_path / "full"))
     assert torch.equal(full.mean[name], grad.mean[name])
+    # Rows of a compressed matrix (an FSDP rank's): its rows of U·S times the whole V^T.
+    part = artifact.load(str(tmp_path / "svd"), rows={name: (3, 70), norm_w: (5, 9)})
+    torch.testing.assert_close(part.mean[name], back.mean[name][3:70])
+    assert torch.equal(part.mean[norm_w], grad.mean[norm_w][5:9])
 
 
 WRITER = r"""
@@ -144,3 +148,66 @@ def test_incomplete_or_corrupt_directory_is_refused(tmp_path):
     (tmp_path / "h" / "meta.json").write_text(json.dumps({"kind": "something-else"}))
     with pytest.raises(UserError, match="not a dba-ray global-gradient artifact"):
         artifact.load(str(tmp_path / "h"))
+
+
+# Odd sizes: FSDP's rows split unevenly over the ranks, as a real model's do.
+SHARDED = {"hidden_size": 384, "intermediate_size": 1001, "num_hidden_layers": 4}
+
+
+def _memory_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _fsdp_rank_reads_its_rows(rank: int, world: int, port: int, uri: str, out: dict) -> None:
+    """One FSDP rank (gloo, the model sharded on the meta device, so that the only real
+    memory is the artifact's): the peak growth of its resident memory while reading."""
+    import torch.distributed as dist
+
+    from dba_ray.sharding import local_rows, shard_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    rows = local_rows(shard_model(load_empty_model(ModelConfig(builtin_config=SHARDED))))
+    before = _memory_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set, to the current one
+    grad = artifact.load(uri, rows=rows)
+    # DBA reads every value it keeps (‖ĝ_G‖, mean(v_G)): fault every page in.
+    kept = [t for part in (grad.mean, grad.second_moment) for t in part.values()]
+    sum(float(t.sum()) for t in kept)
+    peak = (_memory_kib("VmHWM") - before) * 1024
+    whole = artifact.load(uri)
+    same = all(
+        torch.equal(part[n], full[n][a:b])
+        for part, full in ((grad.mean, whole.mean), (grad.second_moment, whole.second_moment))
+        for n, (a, b) in rows.items()
+    )
+    out[rank] = {"peak": peak, "kept": sum(t.numel() * t.element_size() for t in kept), "same": same,
+                 "sharded": len(rows) == len(whole.mean)}
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_fsdp_rank_reads_about_one_world_th_of_the_artifact(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model = load_model(ModelConfig(builtin_config=SHARDED))
+    grad = fake_gradient(model)
+    grad.second_moment = {n: t.square() for n, t in grad.mean.items()}
+    uri = str(tmp_path / "g")
+    size = sum(info["bytes"] for info in artifact.save(uri, grad)["files"].values())  # 2 × 33 MB
+    del model, grad
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world, out = 2, mp.Manager().dict()
+    mp.spawn(_fsdp_rank_reads_its_rows, args=(world, port, uri, out), nprocs=world)
+    for rank in range(world):
+        r = out[rank]
+        assert r["same"] and r["sharded"]
+        assert r["kept"] == pytest.approx(size / world, rel=0.05)
+        # Reading the whole file (let alone into a byte string first, then a copy) peaks
+        # at 1× the artifact or more: a rank's share is 1/world, plus a little slack.
+        assert 0.8 / world < r["peak"] / size < 1.25 / world, (rank, r["peak"] / size)
