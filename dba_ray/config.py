@@ -42,6 +42,12 @@ class RayConfig(_Strict):
         "free CPUs). Each worker process loads the tokenizer once and keeps it. Here, not "
         "under data, because it changes how data is made, not which: caches stay valid.",
     )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources each Train worker (pretraining, Stage 1, Stage 2) "
+        "reserves besides its CPUs and GPU, e.g. {spot_gpu: 1}: workers then run only on "
+        "nodes that offer them (`ray start --resources`), as many per node as it has units.",
+    )
 
 
 class ModelConfig(_Strict):
@@ -153,6 +159,13 @@ class Stage1Config(_Strict):
         "<output_dir>/global_gradient.",
     )
     overwrite: bool = Field(False, description="Replace an existing artifact at `output`.")
+    max_failures: int = Field(
+        0,
+        ge=0,
+        description="Worker failures (a process or a whole node lost) survived by running "
+        "the job again from the start of the data: Stage 1 keeps no checkpoint, and its "
+        "sums exist only once every sequence is in. Nothing is written before the end.",
+    )
     second_moment: bool = Field(
         False,
         description="Also keep v_G, the mean of squared micro-batch gradients (for the "

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ray.data import ExecutionOptions
 from ray.train import DataConfig as TrainDataConfig
-from ray.train import RunConfig
+from ray.train import FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from dba_ray import artifact, storage, tracking
@@ -33,7 +33,7 @@ from dba_ray.data import build_sequences, describe_source
 from dba_ray.data.tokenize import IGNORE
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.model import load_model, model_source
-from dba_ray.progress import ProgressPrinter, Tracker
+from dba_ray.progress import ProgressPrinter, new_tracker
 from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray, scaling
 
 log = logging.getLogger("dba_ray")
@@ -226,7 +226,7 @@ def run_global_gradient(
     ensure_ray(cfg.ray)
     timeline["ray_ready"] = time.time()
     check_cpu_headroom(s1.num_workers * s1.cpus_per_worker)
-    tracker = Tracker.remote()
+    tracker = new_tracker()
     budget = None
     if dataset is None:
         dataset = build_sequences(
@@ -250,13 +250,14 @@ def run_global_gradient(
             "data_description": description,
             "timeline": {**timeline, "fit_called": time.time()},
         },
-        scaling_config=scaling(s1.num_workers, s1.cpus_per_worker, s1.use_gpu),
+        scaling_config=scaling(s1.num_workers, s1.cpus_per_worker, s1.use_gpu, cfg.ray),
         datasets={DATASET: dataset},
         # Ordered execution makes the token budget take the same rows every run.
         dataset_config=TrainDataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=f"stage1-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             **storage.ray_storage(_train_storage(cfg)),
+            failure_config=FailureConfig(max_failures=s1.max_failures),
         ),
     )
     log.info("stage 1: global gradient of %s on %d worker(s)", source, s1.num_workers)

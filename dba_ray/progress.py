@@ -22,6 +22,7 @@ class Tracker:
     def __init__(self):
         self.counts: dict[str, float] = {}
         self.skipped = 0
+        self.skipped_in: dict[str, int] = {}  # by file: a file read again is not counted again
         self.first_skip: str | None = None
         self.results: dict[str, Any] = {}
 
@@ -32,12 +33,18 @@ class Tracker:
     def set(self, **values: float) -> None:
         self.counts.update(values)
 
-    def add_skipped(self, n: int, first: str | None) -> None:
-        self.skipped += n
+    def add_skipped(self, n: int, first: str | None, key: str | None = None) -> None:
+        """``n`` more malformed records; those of a whole file ``key`` replace its count,
+        as a job retried after a lost worker reads its files again."""
+        if key is None:
+            self.skipped += n
+        else:
+            self.skipped_in[key] = n
         self.first_skip = self.first_skip or first
 
     def snapshot(self) -> dict:
-        return {**self.counts, "skipped": self.skipped, "first_skip": self.first_skip}
+        skipped = self.skipped + sum(self.skipped_in.values())
+        return {**self.counts, "skipped": skipped, "first_skip": self.first_skip}
 
     def set_result(self, key: str, value: Any) -> None:
         self.results[key] = value
@@ -46,6 +53,15 @@ class Tracker:
         # Returned through this call, the value is owned by the caller (the driver),
         # so it outlives this actor and the workers that produced it.
         return self.results.pop(key, None)
+
+
+def new_tracker():
+    """A Tracker on the driver's node: it holds the job's result, so it must not go
+    down with a worker node (the driver's node going down ends the command anyway)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return Tracker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
 
 
 def _human(n: float) -> str:

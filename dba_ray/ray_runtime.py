@@ -59,12 +59,15 @@ def warn_if_output_in_job_dir(output_dir: str) -> None:
         )
 
 
-def scaling(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> ScalingConfig:
-    """Train's scaling: CPUs per worker reserved explicitly (also its torch threads)."""
+def scaling(num_workers: int, cpus_per_worker: int, use_gpu: bool, cfg: RayConfig) -> ScalingConfig:
+    """Train's scaling: CPUs per worker reserved explicitly (also its torch threads),
+    plus ``ray.worker_resources``."""
     return ScalingConfig(
         num_workers=num_workers,
         use_gpu=use_gpu,
-        resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        resources_per_worker={
+            "CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **cfg.worker_resources
+        },
     )
 
 

@@ -39,7 +39,7 @@ from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.global_gradient import token_loss_sum
 from dba_ray.methods import as_spec, resolve, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, load_tokenizer
-from dba_ray.progress import ProgressPrinter, Tracker
+from dba_ray.progress import ProgressPrinter, new_tracker
 from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray, scaling
 
 log = logging.getLogger("dba_ray")
@@ -449,7 +449,7 @@ def run_train(
 
     out_dir = storage.absolute(cfg.output_dir)
     run_dir = storage.join(out_dir, spec.name)
-    tracker = Tracker.remote()
+    tracker = new_tracker()
     tracked = tracking.open_run(cfg, tracking_name or spec.name, "train", tracking_parent)
     if tracked is not None:
         callbacks = (tracking.TrackingCallback(tracked.actor), *callbacks)
@@ -469,7 +469,7 @@ def run_train(
             "run_dir": run_dir,
             "model_dir": storage.join(run_dir, "model"),
         },
-        scaling_config=scaling(t.num_workers, t.cpus_per_worker, t.use_gpu),
+        scaling_config=scaling(t.num_workers, t.cpus_per_worker, t.use_gpu, cfg.ray),
         run_config=RunConfig(
             # The same name and storage path resume an interrupted run; the digest of the
             # settings keeps a changed config from resuming a stale checkpoint.

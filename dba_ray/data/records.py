@@ -253,13 +253,14 @@ class _Columns:
         out, self.out = self.out, {c: [] for c in self.names}
         return out
 
-    def report_skipped(self, tracker, where: str) -> None:
+    def report_skipped(self, tracker, where: str, whole_file: bool = False) -> None:
         if self.skipped:
             log.warning("skipped %d malformed records in %s, first: %s", self.skipped, where, self.first_skip)
             if tracker is not None:
                 # Waited for: a count still in flight when the dataset finishes would be
                 # missing from the driver's summary.
-                ray.get(tracker.add_skipped.remote(self.skipped, self.first_skip))
+                key = where if whole_file else None
+                ray.get(tracker.add_skipped.remote(self.skipped, self.first_skip, key))
         self.skipped, self.first_skip = 0, None
 
 
@@ -281,7 +282,7 @@ class ReadFiles:
                 cols.add(loc, rec)
                 if len(cols) >= self.rows_per_batch:
                     yield cols.take()
-            cols.report_skipped(self.tracker, str(uri))
+            cols.report_skipped(self.tracker, str(uri), whole_file=True)
         if len(cols):
             yield cols.take()
 

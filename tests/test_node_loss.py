@@ -1,0 +1,132 @@
+"""Node loss, for real: a multi-node Ray cluster on this machine (tests/multinode.py), a
+worker node's raylet SIGKILLed mid-run, the job going on without it.
+
+Drivers run as subprocesses joined to that cluster; the one-process references they
+are checked against run in this process, on the session's cluster."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from conftest import make_docs, write_jsonl
+from dba_ray import artifact
+from dba_ray.config import Config, load_config
+from dba_ray.data import build_sequences, collect_arrays
+from dba_ray.data.tokenize import IGNORE
+from dba_ray.global_gradient import _MASK64, sequence_hash
+from dba_ray.methods import resolve
+from dba_ray.model import load_model
+from multinode import LocalCluster
+from test_train import reference_weights, rel_error, saved_weights
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+SLOT = "dba_node"  # one per worker node: a Train worker needs one, so each gets a node of its own
+CURRENT = "/tmp/ray/ray_current_cluster"  # what a bare ray.init() on this machine joins
+
+
+def _current_cluster() -> str | None:
+    return open(CURRENT).read() if os.path.exists(CURRENT) else None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (CPUs for drivers' helpers and Ray Data) and three worker nodes of one CPU
+    and one SLOT each: two hold a 2-worker job, the third is spare."""
+    before = _current_cluster()
+    c = LocalCluster()
+    try:
+        c.start_node("head", "127.0.0.2", cpus=3)
+        for i in (1, 2, 3):
+            c.start_node(f"w{i}", f"127.0.0.{2 + i}", cpus=1, resources={SLOT: 1})
+        yield c
+    finally:
+        c.stop()
+    assert not c.leftovers()
+    assert _current_cluster() == before  # other processes' ray.init() still find theirs
+
+
+def test_the_cluster_refuses_a_driver_without_its_token(cluster):
+    probe = "import ray; ray.init(); print(ray.cluster_resources())"
+    wrong = subprocess.run([sys.executable, "-c", probe], env=cluster.env(RAY_AUTH_TOKEN="0" * 64),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert wrong.returncode != 0 and "AuthenticationError" in wrong.stderr
+
+
+def start_driver(cluster, args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *args], env=cluster.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def kill_a_train_node(cluster, driver, log_path: str, ready):
+    """Once ``ready()``, SIGKILL the raylet of a worker node that holds a Train worker;
+    returns that node."""
+    deadline = time.monotonic() + 600
+    while True:
+        assert driver.poll() is None, open(log_path).read()[-4000:]
+        assert time.monotonic() < deadline, "the job never got to where the kill belongs"
+        if ready():
+            busy = [n for n in cluster.nodes[1:] if n.proc.poll() is None and n.hosts("ray::RayTrainWorker")]
+            if busy:
+                cluster.kill_raylet(busy[0])
+                return busy[0]
+        time.sleep(0.2)
+
+
+def wait(driver, log_path: str, timeout: float = 900) -> str:
+    try:
+        driver.wait(timeout=timeout)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    text = open(log_path).read()
+    assert driver.returncode == 0, text[-6000:]
+    return text
+
+
+STAGE2_DRIVER = """
+import json, logging, sys
+from dataclasses import asdict
+from dba_ray.config import load_config
+from dba_ray.trainer import run_train
+logging.basicConfig(level=logging.INFO)
+print("RESULT " + json.dumps(asdict(run_train(load_config(sys.argv[1]), "direct"))))
+"""
+
+
+def test_stage2_survives_losing_a_node(cluster, tmp_path):
+    dom = write_jsonl(tmp_path / "dom.jsonl", make_docs(60, seed=1))
+    tree = {
+        "output_dir": str(tmp_path / "out"),
+        "ray": {"worker_resources": {SLOT: 1}},
+        "train": {
+            "data": {"path": dom, "seq_len": 32}, "batch_size": 2, "num_workers": 2, "max_steps": 12,
+            "checkpoint_every": 2, "max_failures": 2, "progress_interval_s": 1, "schedule": {"lr": 3e-3},
+        },
+    }  # fmt: skip
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree))
+    log_path = str(tmp_path / "driver.log")
+    with open(log_path, "w") as log:
+        driver = start_driver(cluster, ["-c", STAGE2_DRIVER, str(cfg_file)], log)
+    checkpoints = lambda: list((tmp_path / "out" / "ray_train").glob("train-direct-*/checkpoint_*/state.json"))  # noqa: E731
+    lost = kill_a_train_node(cluster, driver, log_path, checkpoints)
+    text = wait(driver, log_path)
+    result = json.loads(text.split("RESULT ", 1)[1].splitlines()[0])
+    assert 0 < result["resumed_at"] < 12, result  # from a checkpoint the lost node's run wrote
+    assert lost.proc.poll() is not None  # the whole node went down with its raylet
+
+    cfg = resolve(load_config(str(cfg_file)), "direct")
+    ref = reference_weights(cfg)
+    assert rel_error(saved_weights(result["model_dir"]), ref) <= 1e-6
