@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s by default; on runs of a few
 # steps that wait is much of a test's time. The local cluster's processes inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Every Train run starts a preemption-watcher actor (one more process importing Ray
+# Train, about 4 CPU-seconds on these 2 cores); no test drains a node.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import sys  # noqa: E402
 
