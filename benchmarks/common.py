@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 
 def sized_llama(hidden: int, layers: int) -> dict:
@@ -23,3 +24,14 @@ def emit(result: dict, out: str | None) -> None:
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def write_text(path, n_docs: int) -> str:
+    """Synthetic English-like JSON Lines text at ``path``: for timing, where what the
+    tokens say does not change what a step costs."""
+    rng = random.Random(0)
+    words = "the model reads text and learns which word follows which in a corpus of its own".split()
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(50, 400)))}) + "\n")
+    return str(path)

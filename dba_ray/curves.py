@@ -1,4 +1,4 @@
-"""Training curves of a Stage 2 run: every step's loss, lr, γ_t, cos, c_t and every
+"""Training curves of a Stage 2 run: every step's loss, lr, γ_t, cos, c_t, seconds and every
 evaluation, kept as ``curves.jsonl`` and as TensorBoard event files in the run folder.
 
 Written by a Ray Train callback on the Train controller, from the reports the workers
@@ -17,7 +17,7 @@ from ray.train import UserCallback
 from dba_ray import storage
 
 CURVES = "curves.jsonl"
-STEP_KEYS = ("loss", "lr", "gamma", "cos", "c", "norm_d", "norm_b")
+STEP_KEYS = ("loss", "lr", "gamma", "cos", "c", "norm_d", "norm_b", "step_s")
 
 
 def _finite(x) -> bool:

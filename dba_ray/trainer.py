@@ -171,7 +171,7 @@ def _train_loop(config: dict) -> dict:
     history: list[dict] = []
     last_eval: dict = {}
     tokens_seen = 0  # trained tokens since this (re)start, for tokens/s
-    last_push = time.monotonic()
+    last_push = step_end = time.monotonic()
 
     def evaluate() -> dict:
         out = {}
@@ -225,7 +225,11 @@ def _train_loop(config: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += n_global
-        history.append({"step": step, "loss": step_loss, "lr": lr, **stats})
+        # step_s: from the previous step's end, so an evaluation or a checkpoint counts
+        # in the step after it (what benchmarks/stage2_loop.py measures).
+        now = time.monotonic()
+        history.append({"step": step, "loss": step_loss, "lr": lr, "step_s": now - step_end, **stats})
+        step_end = now
         if t.fail_once_at_step == step and rank == min(1, world - 1):
             marker = storage.join(config["run_dir"], "failed_once")
             if not storage.exists(marker):

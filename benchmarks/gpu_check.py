@@ -1,0 +1,132 @@
+"""The figures a GPU machine should give, in one command: Stage 1 against a plain loop,
+the DBA step's and the fisher anchor's overhead, the Stage 2 loop against a plain loop
+with the plain loop's model FLOPs utilization, and a 1-GPU FSDP run over NCCL. Each part
+runs as its own process (its own Ray cluster); one JSON and a table come out.
+
+    bash benchmarks/gpu_check.sh                  # one GPU, ~100M parameters, bf16
+    bash benchmarks/gpu_check.sh --cpu --tiny     # the same path on CPU, a tiny model
+
+Sized to finish in under 8 minutes on one H200; ``--cpu --tiny`` takes a few minutes on
+2 cores and is what the test suite runs, so the check is known to work before a GPU is
+at hand. A part that fails is recorded with its error and the rest still run; the exit
+code is 1 then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from common import sized_llama, write_text
+
+HERE = Path(__file__).resolve().parent
+
+SIZES = {  # ~100M parameters on a GPU; seconds of work per part on CPU
+    "full": {"model": ["--hidden", "768", "--layers", "12"], "stage1": ["--max-tokens", "2e6", "--seq-len", "1024", "--batch-size", "16"],
+             "stage2": ["--seq", "1024", "--batch", "16", "--steps", "60"], "dba": ["--seq", "1024", "--batch", "16"],
+             "fsdp": {"hidden": 768, "layers": 12, "seq": 1024, "batch": 16, "steps": 30}},
+    "tiny": {"model": ["--hidden", "64", "--layers", "2"], "stage1": ["--max-tokens", "8000", "--seq-len", "64", "--batch-size", "4"],
+             "stage2": ["--seq", "64", "--batch", "4", "--steps", "12", "--warmup", "2", "--every", "4", "--blocks", "2"],
+             "dba": ["--seq", "64", "--batch", "4", "--steps", "2", "--blocks", "2", "--repeats", "1"],
+             "fsdp": {"hidden": 64, "layers": 2, "seq": 64, "batch": 4, "steps": 4}},
+}  # fmt: skip
+
+
+def fsdp_config(tmp: Path, data: str, size: dict, gpu: bool) -> Path:
+    """A DBA run under FSDP on one worker: NCCL on a GPU, gloo on CPU."""
+    tree = {
+        "output_dir": str(tmp / "fsdp"),
+        "ray": {"num_cpus": 4},
+        "model": {"name_or_path": "builtin:tiny-llama", "builtin_config": sized_llama(size["hidden"], size["layers"])},
+        "stage1": {"data": {"path": data, "seq_len": size["seq"]}, "batch_size": size["batch"], "max_tokens": 50_000,
+                   "use_gpu": gpu},
+        "train": {"data": {"path": data, "seq_len": size["seq"]}, "batch_size": size["batch"], "max_steps": size["steps"],
+                  "parallel": "fsdp", "num_workers": 1, "use_gpu": gpu, "dba": {"boost": 2}},
+        "methods": ["dba"],
+        "eval": {"sets": [{"name": "held_out", "kind": "domain", "data": {"path": data, "seq_len": size["seq"]}}]},
+    }  # fmt: skip
+    path = tmp / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def run_part(name: str, argv: list[str], out: Path | None) -> dict:
+    """One part as a child process; its JSON (``--out``) or, for a CLI run, its exit."""
+    start = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=HERE.parent)
+    res: dict = {"seconds": round(time.monotonic() - start, 1)}
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {**res, "error": lines[-1] if lines else f"exit {proc.returncode}"}
+    if out is not None:
+        res.update(json.loads(out.read_text()))
+    print(f"gpu_check: {name} done in {res['seconds']} s", file=sys.stderr)
+    return res
+
+
+def table(results: dict) -> str:
+    """The figures a reader wants, one line each, with the goal where there is one."""
+    rows = [
+        ("Stage 1 / plain loop (tokens/s)", "stage1", "ratio", ">= 0.95"),
+        ("DBA step / plain step (time)", "dba_step", "time_ratio", "<= 1.03"),
+        ("fisher-anchor step / plain step (time)", "fisher_step", "time_ratio", "<= 1.03"),
+        ("DBA extra memory (B/param)", "dba_step", "extra_bytes_per_param", ""),
+        ("fisher extra memory (B/param)", "fisher_step", "extra_bytes_per_param", ""),
+        ("Stage 2 loop / plain loop (steps/s)", "stage2", "ratio", ">= 0.95"),
+        ("checkpoint cost (fraction of a step)", "stage2", "checkpoint_fraction_of_step", ""),
+        ("evaluation cost (fraction of a step)", "stage2", "evaluation_fraction_of_step", ""),
+        ("plain loop MFU (of measured matmul rate)", "stage2", "plain_mfu_of_measured_matmul", ""),
+        ("plain loop MFU (of nominal bf16 peak)", "stage2", "plain_mfu_of_nominal_peak", ""),
+        ("FSDP run, 1 worker", "fsdp", "ok", ""),
+    ]
+    lines = ["| figure | value | goal |", "|---|---:|---|"]
+    for label, part, key, goal in rows:
+        r = results.get(part, {})
+        value = f"failed: {r['error']}" if "error" in r else r.get(key, "n/a")
+        lines.append(f"| {label} | {value} | {goal} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="run on CPU (no GPU needed)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model and few steps: checks the path")
+    ap.add_argument("--out", type=Path, default=HERE / "gpu_check.json")
+    args = ap.parse_args()
+
+    size = SIZES["tiny" if args.tiny else "full"]
+    gpu = not args.cpu
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    data = write_text(tmp / "text.jsonl", 300 if args.tiny else 4000)
+    py = [sys.executable]
+    dev = ["--device", "cuda", "--dtype", "bfloat16"] if gpu else []
+    ray_dev = ["--gpu", "--dtype", "bfloat16"] if gpu else []
+    parts = {
+        "stage1": [*py, str(HERE / "stage1_throughput.py"), data, *size["model"], *size["stage1"], *ray_dev],
+        "dba_step": [*py, str(HERE / "dba_overhead.py"), "--variant", "dba", *size["model"], *size["dba"], *dev],
+        "fisher_step": [*py, str(HERE / "dba_overhead.py"), "--variant", "fisher", *size["model"], *size["dba"], *dev],
+        "stage2": [*py, str(HERE / "stage2_loop.py"), *size["model"], *size["stage2"], *ray_dev],
+    }
+    results = {"device": "cpu" if args.cpu else "gpu", "size": "tiny" if args.tiny else "full"}
+    for name, argv in parts.items():
+        out = tmp / f"{name}.json"
+        results[name] = run_part(name, [*argv, "--out", str(out)], out)
+    fsdp = run_part("fsdp", [*py, "-m", "dba_ray", "run", str(fsdp_config(tmp, data, size["fsdp"], gpu))], None)
+    if "error" not in fsdp:
+        report = json.loads((tmp / "fsdp" / "report.json").read_text())
+        fsdp.update(ok=True, S=report["results"]["dba"]["S"])
+    results["fsdp"] = fsdp
+    args.out.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(f"gpu_check: wrote {args.out}", file=sys.stderr)
+    sys.exit(1 if any("error" in r for r in results.values() if isinstance(r, dict)) else 0)
+
+
+if __name__ == "__main__":
+    main()
