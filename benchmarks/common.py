@@ -18,6 +18,17 @@ def sized_llama(hidden: int, layers: int) -> dict:
     }
 
 
+def add_ray_side_args(ap) -> None:
+    """The options of a benchmark that sets a Ray Train run beside a plain loop: model
+    size, torch threads (both sides), device and dtype, and where the JSON goes."""
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    ap.add_argument("--gpu", action="store_true", help="one GPU worker; model in --dtype")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default=None, help="write the result as JSON here")
+
+
 def emit(result: dict, out: str | None) -> None:
     """Print the result as JSON, and write it to ``out`` when given."""
     print(json.dumps(result, indent=1))

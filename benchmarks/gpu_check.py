@@ -32,7 +32,7 @@ SIZES = {  # ~100M parameters on a GPU; seconds of work per part on CPU
              "stage2": ["--seq", "1024", "--batch", "16", "--steps", "60"], "dba": ["--seq", "1024", "--batch", "16"],
              "fsdp": {"hidden": 768, "layers": 12, "seq": 1024, "batch": 16, "steps": 30}},
     "tiny": {"model": ["--hidden", "64", "--layers", "2"], "stage1": ["--max-tokens", "8000", "--seq-len", "64", "--batch-size", "4"],
-             "stage2": ["--seq", "64", "--batch", "4", "--steps", "12", "--warmup", "2", "--every", "4", "--blocks", "2"],
+             "stage2": ["--seq", "64", "--batch", "4", "--steps", "12", "--warmup", "2", "--every", "4", "--blocks", "1"],
              "dba": ["--seq", "64", "--batch", "4", "--steps", "2", "--blocks", "2", "--repeats", "1"],
              "fsdp": {"hidden": 64, "layers": 2, "seq": 64, "batch": 4, "steps": 4}},
 }  # fmt: skip

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import ray
 import torch
-from common import emit, sized_llama
+from common import add_ray_side_args, emit, sized_llama
 
 from dba_ray.config import Config
 from dba_ray.data import build_sequences
@@ -55,12 +55,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=float, default=1.2e5)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=192)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
-    ap.add_argument("--gpu", action="store_true", help="one GPU worker; model in --dtype")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    add_ray_side_args(ap)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)

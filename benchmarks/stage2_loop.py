@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from common import emit, sized_llama, write_text
+from common import add_ray_side_args, emit, sized_llama, write_text
 
 from dba_ray.config import Config
 from dba_ray.data import build_sequences
@@ -109,18 +109,13 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=192)
-    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40, help="steps per block")
     ap.add_argument("--warmup", type=int, default=5, help="first steps of each block left out")
     ap.add_argument("--blocks", type=int, default=5, help="blocks per side (at least 5)")
     ap.add_argument("--every", type=int, default=10, help="checkpoint / evaluation interval of the cost runs")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
-    ap.add_argument("--gpu", action="store_true", help="one GPU worker; model in --dtype")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    add_ray_side_args(ap)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
