@@ -49,7 +49,9 @@ def fsdp_config(tmp: Path, data: str, size: dict, gpu: bool) -> Path:
         "train": {"data": {"path": data, "seq_len": size["seq"]}, "batch_size": size["batch"], "max_steps": size["steps"],
                   "parallel": "fsdp", "num_workers": 1, "use_gpu": gpu, "dba": {"boost": 2}},
         "methods": ["dba"],
-        "eval": {"sets": [{"name": "held_out", "kind": "domain", "data": {"path": data, "seq_len": size["seq"]}}]},
+        # Both kinds, or the joint score S is undefined.
+        "eval": {"sets": [{"name": "held_out", "kind": "domain", "data": {"path": data, "seq_len": size["seq"]}},
+                          {"name": "general", "kind": "general", "data": {"path": data, "seq_len": size["seq"]}}]},
     }  # fmt: skip
     path = tmp / "fsdp.yaml"
     path.write_text(yaml.safe_dump(tree))
