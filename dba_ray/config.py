@@ -351,11 +351,6 @@ class TrainConfig(_Strict):
         0, description="Data order seed (per epoch: seed + epoch); also seeds LoRA's init."
     )
     progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
-    fail_once_at_step: Optional[int] = Field(
-        None,
-        ge=1,
-        description="Testing fault tolerance: rank 1 (or 0) raises once at this step.",
-    )
 
 
 class EvalSetConfig(_Strict):

@@ -10,8 +10,10 @@ batch, so a run is reproducible and resumes exactly from a checkpoint.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
 import resource
 import tempfile
 import time
@@ -275,6 +277,21 @@ def _export(w: _Worker, model_dir: str) -> None:
             w.model.save_pretrained(d, state_dict=full)
 
 
+# Tests only (``fail_once_at_step`` in tests/conftest.py): when this variable names a
+# file that exists, holding {"fail_once_at_step": n}, rank 1 (or 0) of each Stage 2 run
+# raises once at step n; a marker in the run's folder keeps it to once per run. A file,
+# not the variable's value, because a Ray worker's environment is fixed when it starts.
+FAULTS_ENV = "DBA_RAY_FAULTS"
+
+
+def _injected_failure_step() -> int | None:
+    path = os.environ.get(FAULTS_ENV)
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["fail_once_at_step"]
+
+
 def _fail_once(w: _Worker, step: int, run_dir: str) -> None:
     """Testing fault tolerance: rank 1 (or 0) raises once per run (a marker in its folder)."""
     if w.rank != min(1, w.world - 1):
@@ -282,7 +299,7 @@ def _fail_once(w: _Worker, step: int, run_dir: str) -> None:
     marker = storage.join(run_dir, "failed_once")
     if not storage.exists(marker):
         storage.write_bytes_atomic(marker, b"")
-        raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
+        raise RuntimeError(f"injected failure at step {step} ({FAULTS_ENV})")
 
 
 def _train_loop(config: dict) -> dict:
@@ -290,7 +307,7 @@ def _train_loop(config: dict) -> dict:
     w = _setup(config)
     t = w.cfg.train
     step = resumed_at = _resume(w)
-    fail_at = t.fail_once_at_step
+    fail_at = _injected_failure_step()
     history: list[dict] = []  # per-step statistics since the last report
     last_eval: dict = {}
     tokens_seen = 0  # trained tokens since this (re)start, for tokens/s
@@ -629,7 +646,7 @@ def _settings_digest(cfg: Config, spec: MethodSpec, grad_id) -> str:
     keep = cfg.model_dump(include={"model", "train"})
     t = cfg.train
     keep["train"]["global_batch"] = t.batch_size * t.num_workers * t.grad_accum
-    for key in ("progress_interval_s", "max_failures", "fail_once_at_step", "batch_size", "num_workers",
+    for key in ("progress_interval_s", "max_failures", "batch_size", "num_workers",
                 "grad_accum", "parallel", "cpus_per_worker"):
         keep["train"].pop(key)
     keep["method"] = spec.method
