@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument(
         "--method", default="dba",
-        help="dba, direct, mixture, lora, or the name of a variant in `methods` (default: dba)",
+        help=f"{', '.join(METHODS)}, or the name of a variant in `methods` (default: dba)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -501,7 +501,16 @@ class MergeConfig(_Strict):
         return [0.0, 0.25, 0.5, 0.75, 1.0] if self.mode == "linear" else [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
-METHODS = ("dba", "direct", "mixture", "lora")
+# The one list of the methods a run trains with, and what each does.
+METHOD_DOCS = {
+    "dba": "train.dba and train.schedule as configured",
+    "direct": "plain fine-tuning (GGB, DC, anchor off; constant lr)",
+    "mixture": "direct on general + domain data (train.mixture)",
+    "lora": "direct with peft adapters (train.lora)",
+}
+METHODS = tuple(METHOD_DOCS)
+# `pretrain` is the pretrain section's own run, not one users list in `methods`.
+MethodName = Literal[METHODS + ("pretrain",)]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -510,11 +519,9 @@ class MethodSpec(_Strict):
     string in `methods` is a spec named after its method."""
 
     name: str = Field(description="Name in reports and the run's folder name.")
-    method: Literal["dba", "direct", "mixture", "lora", "pretrain"] = Field(
-        description="dba: train.dba and train.schedule as configured. direct: plain "
-        "fine-tuning (GGB, DC, anchor off; constant lr). mixture: direct on general + "
-        "domain data (train.mixture). lora: direct with peft adapters (train.lora). "
-        "pretrain: the base model's pretraining (used by the pretrain section).",
+    method: MethodName = Field(
+        description=" ".join(f"{m}: {doc}." for m, doc in METHOD_DOCS.items())
+        + " pretrain: the base model's pretraining (used by the pretrain section).",
     )
     set: dict[str, Any] = Field(
         default_factory=dict,
@@ -645,8 +652,8 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     methods: list[MethodSpec] = Field(
         default_factory=lambda: [MethodSpec(name="dba", method="dba"), MethodSpec(name="direct", method="direct")],
-        description="What `dba-ray run` and `compare` train: method names (dba, direct, "
-        "mixture, lora) or {name, method, set} variants.",
+        description=f"What `dba-ray run` and `compare` train: method names ({', '.join(METHODS)}) "
+        "or {name, method, set} variants.",
     )
     tune: TuneConfig = Field(default_factory=TuneConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
