@@ -17,7 +17,7 @@ import logging
 import sys
 
 from dba_ray import __version__
-from dba_ray.config import METHODS, describe_options, load_config
+from dba_ray.config import METHODS, describe_options, load_config, options_yaml
 from dba_ray.errors import UserError
 
 log = logging.getLogger("dba_ray")
@@ -165,7 +165,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_options(args) -> int:
-    print("\n".join(describe_options()))
+    print(options_yaml() if args.yaml else "\n".join(describe_options()) + "\n", end="")
     return 0
 
 
@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("options", help="list every config option with its default and meaning")
+    p.add_argument(
+        "--yaml", action="store_true",
+        help="print a complete YAML config instead: every key at its default, its meaning above it",
+    )
     p.set_defaults(func=cmd_options)
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -738,6 +739,12 @@ def flatten(tree: dict, keep=lambda value: False, prefix: str = "") -> dict:
     return out
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config model class of a field's type: ``X``, ``Optional[X]`` or ``list[X]``."""
+    candidates = (annotation, *getattr(annotation, "__args__", ()))
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The config model class that owns the key at ``loc`` (for listing allowed keys)."""
     model: Any = Config
@@ -745,12 +752,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             return None
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        candidates = [ann, *args]
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
+        model = _model_in(field.annotation)
         if model is None:
             return None
     return model
@@ -779,14 +781,7 @@ def describe_options(model: type[BaseModel] = None, prefix: str = "") -> list[st
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
-        nested = next(
-            (
-                c
-                for c in (ann, *getattr(ann, "__args__", ()))
-                if isinstance(c, type) and issubclass(c, BaseModel)
-            ),
-            None,
-        )
+        nested = _model_in(ann)
         if nested is not None:
             if field.description:
                 lines.append(f"{key}: {field.description}")
@@ -796,6 +791,59 @@ def describe_options(model: type[BaseModel] = None, prefix: str = "") -> list[st
         type_name = str(ann).replace("typing.", "") if not isinstance(ann, type) else ann.__name__
         lines.append(f"{key} ({type_name}, default {default!r}): {field.description}")
     return lines
+
+
+_REQUIRED = object()
+
+
+def options_yaml() -> str:
+    """Every option as one commented YAML file (``dba-ray options --yaml``): each key with
+    its description above it and its default as the value. Sections that are off by
+    default (``pretrain``, ``merge``, ``tracking``, data sources) and the fields of list
+    entries are there as comments, so the file loads as the defaults."""
+    lines = [
+        "# dba-ray: every config key with its default (dba-ray options --yaml).",
+        "# Sections off by default, and the keys of list entries, are commented out.",
+        "",
+    ]
+    _yaml_lines(Config, Config().model_dump(mode="json"), 0, False, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, sort_keys=False, width=10**6)
+    return text.removesuffix("\n...\n").strip()
+
+
+def _yaml_lines(model: type[BaseModel], values: dict | None, depth: int, commented: bool, out: list[str]) -> None:
+    """``model``'s keys at ``depth``. ``values``: the defaults in force here; None inside
+    a section that is off, where the class's own defaults are shown."""
+    pad = "  " * depth
+    for name, field in model.model_fields.items():
+        nested = _model_in(field.annotation)
+        is_list = getattr(field.annotation, "__origin__", None) is list
+        if values is not None:
+            value = values[name]
+        elif field.is_required():
+            value = _REQUIRED
+        else:
+            value = field.get_default(call_default_factory=True)
+            value = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        doc = field.description or (nested.__doc__ if nested is not None and not is_list else None) or ""
+        if out[-1] != "" and depth == 0:
+            out.append("")
+        for line in textwrap.wrap(" ".join(doc.split()), max(40, 88 - len(pad))):
+            out.append(f"{pad}# {line}")
+        if nested is not None and not is_list:
+            off = commented or value is None or value is _REQUIRED
+            out.append(f"{pad}{'# ' if off else ''}{name}:")
+            _yaml_lines(nested, value if isinstance(value, dict) else None, depth + 1, off, out)
+            continue
+        mark = "# " if commented or value is _REQUIRED else ""
+        out.append(f"{pad}{mark}{name}: {'(required)' if value is _REQUIRED else _yaml_value(value)}")
+        if nested is not None:  # a list of sections: the keys of one entry
+            out.append(f"{pad}  # each entry:")
+            _yaml_lines(nested, None, depth + 1, True, out)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
