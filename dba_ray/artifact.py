@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
@@ -319,8 +320,6 @@ def load_any(source, model: torch.nn.Module | None = None, model_name: str = "th
              rows: Rows | None = None):
     """Load from a path/URI or from an ObjectRef made by Stage 1, checking the model;
     ``rows`` as for ``load``."""
-    import ray
-
     if isinstance(source, ray.ObjectRef):
         grad = ray.get(source)
         if rows is not None:

@@ -2,6 +2,11 @@
 
 User errors (bad config, missing files, malformed data, mismatched artifacts) end with
 one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+
+Each command imports the module that runs it inside its ``cmd_*`` function: the only
+imports inside functions outside optional dependencies, so that ``--help``,
+``options`` and a config error answer without loading torch and Ray (tens of seconds
+on a busy machine).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import sys
 
 from dba_ray import __version__
+from dba_ray.config import METHODS, describe_options, load_config, options_yaml
 from dba_ray.errors import UserError
 
 log = logging.getLogger("dba_ray")
@@ -30,11 +36,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_config(args):
+    cfg = load_config(args.config, args.overrides)  # first: a config error needs no torch or Ray
     from dba_ray import preflight
-    from dba_ray.config import load_config
     from dba_ray.ray_runtime import warn_if_output_in_job_dir
 
-    cfg = load_config(args.config, args.overrides)
     warn_if_output_in_job_dir(cfg.output_dir)
     if args.command == "global-gradient":
         preflight.writable(cfg.stage1_output(), "stage1.output")
@@ -53,7 +58,6 @@ def cmd_global_gradient(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from dba_ray.config import METHODS
     from dba_ray.run import ensure_base_model
     from dba_ray.trainer import run_train
 
@@ -161,9 +165,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_options(args) -> int:
-    from dba_ray.config import describe_options
-
-    print("\n".join(describe_options()))
+    print(options_yaml() if args.yaml else "\n".join(describe_options()) + "\n", end="")
     return 0
 
 
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument(
         "--method", default="dba",
-        help="dba, direct, mixture, lora, or the name of a variant in `methods` (default: dba)",
+        help=f"{', '.join(METHODS)}, or the name of a variant in `methods` (default: dba)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -230,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("options", help="list every config option with its default and meaning")
+    p.add_argument(
+        "--yaml", action="store_true",
+        help="print a complete YAML config instead: every key at its default, its meaning above it",
+    )
     p.set_defaults(func=cmd_options)
     return parser
 

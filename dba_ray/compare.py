@@ -26,7 +26,12 @@ from dba_ray.methods import resolve, uses_global_gradient
 from dba_ray.plots import frontier, training_curves
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import build_report, write_report
-from dba_ray.tune import run_trials, trial_row
+from dba_ray.run import check_merge, ensure_base_model, ensure_global_gradient, evaluate_models, score_after_training
+from dba_ray.trainer import (
+    mixture_domain_rows, mixture_general_count, planned_steps, prepare_eval, prepare_mixture_data,
+    prepare_train_data, saturation_warning,
+)
+from dba_ray.trials import run_trials, trial_row
 
 log = logging.getLogger("dba_ray")
 
@@ -77,12 +82,6 @@ def _cost(rows: dict[str, dict], stage1: dict | None) -> None:
 
 @tracking.tracked_command("compare")
 def run_compare(cfg: Config) -> dict:
-    from dba_ray.run import check_merge, ensure_base_model, ensure_global_gradient, evaluate_models, score_after_training
-    from dba_ray.trainer import (
-        mixture_domain_rows, mixture_general_count, planned_steps, prepare_eval, prepare_mixture_data,
-        prepare_train_data, saturation_warning,
-    )
-
     if not cfg.eval.sets:
         raise UserError("dba-ray compare needs eval.sets (domain and general) to score the methods")
     runs = expand_runs(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -351,11 +352,6 @@ class TrainConfig(_Strict):
         0, description="Data order seed (per epoch: seed + epoch); also seeds LoRA's init."
     )
     progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
-    fail_once_at_step: Optional[int] = Field(
-        None,
-        ge=1,
-        description="Testing fault tolerance: rank 1 (or 0) raises once at this step.",
-    )
 
 
 class EvalSetConfig(_Strict):
@@ -506,7 +502,16 @@ class MergeConfig(_Strict):
         return [0.0, 0.25, 0.5, 0.75, 1.0] if self.mode == "linear" else [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
-METHODS = ("dba", "direct", "mixture", "lora")
+# The one list of the methods a run trains with, and what each does.
+METHOD_DOCS = {
+    "dba": "train.dba and train.schedule as configured",
+    "direct": "plain fine-tuning (GGB, DC, anchor off; constant lr)",
+    "mixture": "direct on general + domain data (train.mixture)",
+    "lora": "direct with peft adapters (train.lora)",
+}
+METHODS = tuple(METHOD_DOCS)
+# `pretrain` is the pretrain section's own run, not one users list in `methods`.
+MethodName = Literal[METHODS + ("pretrain",)]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -515,11 +520,9 @@ class MethodSpec(_Strict):
     string in `methods` is a spec named after its method."""
 
     name: str = Field(description="Name in reports and the run's folder name.")
-    method: Literal["dba", "direct", "mixture", "lora", "pretrain"] = Field(
-        description="dba: train.dba and train.schedule as configured. direct: plain "
-        "fine-tuning (GGB, DC, anchor off; constant lr). mixture: direct on general + "
-        "domain data (train.mixture). lora: direct with peft adapters (train.lora). "
-        "pretrain: the base model's pretraining (used by the pretrain section).",
+    method: MethodName = Field(
+        description=" ".join(f"{m}: {doc}." for m, doc in METHOD_DOCS.items())
+        + " pretrain: the base model's pretraining (used by the pretrain section).",
     )
     set: dict[str, Any] = Field(
         default_factory=dict,
@@ -650,8 +653,8 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     methods: list[MethodSpec] = Field(
         default_factory=lambda: [MethodSpec(name="dba", method="dba"), MethodSpec(name="direct", method="direct")],
-        description="What `dba-ray run` and `compare` train: method names (dba, direct, "
-        "mixture, lora) or {name, method, set} variants.",
+        description=f"What `dba-ray run` and `compare` train: method names ({', '.join(METHODS)}) "
+        "or {name, method, set} variants.",
     )
     tune: TuneConfig = Field(default_factory=TuneConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
@@ -736,6 +739,12 @@ def flatten(tree: dict, keep=lambda value: False, prefix: str = "") -> dict:
     return out
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config model class of a field's type: ``X``, ``Optional[X]`` or ``list[X]``."""
+    candidates = (annotation, *getattr(annotation, "__args__", ()))
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The config model class that owns the key at ``loc`` (for listing allowed keys)."""
     model: Any = Config
@@ -743,12 +752,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             return None
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        candidates = [ann, *args]
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
+        model = _model_in(field.annotation)
         if model is None:
             return None
     return model
@@ -777,14 +781,7 @@ def describe_options(model: type[BaseModel] = None, prefix: str = "") -> list[st
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
-        nested = next(
-            (
-                c
-                for c in (ann, *getattr(ann, "__args__", ()))
-                if isinstance(c, type) and issubclass(c, BaseModel)
-            ),
-            None,
-        )
+        nested = _model_in(ann)
         if nested is not None:
             if field.description:
                 lines.append(f"{key}: {field.description}")
@@ -794,6 +791,59 @@ def describe_options(model: type[BaseModel] = None, prefix: str = "") -> list[st
         type_name = str(ann).replace("typing.", "") if not isinstance(ann, type) else ann.__name__
         lines.append(f"{key} ({type_name}, default {default!r}): {field.description}")
     return lines
+
+
+_REQUIRED = object()
+
+
+def options_yaml() -> str:
+    """Every option as one commented YAML file (``dba-ray options --yaml``): each key with
+    its description above it and its default as the value. Sections that are off by
+    default (``pretrain``, ``merge``, ``tracking``, data sources) and the fields of list
+    entries are there as comments, so the file loads as the defaults."""
+    lines = [
+        "# dba-ray: every config key with its default (dba-ray options --yaml).",
+        "# Sections off by default, and the keys of list entries, are commented out.",
+        "",
+    ]
+    _yaml_lines(Config, Config().model_dump(mode="json"), 0, False, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, sort_keys=False, width=10**6)
+    return text.removesuffix("\n...\n").strip()
+
+
+def _yaml_lines(model: type[BaseModel], values: dict | None, depth: int, commented: bool, out: list[str]) -> None:
+    """``model``'s keys at ``depth``. ``values``: the defaults in force here; None inside
+    a section that is off, where the class's own defaults are shown."""
+    pad = "  " * depth
+    for name, field in model.model_fields.items():
+        nested = _model_in(field.annotation)
+        is_list = getattr(field.annotation, "__origin__", None) is list
+        if values is not None:
+            value = values[name]
+        elif field.is_required():
+            value = _REQUIRED
+        else:
+            value = field.get_default(call_default_factory=True)
+            value = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        doc = field.description or (nested.__doc__ if nested is not None and not is_list else None) or ""
+        if out[-1] != "" and depth == 0:
+            out.append("")
+        for line in textwrap.wrap(" ".join(doc.split()), max(40, 88 - len(pad))):
+            out.append(f"{pad}# {line}")
+        if nested is not None and not is_list:
+            off = commented or value is None or value is _REQUIRED
+            out.append(f"{pad}{'# ' if off else ''}{name}:")
+            _yaml_lines(nested, value if isinstance(value, dict) else None, depth + 1, off, out)
+            continue
+        mark = "# " if commented or value is _REQUIRED else ""
+        out.append(f"{pad}{mark}{name}: {'(required)' if value is _REQUIRED else _yaml_value(value)}")
+        if nested is not None:  # a list of sections: the keys of one entry
+            out.append(f"{pad}  # each entry:")
+            _yaml_lines(nested, None, depth + 1, True, out)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

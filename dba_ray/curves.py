@@ -13,6 +13,7 @@ import math
 import os
 
 from ray.train import UserCallback
+from tensorboardX import SummaryWriter
 
 from dba_ray import storage
 
@@ -70,8 +71,6 @@ class CurvesCallback(UserCallback):
         if storage.is_remote(self.run_dir):
             self.rows = read_curves(self.run_dir)
             return
-        from tensorboardX import SummaryWriter
-
         _drop_torn_line(self.path)
         self._writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=first_step)
 

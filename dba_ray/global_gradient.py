@@ -69,6 +69,105 @@ def sequence_hash(input_ids, labels) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+class _Sums:
+    """One worker's running sums over its shard of the general data: fp32 gradient sums
+    (and squared micro-batch gradients for v_G), tokens, loss, sequences, micro-batches,
+    the longest sequence and the order-free data fingerprint."""
+
+    def __init__(self, model: torch.nn.Module, second_moment: bool, device: torch.device):
+        self.model = model
+        self.params = dict(model.named_parameters())
+        params = self.params.values()
+        # fp32 weights let .grad itself hold the running sum; otherwise (bf16 weights, or
+        # when each micro-batch gradient is needed for v_G) sum into fp32 buffers.
+        separate = second_moment or any(p.dtype != torch.float32 for p in params)
+        self.grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()} if separate else None
+        self.sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()} if second_moment else None
+        self.device = device
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.sequences = self.batches = self.seq_len = 0
+        self.data_hash = 0
+
+    def add(self, ids_np: np.ndarray, labels_np: np.ndarray) -> None:
+        """Forward and backward on one micro-batch; its gradient joins the sums."""
+        self.seq_len = max(self.seq_len, ids_np.shape[1])
+        for i in range(len(ids_np)):
+            self.data_hash = (self.data_hash + sequence_hash(ids_np[i], labels_np[i])) & _MASK64
+        ids = torch.from_numpy(ids_np.astype(np.int64)).to(self.device, non_blocking=True)
+        labels = torch.from_numpy(labels_np.astype(np.int64)).to(self.device, non_blocking=True)
+        loss, n = token_loss_sum(self.model, ids, labels)
+        loss.backward()
+        if self.grads is not None:
+            inv_n2 = float(n.clamp(min=1)) ** -2  # squares of the micro-batch's mean gradient
+            for name, p in self.params.items():
+                g = p.grad.float()
+                self.grads[name] += g
+                if self.sq is not None:
+                    self.sq[name].addcmul_(g, g, value=inv_n2)
+                p.grad = None
+        self.tokens += n
+        self.loss += loss.detach()
+        self.sequences += len(ids_np)
+        self.batches += 1
+
+    def reduce(self, loop_s: float) -> "_Totals":
+        """All-reduce across workers (the gradient sums in place); the totals."""
+        if self.grads is None:
+            self.grads = {
+                n: (p.grad if p.grad is not None else torch.zeros_like(p)).float() for n, p in self.params.items()
+            }
+        counts = torch.tensor(
+            [float(self.tokens), float(self.loss), self.sequences, self.batches], dtype=torch.float64, device=self.device
+        )
+        maxima = torch.tensor([self.seq_len, loop_s], dtype=torch.float64, device=self.device)
+        hashes = [self.data_hash]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+            for t in self.grads.values():
+                dist.all_reduce(t)
+            for t in (self.sq or {}).values():
+                dist.all_reduce(t)
+            hashes = [None] * dist.get_world_size()
+            dist.all_gather_object(hashes, self.data_hash)
+        tokens, loss, sequences, batches = counts.tolist()
+        return _Totals(tokens, loss, int(sequences), int(batches), int(maxima[0]), float(maxima[1]),
+                       f"{sum(hashes) & _MASK64:016x}")
+
+
+@dataclass
+class _Totals:
+    tokens: float
+    loss: float
+    sequences: int
+    batches: int
+    seq_len: int  # the longest sequence
+    loop_s: float  # the slowest worker's streaming time
+    fingerprint: str
+
+
+def _stream(sums: _Sums, batch_size: int, tracker, timeline: dict) -> float:
+    """Every micro-batch of this worker's shard into ``sums``, with progress; the
+    streaming time from the first batch to the end (start-up excluded)."""
+    # Progress counts token positions (sequences × seq_len), the unit of max_tokens.
+    positions = reported = 0
+    last_report = time.monotonic()
+    first_batch_at = None
+    shard = ray.train.get_dataset_shard(DATASET)
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        if first_batch_at is None:
+            first_batch_at, timeline["first_batch"] = time.monotonic(), time.time()
+        sums.add(batch["input_ids"], batch["labels"])
+        positions += batch["input_ids"].size
+        if time.monotonic() - last_report > 1.0:
+            tracker.add.remote(tokens=positions - reported)
+            reported, last_report = positions, time.monotonic()
+    tracker.add.remote(tokens=positions - reported)
+    timeline["loop_done"] = time.time()
+    return time.monotonic() - first_batch_at if first_batch_at else 0.0
+
+
 def _worker_loop(config: dict) -> None:
     cfg = Config.model_validate(config["cfg"])
     s1 = cfg.stage1
@@ -81,94 +180,34 @@ def _worker_loop(config: dict) -> None:
     model = load_model(cfg.model).to(device)
     timeline["model_built"] = time.time()
     model.eval()  # no dropout: the gradient of the deterministic loss at θ0
-    params = dict(model.named_parameters())
-    # fp32 weights let .grad itself hold the running sum; otherwise (bf16 weights, or
-    # when each micro-batch gradient is needed for v_G) sum into fp32 buffers.
-    separate = s1.second_moment or any(p.dtype != torch.float32 for p in params.values())
-    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if separate else None
-    sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if s1.second_moment else None
-
-    tokens = torch.zeros((), dtype=torch.float64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_seq = n_batches = seq_len = 0
-    data_hash = 0
-    # Progress counts token positions (sequences × seq_len), the unit of max_tokens.
-    positions = reported = 0
-    last_report = time.monotonic()
-    first_batch_at = None
-    shard = ray.train.get_dataset_shard(DATASET)
-    for batch in shard.iter_batches(batch_size=s1.batch_size, batch_format="numpy"):
-        if first_batch_at is None:
-            first_batch_at, timeline["first_batch"] = time.monotonic(), time.time()
-        ids_np, labels_np = batch["input_ids"], batch["labels"]
-        seq_len = max(seq_len, ids_np.shape[1])
-        for i in range(len(ids_np)):
-            data_hash = (data_hash + sequence_hash(ids_np[i], labels_np[i])) & _MASK64
-        ids = torch.from_numpy(ids_np.astype(np.int64)).to(device, non_blocking=True)
-        labels = torch.from_numpy(labels_np.astype(np.int64)).to(device, non_blocking=True)
-        loss, n = token_loss_sum(model, ids, labels)
-        loss.backward()
-        if separate:
-            inv_n2 = float(n.clamp(min=1)) ** -2  # squares of the micro-batch's mean gradient
-            for name, p in params.items():
-                g = p.grad.float()
-                sums[name] += g
-                if sq is not None:
-                    sq[name].addcmul_(g, g, value=inv_n2)
-                p.grad = None
-        tokens += n
-        loss_sum += loss.detach()
-        n_seq += len(ids_np)
-        n_batches += 1
-        positions += ids_np.size
-        if time.monotonic() - last_report > 1.0:
-            tracker.add.remote(tokens=positions - reported)
-            reported, last_report = positions, time.monotonic()
-    tracker.add.remote(tokens=positions - reported)
-    timeline["loop_done"] = time.time()
-
-    if sums is None:
-        sums = {
-            n: (p.grad if p.grad is not None else torch.zeros_like(p)).float()
-            for n, p in params.items()
-        }
-    counts = torch.tensor(
-        [float(tokens), float(loss_sum), n_seq, n_batches], dtype=torch.float64, device=device
-    )
-    # Streaming time from the first batch to the end (start-up excluded), for throughput.
-    loop_s = time.monotonic() - first_batch_at if first_batch_at else 0.0
-    maxima = torch.tensor([seq_len, loop_s], dtype=torch.float64, device=device)
-    hashes = [data_hash]
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        for t in sums.values():
-            dist.all_reduce(t)
-        for t in (sq or {}).values():
-            dist.all_reduce(t)
-        hashes = [None] * dist.get_world_size()
-        dist.all_gather_object(hashes, data_hash)
-    total_tokens, total_loss, total_seq, total_batches = counts.tolist()
-    seq_len, loop_s = int(maxima[0]), float(maxima[1])
+    sums = _Sums(model, s1.second_moment, device)
+    loop_s = _stream(sums, s1.batch_size, tracker, timeline)
+    totals = sums.reduce(loop_s)
     timeline["reduced"] = time.time()
     if rank != 0:
         return
-    if total_tokens == 0:
+    if totals.tokens == 0:
         raise UserError(f"general data {config['source']} produced no trainable tokens")
+    _keep_result(config, cfg, sums, totals, timeline)
 
-    mean = {n: (t / total_tokens).cpu() for n, t in sums.items()}
-    second = {n: (t / total_batches).cpu() for n, t in sq.items()} if sq is not None else None
+
+def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeline: dict) -> None:
+    """Rank 0: ĝ_G (and v_G) from the reduced sums, written and/or put in the object
+    store; its metadata handed to the driver through the tracker."""
+    s1, tracker = cfg.stage1, config["tracker"]
+    mean = {n: (t / totals.tokens).cpu() for n, t in sums.grads.items()}
+    second = {n: (t / totals.batches).cpu() for n, t in sums.sq.items()} if sums.sq is not None else None
     stats = artifact.Stats(
-        tokens=int(total_tokens),
-        sequences=int(total_seq),
-        batches=int(total_batches),
-        loss_sum=total_loss,
-        data_fingerprint=f"{sum(hashes) & _MASK64:016x}",
+        tokens=int(totals.tokens),
+        sequences=totals.sequences,
+        batches=totals.batches,
+        loss_sum=totals.loss,
+        data_fingerprint=totals.fingerprint,
         extra={
             "num_workers": s1.num_workers,
             "batch_size": s1.batch_size,
             "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
-            "loop_seconds": loop_s,
+            "loop_seconds": totals.loop_s,
             "stage1_settings": stage1_settings(s1),
             # From the driver's start of the job: what a later run reusing ĝ_G is charged.
             "wall_s": time.time() - timeline["job_started"],
@@ -179,11 +218,11 @@ def _worker_loop(config: dict) -> None:
     )
     meta = artifact.build_meta(
         mean,
-        artifact.parameter_shapes(model),
+        artifact.parameter_shapes(sums.model),
         stats,
         base_model=model_source(cfg.model),
         data=config["data_description"],
-        seq_len=seq_len,
+        seq_len=totals.seq_len,
         dtype=cfg.model.dtype,
         description=s1.description,
         has_second_moment=second is not None,
@@ -191,9 +230,7 @@ def _worker_loop(config: dict) -> None:
     grad = artifact.GlobalGradient(mean=mean, meta=meta, second_moment=second)
     uri = config["output"]
     if uri is not None:
-        meta = artifact.save(
-            uri, grad, overwrite=s1.overwrite, svd_rank=s1.svd_rank, save_dtype=s1.save_dtype
-        )
+        meta = artifact.save(uri, grad, overwrite=s1.overwrite, svd_rank=s1.svd_rank, save_dtype=s1.save_dtype)
     if s1.to_object_store:
         ray.get(tracker.set_result.remote("grad", grad))
     ray.get(tracker.set_result.remote("meta", meta))

@@ -17,10 +17,12 @@ import math
 import os
 
 import ray
+import torch
 
 from dba_ray.config import Config, EvalSetConfig
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores
+from dba_ray.model import load_model, load_tokenizer
 
 log = logging.getLogger("dba_ray")
 
@@ -138,10 +140,6 @@ def run_harness(model, tokenizer, s: EvalSetConfig, batch_size: int) -> dict[str
 
 @ray.remote
 def _score_remote(cfg_dump: dict, model_path: str, threads: int) -> dict[str, dict[str, float]]:
-    import torch
-
-    from dba_ray.model import load_model, load_tokenizer
-
     torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_dump)
     cfg.model.name_or_path = model_path

@@ -19,12 +19,15 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import ray
+import torch
+from huggingface_hub import snapshot_download
 
 from dba_ray import artifact, storage
 from dba_ray.config import Config, MergeConfig
 from dba_ray.data import describe_source
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets, scored_tokens
+from dba_ray.global_gradient import run_global_gradient
 from dba_ray.merge import FisherPair, SavedTensors, merge_into
 from dba_ray.model import BUILTIN_MODEL, load_empty_model, load_model, load_tokenizer
 from dba_ray.ray_runtime import ensure_ray
@@ -94,9 +97,7 @@ def _local_model_dir(name: str, revision: str | None) -> str:
     path = storage.local_copy(storage.absolute(name) if os.path.exists(name) else name, "config.json")
     if os.path.isdir(path):
         return path
-    from huggingface_hub import snapshot_download  # a hub name: its cached snapshot
-
-    try:
+    try:  # a hub name: its cached snapshot
         return snapshot_download(name, revision=revision, allow_patterns=["*.safetensors", "*.json"])
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: one line
         raise UserError(f"cannot read the base model {name!r} for merging: {str(e).splitlines()[0]}") from None
@@ -119,8 +120,6 @@ def merged_model(cfg: Config, model_dir: str, mode: str, knob: float, fisher_uri
 
 @ray.remote
 def _score_merge(cfg_dump: dict, model_dir: str, mode: str, knob: float, fisher_uris, groups: dict, threads: int):
-    import torch
-
     torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_dump)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,8 +177,6 @@ def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[
     """F_D of the model at ``model_dir`` on ``train.data``, kept at ``uri`` (default:
     ``domain_fisher`` beside the model): (artifact URI, tokens, wall seconds, 0 when reused).
     On object stores the model's identity is its files' names and sizes only."""
-    from dba_ray.global_gradient import run_global_gradient
-
     if cfg.train.data is None:
         raise UserError("merge.mode fisher needs train.data: F_D is the domain data's Fisher")
     uri = uri or storage.join(os.path.dirname(model_dir.rstrip("/")), "domain_fisher")

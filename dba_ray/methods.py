@@ -1,6 +1,6 @@
 """What each method trains with: DBA and its baselines as settings of one trainer.
 
-A run is a :class:`MethodSpec`: a method (dba, direct, mixture, lora) whose own settings
+A run is a :class:`MethodSpec`: a method (``config.METHODS``) whose own settings
 are applied to ``train`` first, then the spec's overrides (so an ablation such as
 ``{method: direct, set: {schedule.anneal: true}}`` can turn a forced setting back on).
 """

@@ -30,7 +30,7 @@ class CardFacts:
     """What a card says about one trained model, besides the base model's scores."""
 
     name: str  # the run's name (a method or a named variant)
-    method: str  # dba, direct, mixture, lora
+    method: str  # one of config.METHODS
     base_model: str
     revision: str | None
     settings: dict  # what the run trained with (resolved train section, parts that apply)

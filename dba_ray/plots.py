@@ -7,16 +7,9 @@ import io
 import math
 from collections import defaultdict
 
+from matplotlib.figure import Figure
+
 from dba_ray import storage
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display on a cluster node
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig, uri: str) -> None:
@@ -36,7 +29,6 @@ def frontier(report: dict, uri: str, title: str = "") -> list[str]:
     base (report["merges"]) as a thin dashed line in its method's colour. When some runs
     fall far below the base model, a second panel zooms in on the others. Returns the
     legend's labels."""
-    plt = _pyplot()
     groups: dict[str, dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for r in report["results"].values():
         if not (math.isnan(r["S_D"]) or math.isnan(r["S_G"])):
@@ -45,7 +37,9 @@ def frontier(report: dict, uri: str, title: str = "") -> list[str]:
     near = [p for by_lr in groups.values() for pts in by_lr.values() for p in pts if p[2] >= base["S"] - ZOOM_MARGIN]
     n_all = sum(len(pts) for by_lr in groups.values() for pts in by_lr.values())
     panels = 2 if near and len(near) < n_all else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.8), squeeze=False)
+    # A bare Figure, not pyplot: files only, no GUI backend or global state on a cluster node.
+    fig = Figure(figsize=(6.4 * panels, 4.8))
+    axes = fig.subplots(1, panels, squeeze=False)
     merges = report.get("merges") or {}
     for ax in axes[0]:
         _frontier_panel(ax, groups, base)
@@ -62,7 +56,6 @@ def frontier(report: dict, uri: str, title: str = "") -> list[str]:
         zoom.set_title(f"zoom: runs with S >= base S − {ZOOM_MARGIN:g}")
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     _save(fig, uri)
-    plt.close(fig)
     return labels
 
 
@@ -115,8 +108,8 @@ CURVE_PANELS = (("loss", "training loss"), ("lr", "learning rate (× c_t)"), ("g
 
 def training_curves(curves: dict[str, list[dict]], uri: str) -> None:
     """curves: run name → rows of curves.jsonl (the ``train`` rows are plotted)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4 * len(CURVE_PANELS), 3.4))
+    fig = Figure(figsize=(4 * len(CURVE_PANELS), 3.4))
+    axes = fig.subplots(1, len(CURVE_PANELS))
     for i, (name, rows) in enumerate(sorted(curves.items())):
         steps = [r for r in rows if r["kind"] == "train"]
         style = {**_style(i), "marker": None}
@@ -130,4 +123,3 @@ def training_curves(curves: dict[str, list[dict]], uri: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
     _save(fig, uri)
-    plt.close(fig)

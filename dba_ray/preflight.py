@@ -13,8 +13,11 @@ import pyarrow.fs as pafs
 
 from dba_ray import artifact, storage
 from dba_ray.config import Config, DataConfig, MethodSpec
+from dba_ray.data.records import file_format
 from dba_ray.errors import UserError
 from dba_ray.methods import resolve, uses_global_gradient
+from dba_ray.model import load_empty_model
+from dba_ray.reuse import planned_base, refuse_replacing, stage1_mismatch
 
 # What `from_pretrained` can load weights from.
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
@@ -53,8 +56,6 @@ def writable(uri: str, what: str) -> None:
 def data_source(data: DataConfig, key: str, max_len: int | None) -> None:
     """A data source that exists, holds files of a known format, and a seq_len the
     model can take. Contents are checked while they are read."""
-    from dba_ray.data.records import file_format
-
     if max_len is not None and data.seq_len > max_len:
         raise UserError(
             f"{key}.seq_len {data.seq_len} is longer than the model's context "
@@ -74,8 +75,6 @@ def data_source(data: DataConfig, key: str, max_len: int | None) -> None:
 def model(cfg: Config) -> int | None:
     """The base model can be loaded: its config is readable and a local folder holds
     weights. Returns its context length (None when it has none)."""
-    from dba_ray.model import load_empty_model
-
     path = cfg.model.name_or_path
     if path.startswith(("/", ".", "~")) and not storage.exists(path):
         raise UserError(
@@ -96,8 +95,6 @@ def model(cfg: Config) -> int | None:
 def check(cfg: Config, specs: list[MethodSpec]) -> None:
     """Refuse, with a UserError, what would fail or do harm later in `run`, `compare` or
     `tune` training ``specs``."""
-    from dba_ray.run import planned_base, refuse_replacing, stage1_mismatch
-
     resolved = {s.name: resolve(cfg, s).train for s in specs}
     needs_grad = any(uses_global_gradient(t.dba) for t in resolved.values())
     # What needs v_G: the fisher anchor, and the boost applied in update space.
@@ -128,8 +125,6 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
 
     if cfg.train.global_gradient is not None and needs_grad:
         meta = artifact.read_meta(storage.absolute(cfg.train.global_gradient))
-        from dba_ray.model import load_empty_model
-
         artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
         if fisher and not meta.get("has_second_moment"):
             raise UserError(

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 log = logging.getLogger("dba_ray")
 
@@ -58,8 +59,6 @@ class Tracker:
 def new_tracker():
     """A Tracker on the driver's node: it holds the job's result, so it must not go
     down with a worker node (the driver's node going down ends the command anyway)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     here = ray.get_runtime_context().get_node_id()
     return Tracker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
 

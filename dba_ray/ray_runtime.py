@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import ray
+from ray._private.services import find_bootstrap_address
 from ray.train import ScalingConfig
 
 from dba_ray import storage
@@ -35,8 +36,6 @@ def ensure_ray(cfg: RayConfig) -> None:
 def _started_here() -> str | None:
     """The address `ray start` recorded on this machine (what a bare ray.init() would
     join), e.g. on the head node of a launched cluster; None when there is none."""
-    from ray._private.services import find_bootstrap_address
-
     return find_bootstrap_address(None)
 
 

@@ -8,51 +8,23 @@ import logging
 import time
 
 import ray
+import torch
 
 from dba_ray import artifact, harness, model_card, preflight, storage, tracking
-from dba_ray.config import Config, MergeConfig, digest
-from dba_ray.data import describe_source
+from dba_ray.config import Config, MergeConfig
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets
-from dba_ray.global_gradient import run_global_gradient, stage1_settings
+from dba_ray.global_gradient import run_global_gradient
 from dba_ray.merge_curves import EvalGroups, curves_json, general_fisher_uri, merge_curves
 from dba_ray.methods import resolve, uses_global_gradient
-from dba_ray.model import load_empty_model, load_model, model_source
+from dba_ray.model import load_model
 from dba_ray.plots import frontier
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import build_report, merges_markdown, write_report
+from dba_ray.reuse import pretrain_plan, planned_base, refuse_replacing, stage1_mismatch, stage1_wall_s
 from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data, run_train
 
 log = logging.getLogger("dba_ray")
-
-
-def _pretrain_plan(cfg: Config) -> tuple[Config, str, str]:
-    """(the pretraining run's config, its cache folder, the model folder it leaves)."""
-    p = cfg.pretrain
-    pre = cfg.model_copy(deep=True)
-    pre.train.data, pre.train.max_records = p.data, None
-    pre.train.max_steps, pre.train.batch_size, pre.train.grad_accum = p.max_steps, p.batch_size, 1
-    pre.train.eval_every, pre.train.checkpoint_every = p.eval_every, 0
-    pre.eval.sets = [s for s in cfg.eval.sets if s.kind == "general"]
-    # Only what shapes the pretrained weights: a new fine-tuning setting keeps the cache.
-    t = pre.train
-    key = digest(
-        [pre.model_dump(include={"model", "pretrain"}), t.optimizer.model_dump(), t.num_workers, t.seed, t.use_gpu]
-    )
-    base_dir = storage.join(storage.absolute(cfg.output_dir), "pretrain", key)
-    return pre, base_dir, storage.join(base_dir, "pretrain", "model")  # run_train's layout
-
-
-def planned_base(cfg: Config) -> Config:
-    """``cfg`` with ``model`` pointing at the base model a run will use, trained or not."""
-    if cfg.pretrain is None:
-        return cfg
-    model_dir = _pretrain_plan(cfg)[2]
-    out = cfg.model_copy(deep=True)
-    out.model.name_or_path = model_dir
-    out.model.tokenizer = out.model.tokenizer or model_dir
-    out.pretrain = None
-    return out
 
 
 def ensure_base_model(cfg: Config, may_pretrain: bool = True) -> Config:
@@ -63,7 +35,7 @@ def ensure_base_model(cfg: Config, may_pretrain: bool = True) -> Config:
     if cfg.pretrain is None:
         return cfg
     p = cfg.pretrain
-    pre, base_dir, model_dir = _pretrain_plan(cfg)
+    pre, base_dir, model_dir = pretrain_plan(cfg)
     if not storage.exists(storage.join(model_dir, "config.json")):
         if not may_pretrain:
             raise UserError(
@@ -76,40 +48,6 @@ def ensure_base_model(cfg: Config, may_pretrain: bool = True) -> Config:
     else:
         log.info("reusing the pretrained base model in %s", base_dir)
     return planned_base(cfg)
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x))
-
-
-def stage1_mismatch(cfg: Config, meta: dict, check_shapes: bool = True) -> str | None:
-    """What the artifact ``meta`` describes was made differently from what Stage 1 would
-    make for ``cfg`` (a phrase for a message), or None when it can be reused."""
-    if cfg.stage1.data is None:
-        return "general data (this config has no stage1.data)"
-    checks = [
-        ("base model", meta["base_model"], _jsonable(model_source(cfg.model))),
-        ("model dtype", meta["dtype"], cfg.model.dtype),
-        ("general data", meta["data"]["description"], _jsonable(describe_source(cfg.stage1.data))),
-        ("Stage 1 settings", meta.get("stage1_settings"), stage1_settings(cfg.stage1)),
-    ]
-    for what, made, wanted in checks:
-        if made != wanted:
-            if what == "base model":
-                return f"base model ({made['name_or_path']}, this config: {wanted['name_or_path']})"
-            return what
-    if check_shapes:
-        shapes = artifact.parameter_shapes(load_empty_model(cfg.model))
-        if meta["param_fingerprint"] != artifact.fingerprint_of(shapes):
-            return "model architecture"
-    return None
-
-
-def refuse_replacing(uri: str, differs: str) -> UserError:
-    return UserError(
-        f"the global gradient at {uri} was made with another {differs}: set stage1.output to "
-        "another place for this config, or stage1.overwrite: true to replace it"
-    )
 
 
 def ensure_global_gradient(cfg: Config) -> dict:
@@ -138,16 +76,8 @@ def ensure_global_gradient(cfg: Config) -> dict:
     return {"uri": uri, "reused": False, "wall_s": time.monotonic() - start, "tokens": result.meta["tokens"]}
 
 
-def stage1_wall_s(meta: dict) -> float:
-    """What reusing an artifact is charged: the wall time of the job that made it
-    (older artifacts recorded only their streaming loop)."""
-    return meta.get("wall_s", meta.get("loop_seconds", 0.0))
-
-
 @ray.remote
 def _evaluate_remote(cfg_dump: dict, model_path: str, eval_refs: dict, kinds: dict, threads: int) -> dict:
-    import torch
-
     torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_dump)
     cfg.model.name_or_path = model_path

@@ -34,6 +34,7 @@ from dba_ray import storage
 from dba_ray.config import Config, TrackingConfig, flatten
 from dba_ray.curves import report_rows, row_scalars
 from dba_ray.errors import UserError
+from dba_ray.ray_runtime import ensure_ray
 
 # MLflow allows these characters in metric and parameter names.
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -293,8 +294,6 @@ def tracked_command(command: str):
         def inner(cfg: Config, *args, **kwargs):
             if cfg.tracking is None or current_parent() is not None:
                 return fn(cfg, *args, **kwargs)
-            from dba_ray.ray_runtime import ensure_ray
-
             ensure_ray(cfg.ray)
             run = open_run(cfg, command, command)
             token = _CURRENT.set(run.child_parent())

@@ -1,14 +1,16 @@
 """Stage 2: boosted annealing (or a baseline) on domain data, as a Ray Train job.
 
-Read ``_train_loop`` top to bottom: it is the whole training step. The domain data is
-read and tokenized by Ray Data, then held as two arrays in the object store; every
-worker walks the same seeded permutation per epoch and takes its slice of each global
+Read ``_train_loop`` top to bottom: setup, resume, the step, evaluate, checkpoint,
+export, each a named helper; DDP and FSDP differ only behind ``dba_ray.parallel``.
+The domain data is read and tokenized by Ray Data, then held as two arrays in the
+object store; every worker walks the same seeded permutation per epoch and takes its slice of each global
 batch, so a run is reproducible and resumes exactly from a checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -26,9 +28,11 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from dba_ray import artifact, harness, model_card, sharding, storage, tracking
+from ray.train.v2._internal.execution import context as train_context
+
+from dba_ray import artifact, harness, model_card, parallel, storage, tracking
 from dba_ray import checkpoint as checkpointing
-from dba_ray.config import Config, DBAConfig, MethodSpec, ScheduleConfig, TrainConfig, digest
+from dba_ray.config import Config, DBAConfig, MethodSpec, TrainConfig, digest
 from dba_ray.curves import CurvesCallback
 from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.data.records import read_choice_records
@@ -39,6 +43,7 @@ from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.global_gradient import token_loss_sum
 from dba_ray.methods import as_spec, resolve, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, load_tokenizer
+from dba_ray.parallel import DDP, FSDP
 from dba_ray.progress import ProgressPrinter, new_tracker
 from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray, scaling
 
@@ -95,6 +100,10 @@ def build_model(cfg: Config, method: str, device: torch.device) -> torch.nn.Modu
 
 
 # ---------------------------------------------------------------- the loop
+#
+# One worker's run, as a recipe: _setup (model, layout, DBA, optimizer, data), _resume,
+# then per step _forward_backward and _optimizer_step, with _evaluate and _report
+# (and a checkpoint) at their intervals, and _export at the end.
 
 
 @functools.lru_cache(maxsize=2)
@@ -112,162 +121,232 @@ def _quiet_report_log() -> None:
     """Ray Train logs each ray.train.report at INFO with its whole metrics dict; ours
     carry every step since the last report, so that line would repeat the loss curve
     into the user's console. Its logger is named after its file."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def _train_loop(config: dict) -> dict:
-    _quiet_report_log()
+@dataclass
+class _Worker:
+    """What one Stage 2 worker trains with, built once by ``_setup``."""
+
+    cfg: Config  # resolved for the run: its train section is what it trains with
+    method: str
+    rank: int
+    world: int
+    device: torch.device
+    layout: DDP | FSDP
+    model: torch.nn.Module  # its parameters (sharded under FSDP) are what the optimizer, DBA and checkpoints address
+    forward_model: torch.nn.Module  # what forward and backward run through (DDP's wrapper, or the model)
+    optimizer: torch.optim.Optimizer
+    dba: DBA | None
+    total: int  # T
+    ids: np.ndarray  # the training sequences
+    labels: np.ndarray
+    evals: dict[str, dict]  # eval set name -> arrays
+    eval_kinds: dict[str, str]
+
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * self.world * t.grad_accum
+
+
+def _setup(config: dict) -> _Worker:
     cfg = Config.model_validate(config["cfg"])
     t = cfg.train
-    dba_cfg = DBAConfig.model_validate(config["dba"])
-    sched = ScheduleConfig.model_validate(config["schedule"])
-    total, tracker = config["total_steps"], config["tracker"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(t.cpus_per_worker)
     device = ray.train.torch.get_device()
-
+    layout = parallel.layout(t.parallel, rank, world)
     model = build_model(cfg, config["method"], device)
-    fsdp = t.parallel == "fsdp"
-    if fsdp:  # before DBA: it keeps the (sharded) parameters and their shards of ĝ_G
-        sharding.shard_model(model)
-    dba = None
-    if uses_global_gradient(dba_cfg):
-        # FSDP: each rank reads only its rows of ĝ_G and v_G.
-        grad = artifact.load_any(
-            config["grad_source"], model=model, model_name=cfg.model.name_or_path,
-            rows=sharding.local_rows(model) if fsdp else None,
-        )
-        # Built before any checkpoint is loaded, so the fisher anchor's θ0 is the base.
-        dba = DBA(
-            model.named_parameters(), grad.mean, total, dba_cfg, second_moment=grad.second_moment,
-            all_reduce=sharding.all_reduce_sum if fsdp else None,
-        )
-        del grad
-    ddp = model if fsdp else ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
-    opt_cfg = t.optimizer
+    layout.shard(model)  # before DBA: it keeps the (sharded) parameters and their shards of ĝ_G
+    # Built before any checkpoint is loaded, so the fisher anchor's θ0 is the base.
+    dba = _build_dba(cfg, model, layout, config["grad_source"], config["total_steps"])
+    forward_model = layout.wrap(model)
+    o = t.optimizer
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=sched.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
-        weight_decay=opt_cfg.weight_decay,
+        model.parameters(), lr=t.schedule.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+    )
+    data = ray.get(config["train_ref"])
+    return _Worker(
+        cfg=cfg, method=config["method"], rank=rank, world=world, device=device, layout=layout, model=model,
+        forward_model=forward_model, optimizer=optimizer, dba=dba, total=config["total_steps"],
+        ids=data["input_ids"], labels=data["labels"],
+        evals={name: ray.get(ref) for name, ref in config["eval_refs"].items()}, eval_kinds=config["eval_kinds"],
     )
 
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # written by any number of workers, DDP or FSDP
-        with checkpoint.as_directory() as d:
-            step = checkpointing.load(d, model, optimizer, rank, world)["step"]
-        log.info("rank %d resumed at step %d", rank, step)
-    resumed_at = step
 
-    data = ray.get(config["train_ref"])
-    ids_all, labels_all = data["input_ids"], data["labels"]
-    evals = {name: ray.get(ref) for name, ref in config["eval_refs"].items()}
-    B, accum = t.batch_size, t.grad_accum
-    global_batch = B * world * accum
-    steps_per_epoch = len(ids_all) // global_batch
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    history: list[dict] = []
+def _build_dba(cfg: Config, model, layout: DDP | FSDP, grad_source, total: int) -> DBA | None:
+    d = cfg.train.dba
+    if not uses_global_gradient(d):
+        return None
+    grad = artifact.load_any(grad_source, model=model, model_name=cfg.model.name_or_path, rows=layout.grad_rows(model))
+    return DBA(
+        model.named_parameters(), grad.mean, total, d, second_moment=grad.second_moment,
+        all_reduce=layout.stats_all_reduce,
+    )
+
+
+def _resume(w: _Worker) -> int:
+    """The step to start from: that of the run's last checkpoint, restored, or 0."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:  # written by any number of workers, DDP or FSDP
+        step = checkpointing.load(d, w.model, w.optimizer, w.rank, w.world)["step"]
+    log.info("rank %d resumed at step %d", w.rank, step)
+    return step
+
+
+def _forward_backward(w: _Worker, step: int) -> tuple[float, int]:
+    """Gradients of global batch ``step`` summed into .grad; (its mean loss, its
+    trained tokens), the same on every rank."""
+    t = w.cfg.train
+    B, accum, world = t.batch_size, t.grad_accum, w.world
+    steps_per_epoch = len(w.ids) // w.global_batch
+    rows = _global_batch_rows(step, len(w.ids), w.global_batch, steps_per_epoch, t.seed)
+    # Normalize by the whole global batch's trained tokens: the same loss as one
+    # process over the same rows (DDP then averages, hence × world).
+    n_global = int((w.labels[rows][:, 1:] != IGNORE).sum())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if w.device.type == "cuda" else nullcontext()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=w.device)
+    for a in range(accum):
+        mine = rows[a * B * world : (a + 1) * B * world][w.rank :: world]
+        x = torch.from_numpy(w.ids[mine].astype(np.int64)).to(w.device)
+        y = torch.from_numpy(w.labels[mine].astype(np.int64)).to(w.device)
+        with w.layout.micro_batch(w.forward_model, last=a == accum - 1), autocast:
+            loss, _ = token_loss_sum(w.forward_model, x, y)
+            (loss * world / max(n_global, 1)).backward()
+        loss_sum += loss.detach()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return float(loss_sum) / max(n_global, 1), n_global
+
+
+def _optimizer_step(w: _Worker, step: int) -> tuple[float, dict]:
+    """Clip g_D, apply DBA (GGB, DC), set the AL learning rate × c_t, step AdamW;
+    (the learning rate, the DBA statistics)."""
+    t = w.cfg.train
+    if t.optimizer.grad_clip is not None:  # FSDP: DTensor grads, so the norm is global
+        torch.nn.utils.clip_grad_norm_(w.model.parameters(), t.optimizer.grad_clip)
+    stats = w.dba.apply(step).as_dict() if w.dba is not None else {"c": 1.0}
+    lr = lr_at(step, w.total, t.schedule) * stats["c"]
+    for g in w.optimizer.param_groups:
+        g["lr"] = lr
+    w.optimizer.step()
+    if w.dba is not None:
+        w.dba.after_step(lr)
+    w.optimizer.zero_grad(set_to_none=True)
+    return lr, stats
+
+
+def _evaluate(w: _Worker) -> dict:
+    """Every eval set's metrics and S_D / S_G / S, the same on every rank."""
+    out = {}
+    r, n = w.layout.eval_split()
+    for name, arrays in w.evals.items():
+        sums = set_sums(w.model, arrays, w.cfg.eval.batch_size, w.device, r, n)
+        if n > 1:
+            dist.all_reduce(sums)
+        out[name] = set_metrics(sums)
+    w.layout.after_eval(w.model)
+    return {"eval": out, **scores(out, w.eval_kinds)}
+
+
+def _report(w: _Worker, step: int, metrics: dict, checkpoint: bool) -> None:
+    """Report ``metrics`` to Ray Train, with a checkpoint of ``step`` if asked."""
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        # FSDP: every rank writes its rows, and Ray Train merges the directories.
+        wrote = checkpointing.save(d, w.model, w.optimizer, step, {"total_steps": w.total}, w.rank, w.world)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if wrote else None)
+
+
+def _export(w: _Worker, model_dir: str) -> None:
+    """save_pretrained the trained model (LoRA merged into its base) on rank 0."""
+    full = w.layout.full_state_dict(w.model)  # under FSDP a collective: all ranks
+    if w.rank != 0:
+        return
+    with storage.staged_directory(model_dir, overwrite=True, marker="config.json") as d:
+        load_tokenizer(w.cfg.model).save_pretrained(d)
+        if w.method == "lora":  # saved merged: a plain model that loads like any other
+            w.model.merge_and_unload().save_pretrained(d)
+        else:
+            w.model.save_pretrained(d, state_dict=full)
+
+
+# Tests only (``fail_once_at_step`` in tests/conftest.py): when this variable names a
+# file that exists, holding {"fail_once_at_step": n}, rank 1 (or 0) of each Stage 2 run
+# raises once at step n; a marker in the run's folder keeps it to once per run. A file,
+# not the variable's value, because a Ray worker's environment is fixed when it starts.
+FAULTS_ENV = "DBA_RAY_FAULTS"
+
+
+def _injected_failure_step() -> int | None:
+    path = os.environ.get(FAULTS_ENV)
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["fail_once_at_step"]
+
+
+def _fail_once(w: _Worker, step: int, run_dir: str) -> None:
+    """Testing fault tolerance: rank 1 (or 0) raises once per run (a marker in its folder)."""
+    if w.rank != min(1, w.world - 1):
+        return
+    marker = storage.join(run_dir, "failed_once")
+    if not storage.exists(marker):
+        storage.write_bytes_atomic(marker, b"")
+        raise RuntimeError(f"injected failure at step {step} ({FAULTS_ENV})")
+
+
+def _train_loop(config: dict) -> dict:
+    _quiet_report_log()
+    w = _setup(config)
+    t = w.cfg.train
+    step = resumed_at = _resume(w)
+    fail_at = _injected_failure_step()
+    history: list[dict] = []  # per-step statistics since the last report
     last_eval: dict = {}
     tokens_seen = 0  # trained tokens since this (re)start, for tokens/s
     last_push = step_end = time.monotonic()
-
-    def evaluate() -> dict:
-        out = {}
-        # FSDP ranks must run the same forward passes (each gathers weights), so every
-        # rank scores the whole set; DDP ranks split it.
-        r, w = (0, 1) if fsdp else (rank, world)
-        for name, arr in evals.items():
-            sums = set_sums(model, arr, cfg.eval.batch_size, device, r, w)
-            if w > 1:
-                dist.all_reduce(sums)
-            out[name] = set_metrics(sums)
-        if fsdp:
-            # With no backward to follow, the root unit keeps its weights gathered and
-            # registered in place of the sharded parameters, which the optimizer, DBA
-            # and the checkpoint address.
-            model.reshard()
-        return {"eval": out, **scores(out, config["eval_kinds"])}
-
-    while step < total:
-        rows = _global_batch_rows(step, len(ids_all), global_batch, steps_per_epoch, t.seed)
-        # Normalize by the whole global batch's trained tokens: the same loss as one
-        # process over the same rows (DDP then averages, hence × world).
-        n_global = int((labels_all[rows][:, 1:] != IGNORE).sum())
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for a in range(accum):
-            mine = rows[a * B * world : (a + 1) * B * world][rank::world]
-            x = torch.from_numpy(ids_all[mine].astype(np.int64)).to(device)
-            y = torch.from_numpy(labels_all[mine].astype(np.int64)).to(device)
-            # FSDP reduce-scatters every micro-batch, keeping the summed gradients sharded.
-            sync = a == accum - 1 or world == 1 or fsdp
-            with (ddp.no_sync() if not sync else nullcontext()), (autocast or nullcontext()):
-                loss, _ = token_loss_sum(ddp, x, y)
-                (loss * world / max(n_global, 1)).backward()
-            loss_sum += loss.detach()
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        step_loss = float(loss_sum) / max(n_global, 1)
+    while step < w.total:
+        step_loss, n_tokens = _forward_backward(w, step)
         if not math.isfinite(step_loss):
             # Every rank sees the same reduced loss, so all stop together, cleanly,
             # before a step that would spoil the weights of the next checkpoint.
             return {"nan_at_step": step + 1, "loss": step_loss}
-        if opt_cfg.grad_clip is not None:  # FSDP: DTensor grads, so the norm is global
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
-        stats = dba.apply(step).as_dict() if dba is not None else {"c": 1.0}
-        lr = lr_at(step, total, sched) * stats["c"]
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        optimizer.step()
-        if dba is not None:
-            dba.after_step(lr)
-        optimizer.zero_grad(set_to_none=True)
+        lr, stats = _optimizer_step(w, step)
         step += 1
-        tokens_seen += n_global
+        tokens_seen += n_tokens
         # step_s: from the previous step's end, so an evaluation or a checkpoint counts
         # in the step after it (what benchmarks/stage2_loop.py measures).
         now = time.monotonic()
         history.append({"step": step, "loss": step_loss, "lr": lr, "step_s": now - step_end, **stats})
         step_end = now
-        if t.fail_once_at_step == step and rank == min(1, world - 1):
-            marker = storage.join(config["run_dir"], "failed_once")
-            if not storage.exists(marker):
-                storage.write_bytes_atomic(marker, b"")
-                raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
-        if rank == 0 and (time.monotonic() - last_push > 1.0 or step == total):
-            tracker.set.remote(steps=step, loss=step_loss, tokens=tokens_seen)
+        if step == fail_at:
+            _fail_once(w, step, config["run_dir"])
+        if w.rank == 0 and (time.monotonic() - last_push > 1.0 or step == w.total):
+            config["tracker"].set.remote(steps=step, loss=step_loss, tokens=tokens_seen)
             last_push = time.monotonic()
 
-        do_eval = step == total or (t.eval_every and step % t.eval_every == 0)
-        do_ckpt = step == total or (t.checkpoint_every and step % t.checkpoint_every == 0)
-        if not (do_eval or do_ckpt):
-            continue
-        metrics = {"step": step, "loss": step_loss, "history": history}
-        if do_eval:
-            last_eval = evaluate()
-            metrics.update(last_eval)
-        history = []
-        if do_ckpt:
-            with tempfile.TemporaryDirectory() as d:
-                # FSDP: every rank writes its rows, and Ray Train merges the directories.
-                wrote = checkpointing.save(d, model, optimizer, step, {"total_steps": total}, rank, world)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if wrote else None)
-        else:
-            ray.train.report(metrics)
+        do_eval = step == w.total or (t.eval_every and step % t.eval_every == 0)
+        do_ckpt = step == w.total or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        if do_eval or do_ckpt:
+            metrics = {"step": step, "loss": step_loss, "history": history}
+            if do_eval:
+                last_eval = _evaluate(w)
+                metrics.update(last_eval)
+            history = []
+            _report(w, step, metrics, checkpoint=do_ckpt)
 
-    if not last_eval and evals:
-        last_eval = evaluate()  # resumed from the final checkpoint: score it anyway
-    full = sharding.full_state_dict(model) if fsdp else None  # a collective: all ranks
-    if rank == 0:
-        with storage.staged_directory(config["model_dir"], overwrite=True, marker="config.json") as d:
-            load_tokenizer(cfg.model).save_pretrained(d)
-            if config["method"] == "lora":  # saved merged: a plain model that loads like any other
-                model.merge_and_unload().save_pretrained(d)
-            else:
-                model.save_pretrained(d, state_dict=full)
+    if not last_eval and w.evals:
+        last_eval = _evaluate(w)  # resumed from the final checkpoint: score it anyway
+    _export(w, config["model_dir"])
     # rank 0's return value reaches the driver
-    return {"final": last_eval, "peak_mem_mb": _peak_memory_mb(device), "resumed_at": resumed_at}
+    return {"final": last_eval, "peak_mem_mb": _peak_memory_mb(w.device), "resumed_at": resumed_at}
 
 
 # ---------------------------------------------------------------- the driver
@@ -396,25 +475,9 @@ def run_train(
     spec = as_spec(method)
     cfg = resolve(cfg, spec)
     t = cfg.train
-    dba_cfg, sched = t.dba, t.schedule
     if "global_gradient" in spec.set or grad_source is None:  # a variant's own ĝ_G wins over a shared one
         grad_source = storage.absolute(cfg.global_gradient_source())
-    grad_id = None  # which ĝ_G: part of the run's identity, so a new one means a new run
-    grad_meta = None  # its metadata, for the model card
-    if uses_global_gradient(dba_cfg):
-        grad_id = grad_source.hex() if isinstance(grad_source, ray.ObjectRef) else None
-        if isinstance(grad_source, str):
-            meta = grad_meta = artifact.read_meta(grad_source)
-            grad_id = [meta["created_at"], meta["data"]["fingerprint"], meta["global_norm"]]
-            # Refused here, before any worker starts, if made for another model.
-            artifact.check_made_for(meta, load_empty_model(cfg.model), cfg.model.name_or_path, grad_source)
-            needs_v = dba_cfg.anchor == "fisher" or (dba_cfg.ggb and dba_cfg.boost_mode == "update")
-            if needs_v and not meta.get("has_second_moment"):
-                what = "anchor: fisher" if dba_cfg.anchor == "fisher" else "boost_mode: update"
-                raise UserError(
-                    f"{what} needs v_G, but {grad_source} has none "
-                    "(run Stage 1 with stage1.second_moment: true)"
-                )
+    grad = _check_global_gradient(cfg, grad_source)
     ensure_ray(cfg.ray)
     check_cpu_headroom(t.num_workers * t.cpus_per_worker)
     harness.require_harness(cfg)
@@ -422,6 +485,92 @@ def run_train(
         train_ref = prepare_train_data(cfg)
     if eval_refs is None:
         eval_refs = prepare_eval(cfg)
+    plan = _plan(cfg, spec, train_ref, general_ref)
+
+    run_dir = storage.join(storage.absolute(cfg.output_dir), spec.name)
+    tracker = new_tracker()
+    tracked = tracking.open_run(cfg, tracking_name or spec.name, "train", tracking_parent)
+    if tracked is not None:
+        callbacks = (tracking.TrackingCallback(tracked.actor), *callbacks)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "method": spec.method,
+            "total_steps": plan.total,
+            "tracker": tracker,
+            "grad_source": grad_source,
+            "train_ref": plan.train_ref,
+            "eval_refs": eval_refs[0],
+            "eval_kinds": eval_refs[1],
+            "run_dir": run_dir,
+            "model_dir": storage.join(run_dir, "model"),
+        },
+        scaling_config=scaling(t.num_workers, t.cpus_per_worker, t.use_gpu, cfg.ray),
+        run_config=_run_config(cfg, spec, grad.identity, (CurvesCallback(run_dir), *callbacks)),
+    )
+    log.info("stage 2 (%s): %d steps of %d sequences on %d worker(s)",
+             spec.name, plan.total, plan.global_batch, t.num_workers)
+    start = time.monotonic()
+    returned = _fit(trainer, spec, tracker, tracked, plan.total, t.progress_interval_s)
+    wall = time.monotonic() - start
+    metrics = harness.add_final_scores(cfg, returned.get("final", {}), storage.join(run_dir, "model"))
+    log.info("stage 2 (%s) done in %.1fs: %s", spec.name, wall, _summary(metrics))
+    model_card.write_card(storage.join(run_dir, "model"), model_card.facts_for_run(
+        cfg, spec, grad.meta, grad_source if grad.used else None, metrics, plan.total, plan.tokens))
+    peak = returned.get("peak_mem_mb", float("nan"))
+    if tracked is not None:
+        tracked.summary(tracking.final_values(
+            {**metrics, "wall_s": wall, "tokens": plan.tokens, "steps": plan.total, "peak_mem_mb": peak}))
+        tracked.finish()
+    return TrainResult(
+        method=spec.name,
+        model_dir=storage.join(run_dir, "model"),
+        metrics={k: metrics[k] for k in ("eval", "S_D", "S_G", "S") if k in metrics},
+        steps=plan.total,
+        tokens=plan.tokens,
+        wall_s=wall,
+        peak_mem_mb=peak,
+        resumed_at=returned.get("resumed_at", 0),
+    )
+
+
+@dataclass
+class _GradCheck:
+    used: bool  # whether the run uses ĝ_G at all
+    identity: object  # which ĝ_G: part of the run's identity, so a new one means a new run
+    meta: dict | None  # its metadata, for the model card
+
+
+def _check_global_gradient(cfg: Config, grad_source) -> _GradCheck:
+    """Refuse, before any worker starts, an artifact made for another model or lacking
+    the v_G the run needs."""
+    d = cfg.train.dba
+    if not uses_global_gradient(d):
+        return _GradCheck(used=False, identity=None, meta=None)
+    if not isinstance(grad_source, str):  # an ObjectRef: made in this driver, for this model
+        return _GradCheck(used=True, identity=grad_source.hex(), meta=None)
+    meta = artifact.read_meta(grad_source)
+    artifact.check_made_for(meta, load_empty_model(cfg.model), cfg.model.name_or_path, grad_source)
+    needs_v = d.anchor == "fisher" or (d.ggb and d.boost_mode == "update")
+    if needs_v and not meta.get("has_second_moment"):
+        what = "anchor: fisher" if d.anchor == "fisher" else "boost_mode: update"
+        raise UserError(f"{what} needs v_G, but {grad_source} has none (run Stage 1 with stage1.second_moment: true)")
+    identity = [meta["created_at"], meta["data"]["fingerprint"], meta["global_norm"]]
+    return _GradCheck(used=True, identity=identity, meta=meta)
+
+
+@dataclass
+class _Plan:
+    train_ref: ray.ObjectRef  # what the workers train on (a mixture's general rows included)
+    total: int  # T
+    tokens: int  # trained tokens over the T steps
+    global_batch: int
+
+
+def _plan(cfg: Config, spec: MethodSpec, train_ref: ray.ObjectRef, general_ref: ray.ObjectRef | None) -> _Plan:
+    """The training rows (a mixture adds its general ones), T and the tokens it trains."""
+    t = cfg.train
     arrays = ray.get(train_ref)
     max_steps = t.max_steps
     global_batch = t.batch_size * t.num_workers * t.grad_accum
@@ -441,7 +590,7 @@ def run_train(
             "(batch_size × num_workers × grad_accum)"
         )
     total = max_steps or steps_per_epoch * t.epochs
-    warning = saturation_warning(spec.name, dba_cfg, total)
+    warning = saturation_warning(spec.name, t.dba, total)
     if warning:
         log.warning(warning)
     row_tokens = (arrays["labels"][:, 1:] != IGNORE).sum(axis=1)
@@ -449,44 +598,26 @@ def run_train(
         int(row_tokens[_global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)].sum())
         for s in range(total)
     )
-    del arrays
+    return _Plan(train_ref=train_ref, total=total, tokens=tokens, global_batch=global_batch)
 
-    out_dir = storage.absolute(cfg.output_dir)
-    run_dir = storage.join(out_dir, spec.name)
-    tracker = new_tracker()
-    tracked = tracking.open_run(cfg, tracking_name or spec.name, "train", tracking_parent)
-    if tracked is not None:
-        callbacks = (tracking.TrackingCallback(tracked.actor), *callbacks)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={
-            "cfg": cfg.model_dump(),
-            "method": spec.method,
-            "dba": dba_cfg.model_dump(),
-            "schedule": sched.model_dump(),
-            "total_steps": total,
-            "tracker": tracker,
-            "grad_source": grad_source,
-            "train_ref": train_ref,
-            "eval_refs": eval_refs[0],
-            "eval_kinds": eval_refs[1],
-            "run_dir": run_dir,
-            "model_dir": storage.join(run_dir, "model"),
-        },
-        scaling_config=scaling(t.num_workers, t.cpus_per_worker, t.use_gpu, cfg.ray),
-        run_config=RunConfig(
-            # The same name and storage path resume an interrupted run; the digest of the
-            # settings keeps a changed config from resuming a stale checkpoint.
-            name=f"train-{spec.name}-{_settings_digest(cfg, spec, grad_id)}",
-            **storage.ray_storage(storage.join(out_dir, "ray_train")),
-            callbacks=[CurvesCallback(run_dir), *callbacks],
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-        ),
+
+def _run_config(cfg: Config, spec: MethodSpec, grad_id, callbacks: tuple) -> RunConfig:
+    t = cfg.train
+    return RunConfig(
+        # The same name and storage path resume an interrupted run; the digest of the
+        # settings keeps a changed config from resuming a stale checkpoint.
+        name=f"train-{spec.name}-{_settings_digest(cfg, spec, grad_id)}",
+        **storage.ray_storage(storage.join(storage.absolute(cfg.output_dir), "ray_train")),
+        callbacks=list(callbacks),
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
     )
-    log.info("stage 2 (%s): %d steps of %d sequences on %d worker(s)", spec.name, total, global_batch, t.num_workers)
-    start = time.monotonic()
-    with ProgressPrinter(tracker, f"train {spec.name}", total, t.progress_interval_s, unit="steps"):
+
+
+def _fit(trainer: TorchTrainer, spec: MethodSpec, tracker, tracked, total: int, interval_s: float) -> dict:
+    """Run the job with progress lines; rank 0's return value. A user's error inside
+    a worker, or a loss that became NaN, ends it with one line."""
+    with ProgressPrinter(tracker, f"train {spec.name}", total, interval_s, unit="steps"):
         try:
             result = trainer.fit()
         except Exception as e:
@@ -505,26 +636,7 @@ def run_train(
             f"training {spec.name} stopped: the loss became {returned['loss']} at step "
             f"{returned['nan_at_step']}; last good checkpoint: {ckpt} (lower the learning rate?)"
         )
-    metrics = returned.get("final", {})
-    wall = time.monotonic() - start
-    metrics = harness.add_final_scores(cfg, metrics, storage.join(run_dir, "model"))
-    log.info("stage 2 (%s) done in %.1fs: %s", spec.name, wall, _summary(metrics))
-    model_card.write_card(storage.join(run_dir, "model"), model_card.facts_for_run(
-        cfg, spec, grad_meta, grad_source if uses_global_gradient(dba_cfg) else None, metrics, total, tokens))
-    if tracked is not None:
-        peak = returned.get("peak_mem_mb", float("nan"))
-        tracked.summary(tracking.final_values({**metrics, "wall_s": wall, "tokens": tokens, "steps": total, "peak_mem_mb": peak}))
-        tracked.finish()
-    return TrainResult(
-        method=spec.name,
-        model_dir=storage.join(run_dir, "model"),
-        metrics={k: metrics[k] for k in ("eval", "S_D", "S_G", "S") if k in metrics},
-        steps=total,
-        tokens=tokens,
-        wall_s=wall,
-        peak_mem_mb=returned.get("peak_mem_mb", float("nan")),
-        resumed_at=returned.get("resumed_at", 0),
-    )
+    return returned
 
 
 def _settings_digest(cfg: Config, spec: MethodSpec, grad_id) -> str:
@@ -534,7 +646,7 @@ def _settings_digest(cfg: Config, spec: MethodSpec, grad_id) -> str:
     keep = cfg.model_dump(include={"model", "train"})
     t = cfg.train
     keep["train"]["global_batch"] = t.batch_size * t.num_workers * t.grad_accum
-    for key in ("progress_interval_s", "max_failures", "fail_once_at_step", "batch_size", "num_workers",
+    for key in ("progress_interval_s", "max_failures", "batch_size", "num_workers",
                 "grad_accum", "parallel", "cpus_per_worker"):
         keep["train"].pop(key)
     keep["method"] = spec.method

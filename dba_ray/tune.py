@@ -1,12 +1,6 @@
-"""Stage 2 runs as Ray Tune trials: `dba-ray tune` (a sweep of one method's annealing
-knobs, with ASHA) and the runs of `dba-ray compare`.
-
-Train V2 pattern: each trial is a small driver function that builds a ``TorchTrainer``
-(via ``run_train``); ``TuneReportCallback`` forwards the workers' reports to Tune. A
-trial's Stage 2 run lives under ``<output_dir>/<tune|compare>/trials/<trial id>``, so re-running an
-interrupted sweep restores the Tune experiment and each unfinished trial resumes its own
-Ray Train checkpoint.
-"""
+"""`dba-ray tune`: a Ray Tune sweep of one method's Stage 2 annealing knobs (with
+ASHA), each trial a Stage 2 run (dba_ray/trials.py), or a sweep of the merge knob on a
+finished run, each trial one evaluation."""
 
 from __future__ import annotations
 
@@ -16,14 +10,20 @@ import math
 import time
 
 import ray
+import torch
 import yaml
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from dba_ray import preflight, storage, tracking
-from dba_ray.config import Config, MethodSpec, flatten
+from dba_ray.config import Config, MergeConfig, MethodSpec, flatten
 from dba_ray.errors import UserError
+from dba_ray.evaluate import score_sets
+from dba_ray.merge_curves import EvalGroups, domain_fisher, export_merge, general_fisher_uri, merged_model, score_merges
 from dba_ray.methods import resolve, uses_global_gradient
+from dba_ray.ray_runtime import ensure_ray
+from dba_ray.run import ensure_base_model, ensure_global_gradient, evaluate_models
+from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data
+from dba_ray.trials import run_trials, trial_row
 
 log = logging.getLogger("dba_ray")
 
@@ -83,75 +83,8 @@ def _is_domain(value) -> bool:
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in _DOMAINS
 
 
-def _trial(params: dict, *, cfg_dump: dict, refs: dict, experiment: str, report_to_tune: bool) -> None:
-    """One trial: a Stage 2 run of ``params`` (``{name, method, set}``)."""
-    from dba_ray.trainer import run_train
-
-    run = params.get("run", params)
-    spec = MethodSpec.model_validate({**run, "set": dict(run.get("set", {}))})
-    cfg = Config.model_validate(cfg_dump)
-    cfg.output_dir = storage.join(cfg.output_dir, experiment, "trials", tune.get_context().get_trial_id())
-    result = run_train(
-        cfg, spec, grad_source=refs["grad_source"], train_ref=refs["train"], eval_refs=refs["eval"],
-        general_ref=refs.get("general"), callbacks=(TuneReportCallback(),) if report_to_tune else (),
-        # compare's runs have unique names; a sweep's trials share their method's name
-        tracking_parent=refs.get("tracking"),
-        tracking_name=spec.name if experiment == "compare" else f"{spec.name}-{tune.get_context().get_trial_id()}",
-    )
-    tune.report(
-        {
-            **{k: result.metrics.get(k, math.nan) for k in ("S_D", "S_G", "S")},
-            "eval": result.metrics.get("eval", {}),
-            "final": True, "tokens": result.tokens, "steps": result.steps,
-            "run_wall_s": result.wall_s, "peak_mem_mb": result.peak_mem_mb, "resumed_at": result.resumed_at,
-            "model_dir": result.model_dir,
-        }
-    )
-
-
-def run_trials(
-    cfg: Config,
-    param_space: dict,
-    refs: dict,
-    *,
-    name: str,
-    max_concurrent: int,
-    scheduler=None,
-    num_samples: int = 1,
-    seed: int = 0,
-) -> tune.ResultGrid:
-    """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``."""
-    # Tune moves each trial into its own directory: relative paths would follow it.
-    cfg = cfg.model_copy(update={"output_dir": storage.absolute(cfg.output_dir)})
-    refs = {**refs, "tracking": tracking.current_parent()}  # trials run in other processes
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _trial, cfg_dump=cfg.model_dump(), refs=refs, experiment=name, report_to_tune=scheduler is not None
-        ),
-        {"CPU": 0.01},  # a trial's driver is light; its Train workers hold the CPUs
-    )
-    path = storage.join(cfg.output_dir, name)
-    if tune.Tuner.can_restore(path):
-        log.info("resuming the sweep at %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                scheduler=scheduler, num_samples=num_samples,
-                search_alg=tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
-            ),
-            run_config=tune.RunConfig(name=name, **storage.ray_storage(cfg.output_dir)),
-        )
-    return tuner.fit()
-
-
 def _grid_refs(cfg: Config, spec: MethodSpec, values: dict[str, list]) -> dict:
     """Data and ĝ_G every trial shares: tokenized once, in the object store."""
-    from dba_ray.run import ensure_global_gradient
-    from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data
-
     refs = {"grad_source": None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
     # A dba sweep may switch GGB, DC or the anchor on in any trial.
     if spec.method == "dba" or uses_global_gradient(resolve(cfg, spec).train.dba):
@@ -164,31 +97,10 @@ def _grid_refs(cfg: Config, spec: MethodSpec, values: dict[str, list]) -> dict:
     return refs
 
 
-def trial_row(result) -> dict:
-    m = result.metrics or {}
-    run = result.config.get("run", result.config)
-    return {
-        "name": run["name"],
-        "set": run.get("set", {}),
-        "S_D": m.get("S_D", math.nan), "S_G": m.get("S_G", math.nan), "S": m.get("S", math.nan),
-        "status": "error" if result.error else ("done" if m.get("final") else "stopped early"),
-        "time_s": m.get("time_total_s", math.nan),
-        "model_dir": m.get("model_dir"),
-        "eval": m.get("eval", {}),
-        "tokens": m.get("tokens"), "steps": m.get("steps"),
-        "wall_s": m.get("run_wall_s", m.get("time_total_s", math.nan)),
-        "peak_mem_mb": m.get("peak_mem_mb", math.nan),
-        "resumed_at": m.get("resumed_at", 0),
-    }
-
-
 @tracking.tracked_command("tune")
 def run_tune(cfg: Config) -> dict:
     """`dba-ray tune`: sweep, then a table of trials and the best configuration, whose
     model is exported to ``<output_dir>/best/model``."""
-    from dba_ray.ray_runtime import ensure_ray
-    from dba_ray.run import ensure_base_model, evaluate_models
-
     tc = cfg.tune
     keys = set(flatten(tc.search, keep=_is_domain))
     if MERGE_KNOB in keys:
@@ -269,11 +181,6 @@ MERGE_KNOB = "merge.knob"
 
 def _merge_trial(params: dict, *, cfg_dump: dict, model_dir: str, fisher_uris, refs: tuple) -> None:
     """One trial: the merge at one knob, scored on the validation sets (no training)."""
-    import torch
-
-    from dba_ray.evaluate import score_sets
-    from dba_ray.merge_curves import merged_model
-
     cfg = Config.model_validate(cfg_dump)
     torch.set_num_threads(cfg.train.cpus_per_worker)
     knob = float(params["set"][MERGE_KNOB])
@@ -286,12 +193,6 @@ def _merge_trial(params: dict, *, cfg_dump: dict, model_dir: str, fisher_uris, r
 def run_merge_sweep(cfg: Config) -> dict:
     """`dba-ray tune` over merge.knob on a finished run: each trial is an evaluation of one
     merge on the validation sets; the best is exported and scored on eval.sets."""
-    from dba_ray.config import MergeConfig
-    from dba_ray.merge_curves import EvalGroups, domain_fisher, export_merge, general_fisher_uri, score_merges
-    from dba_ray.ray_runtime import ensure_ray
-    from dba_ray.run import ensure_base_model
-    from dba_ray.trainer import prepare_eval
-
     tc = cfg.tune
     validation = tc.validation_sets or cfg.eval.validation_sets
     if not validation:

@@ -19,6 +19,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 # One root log handler for the whole session, on the real stderr: `dba-ray`'s main()
 # calls logging.basicConfig, which would otherwise bind its handler to the captured
@@ -29,9 +31,29 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 
 from dba_ray.config import Config  # noqa: E402
+from dba_ray.trainer import FAULTS_ENV  # noqa: E402
 
 # More logical CPUs than the 2 cores of CI: Train workers and Ray Data both get some.
 NUM_CPUS = 6
+
+# Failure injection (read in dba_ray/trainer.py): every Ray worker of the session, and
+# every process a test starts, has DBA_RAY_FAULTS naming this file, which exists only
+# inside ``fail_once_at_step``.
+FAULTS_FILE = os.path.join(tempfile.gettempdir(), f"dba-ray-faults-{os.getpid()}.json")
+os.environ[FAULTS_ENV] = FAULTS_FILE
+
+
+@contextmanager
+def fail_once_at_step(step: int):
+    """Inside: rank 1 (or 0, with one worker) of every Stage 2 run raises once at
+    ``step``, after that step's report and checkpoint; a ``failed_once`` marker in the
+    run's folder keeps it to once per run, also across the run's restarts."""
+    with open(FAULTS_FILE, "w") as f:
+        json.dump({"fail_once_at_step": step}, f)
+    try:
+        yield
+    finally:
+        os.remove(FAULTS_FILE)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +86,8 @@ def s3_env():
 
 @pytest.fixture(scope="session")
 def ray_cluster(request):
-    # Workers of this session must see the S3 settings if any collected test uses them.
+    # Workers of this session must see the S3 settings if any collected test uses them,
+    # and the failure-injection variable.
     # They go in the job's runtime_env, which Ray applies to every worker it starts for
     # this driver, however the cluster was started: inheriting the driver's environment
     # would only hold for a cluster this process starts after the variables are set.
@@ -74,7 +97,7 @@ def ray_cluster(request):
         num_cpus=NUM_CPUS,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": env} if env else None,
+        runtime_env={"env_vars": {**env, FAULTS_ENV: FAULTS_FILE}},
     )
     yield
     ray.shutdown()

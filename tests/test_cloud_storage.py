@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load as st_load
 
-from conftest import make_docs, write_jsonl
+from conftest import fail_once_at_step, make_docs, write_jsonl
 from dba_ray import artifact, storage
 from dba_ray.checkpoint import shard_file
 from dba_ray.cli import main
@@ -56,9 +56,6 @@ def test_dba_ray_run_keeps_every_artifact_in_s3(tmp_path, monkeypatch, bucket):
             "max_steps": 4,
             "checkpoint_every": 2,
             "schedule": {"lr": 3e-3},
-            # A worker dies after step 3: the run must resume from the checkpoint it
-            # reads back from S3 (the marker of the injected failure lives there too).
-            "fail_once_at_step": 3,
             "max_failures": 1,
             "progress_interval_s": 5,
         },
@@ -71,7 +68,10 @@ def test_dba_ray_run_keeps_every_artifact_in_s3(tmp_path, monkeypatch, bucket):
         },
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
-    assert main(["run", "run.yaml"]) == 0
+    # A worker dies after step 3: the run must resume from the checkpoint it reads back
+    # from S3 (the marker of the injected failure lives there too).
+    with fail_once_at_step(3):
+        assert main(["run", "run.yaml"]) == 0
 
     report = json.loads(storage.read_bytes(f"{out}/report.json"))
     assert b"| dba |" in storage.read_bytes(f"{out}/report.md")

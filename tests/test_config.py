@@ -1,9 +1,11 @@
+import re
 import subprocess
 import sys
 
 import pytest
 
-from dba_ray.config import load_config, parse_override
+from dba_ray.cli import main
+from dba_ray.config import Config, _model_in, load_config, parse_override
 from dba_ray.errors import UserError
 
 
@@ -120,3 +122,25 @@ def test_example_configs_are_valid():
     t = resolve(cfg, cfg.methods[0]).train
     assert (t.dba.ggb, t.dba.dc, t.dba.anchor, t.dba.fisher_lambda, t.schedule.anneal) == (False, "none", "fisher", 0.1, True)
     assert uses_global_gradient(t.dba) and cfg.stage1.second_moment
+
+
+def test_options_yaml_loads_as_the_defaults_and_names_every_key(tmp_path, capsys):
+    assert main(["options", "--yaml"]) == 0
+    text = capsys.readouterr().out
+    path = tmp_path / "all.yaml"
+    path.write_text(text)
+    assert load_config(path) == Config()
+
+    def missing(model, depth):
+        """Keys of ``model`` (and its sections, list entries, sections off by default)
+        with no line of their own at their depth, commented out or not."""
+        for name, field in model.model_fields.items():
+            if not re.search(rf"^{'  ' * depth}(# )?{name}:( |$)", text, re.M):
+                yield f"{depth}:{name}"
+            nested = _model_in(field.annotation)
+            if nested is not None:
+                yield from missing(nested, depth + 1)
+
+    assert list(missing(Config, 0)) == []
+    assert "# Peak learning rate.\n    lr: 2.0e-05" in text  # a description above its key
+

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import fail_once_at_step
 from test_train import assert_same_eval, make_config, one_process_eval, rel_error, saved_weights
 
 from dba_ray.checkpoint import shard_file
@@ -41,8 +42,8 @@ def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     # The FSDP run on 2 workers fails after step 3 (no retries), leaving its step-2
     # checkpoint; the same command on 1 worker (same global batch) resumes from it, the
     # checkpoint resharded on load.
-    faulty = fsdp_config(tmp_path, "faulty", parallel="fsdp", fail_once_at_step=3)
-    with pytest.raises(Exception, match="injected failure at step 3"):
+    faulty = fsdp_config(tmp_path, "faulty", parallel="fsdp")
+    with fail_once_at_step(3), pytest.raises(Exception, match="injected failure at step 3"):
         run_train(faulty, "dba", **data)
     ckpt = next(p for p in (tmp_path / "faulty" / "ray_train").glob("*/checkpoint_*") if p.is_dir())
     assert sorted(os.listdir(ckpt)) == [shard_file(r, 2) for r in range(2)] + ["state.json"]

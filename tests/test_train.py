@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_docs, write_jsonl
+from conftest import fail_once_at_step, make_docs, write_jsonl
 from dba_ray import artifact
 from dba_ray.config import Config
 from dba_ray.data import build_sequences, collect_arrays
@@ -130,9 +130,10 @@ def test_ddp_matches_reference_through_a_worker_failure(tmp_path):
     # One run does both jobs: a worker dies after step 3, the group restarts from the
     # step-2 checkpoint, and the result must still be the one-process loop's. A resume
     # that lost the AdamW moments, the DBA state or the data position misses by >1e-3.
-    cfg = make_config(tmp_path, "faulty", fail_once_at_step=3, max_failures=1)
+    cfg = make_config(tmp_path, "faulty", max_failures=1)
     run_global_gradient(cfg)
-    resumed = run_train(cfg, "dba")
+    with fail_once_at_step(3):
+        resumed = run_train(cfg, "dba")
     assert (tmp_path / "faulty" / "dba" / "failed_once").exists()  # it did fail
     assert resumed.resumed_at == 2 and resumed.steps == 6 and resumed.tokens > 0
     ref = reference_weights(cfg)
@@ -148,9 +149,9 @@ def test_ddp_run_resumes_on_more_workers(tmp_path):
     """Started on 1 worker, failed after step 3 (no retries); the same run on 2 workers
     with the same global batch resumes from the step-2 checkpoint and ends where one
     process would."""
-    one = make_config(tmp_path, "grow", num_workers=1, grad_accum=4, fail_once_at_step=3)
+    one = make_config(tmp_path, "grow", num_workers=1, grad_accum=4)
     one = Config.model_validate({**one.model_dump(), "eval": {}})
-    with pytest.raises(Exception, match="injected failure at step 3"):
+    with fail_once_at_step(3), pytest.raises(Exception, match="injected failure at step 3"):
         run_train(one, "direct")
     two = one.model_copy(deep=True)
     two.train.num_workers, two.train.grad_accum = 2, 2

@@ -6,6 +6,8 @@ import json
 import pytest
 import yaml
 
+from conftest import fail_once_at_step
+
 from dba_ray.cli import main
 from test_compare import tiny_tree
 
@@ -24,8 +26,9 @@ def write_sweep(tmp_path, **train) -> str:
 def test_interrupted_sweep_resumes_then_reports_the_best_and_exports_it(tmp_path, capsys):
     # Each trial's worker dies at step 3, after the evaluation and checkpoint of step 2,
     # with no retries left: the sweep ends without a finished trial and says so.
-    cfg = write_sweep(tmp_path, fail_once_at_step=3, max_failures=0)
-    assert main(["tune", cfg]) == 2
+    cfg = write_sweep(tmp_path, max_failures=0)
+    with fail_once_at_step(3):
+        assert main(["tune", cfg]) == 2
     assert "re-run the same command to resume" in capsys.readouterr().err
     out = tmp_path / "out"
     first_ids = sorted(p.name for p in (out / "tune" / "trials").iterdir())

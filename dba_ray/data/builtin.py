@@ -9,6 +9,7 @@ exact text depends on the Python version. ``:train`` / ``:eval`` select a split.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
@@ -39,8 +40,6 @@ _CODE_MODULES = (
 
 
 def _code(module_name: str) -> list[str]:
-    import ast
-
     try:
         mod = importlib.import_module(module_name)
         tree = ast.parse(inspect.getsource(mod))
@@ -93,8 +92,6 @@ def builtin_records(name: str, text_field: str = "text") -> list[dict]:
 
     ``builtin:NAME`` is the whole corpus; ``builtin:NAME:train`` / ``:eval`` its splits.
     """
-    from dba_ray.errors import UserError
-
     key, _, split = name.removeprefix(PREFIX).partition(":")
     if key not in CORPORA or split not in ("", "train", "eval"):
         known = ", ".join(f"builtin:{k}[:train|:eval]" for k in CORPORA)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+import datasets
 import numpy as np
-
 import ray
 import ray.data
 
@@ -42,8 +42,6 @@ def _records(cfg: DataConfig, tracker) -> ray.data.Dataset:
 
 
 def _hf_records(cfg: DataConfig, tracker) -> ray.data.Dataset:
-    import datasets
-
     name = cfg.hf_dataset
     if storage.exists(name):
         name = storage.absolute(name)

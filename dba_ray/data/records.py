@@ -15,6 +15,7 @@ import logging
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from dba_ray import storage
@@ -149,8 +150,6 @@ def _lines(text: io.TextIOWrapper) -> Iterator[str | None]:
 def _file_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
     fs, path = storage.resolve(uri)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
         with fs.open_input_file(path) as f:
             row = 0
             for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):

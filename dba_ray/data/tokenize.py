@@ -15,6 +15,7 @@ import numpy as np
 
 from dba_ray.config import DataConfig, ModelConfig
 from dba_ray.errors import UserError
+from dba_ray.model import load_tokenizer
 
 IGNORE = -100
 
@@ -53,8 +54,6 @@ class Tokenize:
     """Records -> sequences with one loaded tokenizer."""
 
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig):
-        from dba_ray.model import load_tokenizer
-
         self.cfg = data_cfg
         self.tok = load_tokenizer(model_cfg)
         self.eos = self.tok.eos_token_id
