@@ -24,7 +24,8 @@ from common import add_ray_side_args, emit, sized_llama
 
 from dba_ray.config import Config
 from dba_ray.data import build_sequences
-from dba_ray.global_gradient import run_global_gradient, token_loss_sum
+from dba_ray.global_gradient import run_global_gradient
+from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model
 
 

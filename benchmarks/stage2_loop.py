@@ -34,7 +34,7 @@ from common import add_ray_side_args, emit, sized_llama, write_text
 
 from dba_ray.config import Config
 from dba_ray.data import build_sequences
-from dba_ray.global_gradient import token_loss_sum
+from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model
 from dba_ray.trainer import run_train
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dba_ray.data.tokenize import IGNORE
+from dba_ray.loss import next_token_logits, nll_sum
 
 
 @torch.no_grad()
@@ -28,13 +29,9 @@ def text_sums(
     for i in range(0, len(ids), batch_size):
         x = torch.from_numpy(ids[i : i + batch_size].astype(np.int64)).to(device)
         y = torch.from_numpy(labels[i : i + batch_size].astype(np.int64)).to(device)
-        logits = model(input_ids=x).logits[:, :-1].float()
-        target = y[:, 1:]
+        logits, target = next_token_logits(model, x, y)
         mask = target != IGNORE
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
-            reduction="sum",
-        )
+        nll = nll_sum(logits, target)
         correct = ((logits.argmax(-1) == target) & mask).sum()
         out += torch.stack([nll.double(), correct.double(), mask.sum().double()])
     model.train(was_training)
@@ -55,8 +52,8 @@ def choice_sums(
         idx = rows[i : i + batch_size]
         x = torch.from_numpy(arrays["input_ids"][idx].astype(np.int64)).to(device)
         y = torch.from_numpy(arrays["labels"][idx].astype(np.int64)).to(device)
-        logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
-        target = y[:, 1:]
+        logits, target = next_token_logits(model, x, y)
+        logp = torch.log_softmax(logits, -1)
         mask = target != IGNORE
         picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         loglik[idx] = (picked * mask).sum(-1).double().cpu().numpy()

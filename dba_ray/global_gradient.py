@@ -21,7 +21,6 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from ray.data import ExecutionOptions
 from ray.train import DataConfig as TrainDataConfig
 from ray.train import FailureConfig, RunConfig
@@ -30,8 +29,8 @@ from ray.train.torch import TorchTrainer
 from dba_ray import artifact, storage, tracking
 from dba_ray.config import Config
 from dba_ray.data import build_sequences, describe_source
-from dba_ray.data.tokenize import IGNORE
 from dba_ray.errors import UserError, find_user_error
+from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model, model_source
 from dba_ray.progress import ProgressPrinter, new_tracker
 from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray, scaling
@@ -46,19 +45,6 @@ class Stage1Result:
     meta: dict
     uri: str | None  # where the artifact was written
     ref: ray.ObjectRef | None  # the GlobalGradient in the object store, if asked
-
-
-def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
-    """(sum of per-token cross-entropy, number of trained tokens) of one batch."""
-    logits = model(input_ids=input_ids).logits[:, :-1]
-    target = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        target.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return loss, (target != IGNORE).sum()
 
 
 def sequence_hash(input_ids, labels) -> int:

@@ -40,7 +40,7 @@ from dba_ray.data.tokenize import IGNORE, choice_arrays
 from dba_ray.dba import DBA, gamma_at, lr_at
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores, set_metrics, set_sums
-from dba_ray.global_gradient import token_loss_sum
+from dba_ray.loss import token_loss_sum
 from dba_ray.methods import as_spec, resolve, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, load_tokenizer
 from dba_ray.parallel import DDP, FSDP

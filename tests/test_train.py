@@ -14,7 +14,8 @@ from dba_ray.config import Config
 from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.dba import DBA, lr_at
 from dba_ray.errors import UserError
-from dba_ray.global_gradient import run_global_gradient, token_loss_sum
+from dba_ray.global_gradient import run_global_gradient
+from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model
 from dba_ray.methods import resolve, uses_global_gradient
 from dba_ray.trainer import (
