@@ -22,7 +22,7 @@ from dba_ray import model_card, preflight, storage, tracking
 from dba_ray.config import Config, MethodSpec
 from dba_ray.curves import read_curves
 from dba_ray.errors import UserError
-from dba_ray.methods import resolve, uses_global_gradient
+from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.plots import frontier, training_curves
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import build_report, write_report
@@ -92,7 +92,7 @@ def run_compare(cfg: Config) -> dict:
     # Data first: a data problem (a mixture without general data too) is refused before
     # pretraining and Stage 1 (the configured tokenizer is the pretrained base's too).
     refs = {"train": prepare_train_data(cfg)}
-    resolved = {r["name"]: resolve(cfg, MethodSpec(name=r["name"], method=r["method"], set=r["set"])) for r in runs}
+    resolved = {r["name"]: config_for_run(cfg, MethodSpec(name=r["name"], method=r["method"], set=r["set"])) for r in runs}
     n_domain = len(ray.get(refs["train"])["input_ids"])
     warnings = {saturation_warning(r["group"], t.dba, planned_steps(t, n_domain))
                 for r in runs for t in [resolved[r["name"]].train]}

@@ -29,7 +29,7 @@ def as_spec(method: str | MethodSpec) -> MethodSpec:
     return method if isinstance(method, MethodSpec) else MethodSpec.model_validate(method)
 
 
-def resolve(cfg: Config, method: str | MethodSpec) -> Config:
+def config_for_run(cfg: Config, method: str | MethodSpec) -> Config:
     """``cfg`` with ``train`` as this run trains (method settings, then overrides)."""
     spec = as_spec(method)
     out = cfg.model_copy(deep=True)

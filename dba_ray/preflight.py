@@ -15,7 +15,7 @@ from dba_ray import artifact, storage
 from dba_ray.config import Config, DataConfig, MethodSpec
 from dba_ray.data.records import file_format
 from dba_ray.errors import UserError
-from dba_ray.methods import resolve, uses_global_gradient
+from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.model import load_empty_model
 from dba_ray.reuse import planned_base, refuse_replacing, stage1_mismatch
 
@@ -30,7 +30,7 @@ def writable(uri: str, what: str) -> None:
     uri = storage.absolute(uri)
     try:
         if storage.is_remote(uri):
-            fs, path = storage.resolve(uri)
+            fs, path = storage.filesystem_and_path(uri)
             bucket = path.split("/")[0]
             # Asked first: a write to a missing bucket is retried for minutes.
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
@@ -95,7 +95,7 @@ def model(cfg: Config) -> int | None:
 def check(cfg: Config, specs: list[MethodSpec]) -> None:
     """Refuse, with a UserError, what would fail or do harm later in `run`, `compare` or
     `tune` training ``specs``."""
-    resolved = {s.name: resolve(cfg, s).train for s in specs}
+    resolved = {s.name: config_for_run(cfg, s).train for s in specs}
     needs_grad = any(uses_global_gradient(t.dba) for t in resolved.values())
     # What needs v_G: the fisher anchor, and the boost applied in update space.
     fisher = [n for n, t in resolved.items()

@@ -16,7 +16,7 @@ from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.merge_curves import EvalGroups, curves_json, general_fisher_uri, merge_curves
-from dba_ray.methods import resolve, uses_global_gradient
+from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.model import load_model
 from dba_ray.plots import frontier
 from dba_ray.ray_runtime import ensure_ray
@@ -126,7 +126,7 @@ def check_merge(cfg: Config) -> None:
 def needs_stage1(cfg: Config, specs) -> bool:
     """ĝ_G is needed by a method that uses it, and v_G by a fisher merge."""
     merge_fisher = cfg.merge is not None and cfg.merge.mode == "fisher"
-    return merge_fisher or any(uses_global_gradient(resolve(cfg, spec).train.dba) for spec in specs)
+    return merge_fisher or any(uses_global_gradient(config_for_run(cfg, spec).train.dba) for spec in specs)
 
 
 def validation_config(cfg: Config) -> Config | None:
@@ -170,7 +170,7 @@ def run_all(cfg: Config) -> dict:
     # pretrained base keeps), so that a mixture without general data is refused
     # before hours of work.
     train_ref = prepare_train_data(cfg)
-    mixtures = [resolve(cfg, s).train for s in cfg.methods if s.method == "mixture"]
+    mixtures = [config_for_run(cfg, s).train for s in cfg.methods if s.method == "mixture"]
     general_ref = prepare_mixture_data(cfg, train_ref, mixtures) if mixtures else None
     cfg = ensure_base_model(cfg)
     stage1 = ensure_global_gradient(cfg) if needs_stage1(cfg, cfg.methods) else None
@@ -181,7 +181,7 @@ def run_all(cfg: Config) -> dict:
         r = run_train(cfg, spec, eval_refs=eval_refs, train_ref=train_ref, general_ref=general_ref)
         results[spec.name] = {
             **r.metrics, "wall_s": r.wall_s, "tokens": r.tokens, "steps": r.steps, "resumed_at": r.resumed_at,
-            "model_dir": r.model_dir, "method": spec.name, "lr": resolve(cfg, spec).train.schedule.lr,
+            "model_dir": r.model_dir, "method": spec.name, "lr": config_for_run(cfg, spec).train.schedule.lr,
         }
     merges = score_after_training(cfg, base, results, eval_refs)
     report = build_report(

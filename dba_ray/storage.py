@@ -42,7 +42,7 @@ def absolute(uri: str) -> str:
     return str(Path(uri.removeprefix("file://")).expanduser().absolute())
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), absolute(uri)
@@ -59,12 +59,12 @@ def join(uri: str, *names: str) -> str:
 
 
 def exists(uri: str) -> bool:
-    fs, path = resolve(uri)
+    fs, path = filesystem_and_path(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = resolve(uri)
+    fs, path = filesystem_and_path(uri)
     try:
         with fs.open_input_stream(path) as f:
             return f.read()
@@ -78,7 +78,7 @@ def list_files(uri: str) -> list[tuple[str, int]]:
     Names are returned as full local paths or URIs. Hidden files are skipped.
     """
     uri = absolute(uri)
-    fs, path = resolve(uri)
+    fs, path = filesystem_and_path(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"data path not found: {uri}")
@@ -116,7 +116,7 @@ def _no_space(uri: str) -> NoSpace:
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    fs, path = resolve(uri)
+    fs, path = filesystem_and_path(uri)
     if not is_remote(uri):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -140,7 +140,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 
 
 def delete(uri: str) -> None:
-    fs, path = resolve(uri)
+    fs, path = filesystem_and_path(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
         fs.delete_dir(path)
@@ -162,11 +162,11 @@ def atomic_directory(uri: str, overwrite: bool, marker: str = "meta.json") -> It
         # No directory rename on object stores: un-commit first, then clear what an
         # older version left (stale shards), then fill in place.
         delete(join(uri, marker))
-        fs, path = resolve(uri)
+        fs, path = filesystem_and_path(uri)
         fs.delete_dir_contents(path, missing_dir_ok=True)
         yield uri
         return
-    final = Path(resolve(uri)[1])
+    final = Path(filesystem_and_path(uri)[1])
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -219,7 +219,7 @@ def upload_directory(local: str, uri: str, marker: str) -> None:
         raise ValueError(f"{local} has no {marker}: nothing would mark the upload complete")
     files.sort(key=lambda rel: rel == marker)  # stable sort: only moves the marker last
     with atomic_directory(uri, overwrite=True, marker=marker) as target:
-        fs, root = resolve(target)
+        fs, root = filesystem_and_path(target)
         for rel in files:
             dest = posixpath.join(root, *Path(rel).parts)
             with open(os.path.join(local, rel), "rb") as src, fs.open_output_stream(dest) as dst:
@@ -237,7 +237,7 @@ def local_copy(uri: str, marker: str, skip: tuple[str, ...] = ()) -> str:
     """
     if not is_remote(uri):
         return uri
-    fs, root = resolve(uri)
+    fs, root = filesystem_and_path(uri)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     listing = sorted(
         (posixpath.relpath(i.path, root), i.size, i.mtime_ns)
@@ -277,7 +277,7 @@ def ray_storage(uri: str) -> dict:
     (endpoint included) instead of being resolved again from the URI there."""
     if not is_remote(uri):
         return {"storage_path": absolute(uri)}
-    fs, path = resolve(uri)
+    fs, path = filesystem_and_path(uri)
     return {"storage_path": path, "storage_filesystem": fs}
 
 

@@ -41,7 +41,7 @@ from dba_ray.dba import DBA, gamma_at, lr_at
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.loss import token_loss_sum
-from dba_ray.methods import as_spec, resolve, uses_global_gradient
+from dba_ray.methods import as_spec, config_for_run, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, load_tokenizer
 from dba_ray.parallel import DDP, FSDP
 from dba_ray.progress import ProgressPrinter, new_tracker
@@ -52,7 +52,7 @@ log = logging.getLogger("dba_ray")
 
 @dataclass
 class TrainResult:
-    method: str  # the run's name (a method or a named variant)
+    run_name: str  # the run's name (a method or a named variant)
     model_dir: str  # save_pretrained output
     metrics: dict  # the last evaluation (per set, plus S_D / S_G / S)
     steps: int
@@ -473,7 +473,7 @@ def run_train(
     artifact; ``callbacks`` are extra Ray Train callbacks (Tune's reporter);
     ``tracking_parent`` / ``tracking_name``: the group and name of its tracked run."""
     spec = as_spec(method)
-    cfg = resolve(cfg, spec)
+    cfg = config_for_run(cfg, spec)
     t = cfg.train
     if "global_gradient" in spec.set or grad_source is None:  # a variant's own ĝ_G wins over a shared one
         grad_source = storage.absolute(cfg.global_gradient_source())
@@ -524,7 +524,7 @@ def run_train(
             {**metrics, "wall_s": wall, "tokens": plan.tokens, "steps": plan.total, "peak_mem_mb": peak}))
         tracked.finish()
     return TrainResult(
-        method=spec.name,
+        run_name=spec.name,
         model_dir=storage.join(run_dir, "model"),
         metrics={k: metrics[k] for k in ("eval", "S_D", "S_G", "S") if k in metrics},
         steps=plan.total,

@@ -19,7 +19,7 @@ from dba_ray.config import Config, MergeConfig, MethodSpec, flatten
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets
 from dba_ray.merge_curves import EvalGroups, domain_fisher, export_merge, general_fisher_uri, merged_model, score_merges
-from dba_ray.methods import resolve, uses_global_gradient
+from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.run import ensure_base_model, ensure_global_gradient, evaluate_models
 from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data
@@ -75,7 +75,7 @@ def search_space(cfg: Config) -> tuple[dict, dict[str, list]]:
         raise UserError("tune.search is empty: name at least one knob to sweep")
     for key, candidates in values.items():
         for v in candidates:  # a bad value fails here, in one line, not in every trial
-            resolve(cfg, tc.method.model_copy(update={"set": {**tc.method.set, key: v}}))
+            config_for_run(cfg, tc.method.model_copy(update={"set": {**tc.method.set, key: v}}))
     return space, values
 
 
@@ -87,10 +87,10 @@ def _grid_refs(cfg: Config, spec: MethodSpec, values: dict[str, list]) -> dict:
     """Data and ĝ_G every trial shares: tokenized once, in the object store."""
     refs = {"grad_source": None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
     # A dba sweep may switch GGB, DC or the anchor on in any trial.
-    if spec.method == "dba" or uses_global_gradient(resolve(cfg, spec).train.dba):
+    if spec.method == "dba" or uses_global_gradient(config_for_run(cfg, spec).train.dba):
         refs["grad_source"] = ensure_global_gradient(cfg)["uri"]
     if spec.method == "mixture":
-        t = resolve(cfg, spec).train
+        t = config_for_run(cfg, spec).train
         swept = [t.model_copy(update={"mixture": t.mixture.model_copy(update={"ratio": float(r)})})
                  for r in values.get("mixture.ratio", [])]
         refs["general"] = prepare_mixture_data(cfg, refs["train"], [t, *swept])

@@ -74,7 +74,7 @@ def test_cli_user_error_is_one_line_exit_2(tmp_path):
 
 
 def test_methods_are_names_or_variants_resolved_in_order():
-    from dba_ray.methods import resolve
+    from dba_ray.methods import config_for_run
 
     cfg = load_config(None, [
         "methods=[direct, {name: direct-al, method: direct, set: {schedule.anneal: true}}, mixture]",
@@ -83,13 +83,13 @@ def test_methods_are_names_or_variants_resolved_in_order():
     direct, direct_al, mixture = cfg.methods
     assert (direct.name, direct.method, mixture.method) == ("direct", "direct", "mixture")
     # A baseline forces constant lr; the variant's own `set` comes after and wins.
-    assert resolve(cfg, direct).train.schedule.anneal is False
-    assert resolve(cfg, direct_al).train.schedule.anneal is True
-    assert resolve(cfg, direct).train.dba.ggb is False and resolve(cfg, "dba").train.dba.ggb is True
+    assert config_for_run(cfg, direct).train.schedule.anneal is False
+    assert config_for_run(cfg, direct_al).train.schedule.anneal is True
+    assert config_for_run(cfg, direct).train.dba.ggb is False and config_for_run(cfg, "dba").train.dba.ggb is True
     with pytest.raises(UserError, match="unknown key"):
-        resolve(cfg, {"name": "x", "method": "dba", "set": {"dba.bost": 3}})
+        config_for_run(cfg, {"name": "x", "method": "dba", "set": {"dba.bost": 3}})
     # Nested overrides merge into the section instead of replacing it.
-    nested = resolve(cfg, {"name": "y", "method": "direct", "set": {"schedule": {"shape": "linear", "lr": 1e-3}}})
+    nested = config_for_run(cfg, {"name": "y", "method": "direct", "set": {"schedule": {"shape": "linear", "lr": 1e-3}}})
     assert nested.train.schedule.shape == "linear" and nested.train.schedule.lr == 1e-3
     assert nested.train.schedule.anneal is False and nested.train.schedule.warmup_ratio == 0.05
 
@@ -112,14 +112,14 @@ def test_example_configs_are_valid():
     DBA variant (AL + fisher anchor, no GGB) and needs the v_G Stage 1 keeps."""
     from pathlib import Path
 
-    from dba_ray.methods import resolve, uses_global_gradient
+    from dba_ray.methods import config_for_run, uses_global_gradient
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     assert {p.name for p in examples.glob("*.yaml")} >= {"quickstart.yaml", "domain.yaml"}
     for path in examples.glob("*.yaml"):
         load_config(path)
     cfg = load_config(examples / "domain.yaml")
-    t = resolve(cfg, cfg.methods[0]).train
+    t = config_for_run(cfg, cfg.methods[0]).train
     assert (t.dba.ggb, t.dba.dc, t.dba.anchor, t.dba.fisher_lambda, t.schedule.anneal) == (False, "none", "fisher", 0.1, True)
     assert uses_global_gradient(t.dba) and cfg.stage1.second_moment
 

@@ -24,7 +24,7 @@ from dba_ray.config import Config, load_config
 from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.data.tokenize import IGNORE
 from dba_ray.global_gradient import _MASK64, sequence_hash
-from dba_ray.methods import resolve
+from dba_ray.methods import config_for_run
 from dba_ray.model import load_model
 from multinode import LocalCluster
 from test_train import reference_weights, rel_error, saved_weights
@@ -134,6 +134,6 @@ def test_stage2_survives_losing_a_node(cluster, tmp_path):
     assert 0 < result["resumed_at"] < 12, result  # from a checkpoint the lost node's run wrote
     assert lost.proc.poll() is not None  # the whole node went down with its raylet
 
-    cfg = resolve(load_config(str(cfg_file)), "direct")
+    cfg = config_for_run(load_config(str(cfg_file)), "direct")
     ref = reference_weights(cfg)
     assert rel_error(saved_weights(result["model_dir"]), ref) <= 1e-6

@@ -17,7 +17,7 @@ from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model
-from dba_ray.methods import resolve, uses_global_gradient
+from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.trainer import (
     _global_batch_rows, mixture_domain_rows, prepare_mixture_data, prepare_train_data, run_train,
 )
@@ -158,7 +158,7 @@ def test_ddp_run_resumes_on_more_workers(tmp_path):
     two.train.num_workers, two.train.grad_accum = 2, 2
     result = run_train(two, "direct")
     assert result.resumed_at == 2
-    assert rel_error(saved_weights(result.model_dir), reference_weights(resolve(two, "direct"))) < 1e-6
+    assert rel_error(saved_weights(result.model_dir), reference_weights(config_for_run(two, "direct"))) < 1e-6
 
 
 def test_mixture_trains_on_domain_and_general_rows(tmp_path):
@@ -169,7 +169,7 @@ def test_mixture_trains_on_domain_and_general_rows(tmp_path):
     cfg = Config.model_validate({**cfg.model_dump(), "eval": {}})
     result = run_train(cfg, "mixture")
     assert result.steps == 4  # ceil(3 / (1 - 0.25)): equal domain steps
-    t = resolve(cfg, "mixture").train
+    t = config_for_run(cfg, "mixture").train
     domain = collect_arrays(build_sequences(t.data, cfg.model))
     rows = mixture_domain_rows(t, len(domain["input_ids"]))
     assert len(rows) == 3 * 4 < len(domain["input_ids"])  # 3 steps of 4: not the whole file
@@ -179,8 +179,8 @@ def test_mixture_trains_on_domain_and_general_rows(tmp_path):
     assert len(general["input_ids"]) == n_general > 0
     mixed = {k: np.concatenate([domain[k], general[k]]) for k in ("input_ids", "labels")}
     got = saved_weights(result.model_dir)
-    assert rel_error(got, reference_weights(resolve(cfg, "mixture"), mixed, 4)) < 1e-6
-    assert rel_error(got, reference_weights(resolve(cfg, "mixture"), domain, 4)) > 1e-3
+    assert rel_error(got, reference_weights(config_for_run(cfg, "mixture"), mixed, 4)) < 1e-6
+    assert rel_error(got, reference_weights(config_for_run(cfg, "mixture"), domain, 4)) > 1e-3
 
 
 def test_mixture_general_data_is_sized_by_each_run_own_settings(tmp_path):
@@ -189,7 +189,7 @@ def test_mixture_general_data_is_sized_by_each_run_own_settings(tmp_path):
     import ray
 
     cfg = make_config(tmp_path, "mixsize", num_workers=1, max_steps=2, mixture={"ratio": 0.25})
-    short = resolve(cfg, "mixture").train
+    short = config_for_run(cfg, "mixture").train
     long = short.model_copy(update={"max_steps": 5, "mixture": short.mixture.model_copy(update={"ratio": 0.5})})
     train_ref = prepare_train_data(cfg)
     n = len(ray.get(train_ref)["input_ids"])
@@ -235,24 +235,24 @@ def test_global_gradient_from_the_object_store_and_periodic_eval(tmp_path):
 def test_run_identity_follows_settings_and_global_gradient(tmp_path):
     """Same settings and ĝ_G: same run (so a re-run resumes); any change: a new run."""
     from dba_ray.config import MethodSpec
-    from dba_ray.methods import resolve
+    from dba_ray.methods import config_for_run
     from dba_ray.trainer import _settings_digest
 
     cfg = make_config(tmp_path, "id")
     spec = MethodSpec(name="dba", method="dba")
-    first = _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0])
-    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) == first
+    first = _settings_digest(config_for_run(cfg, spec), spec, ["t0", "f0", 1.0])
+    assert _settings_digest(config_for_run(cfg, spec), spec, ["t0", "f0", 1.0]) == first
     cfg.train.progress_interval_s = 99  # presentation only
-    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) == first
-    assert _settings_digest(resolve(cfg, spec), spec, ["t1", "f1", 2.0]) != first  # another ĝ_G
+    assert _settings_digest(config_for_run(cfg, spec), spec, ["t0", "f0", 1.0]) == first
+    assert _settings_digest(config_for_run(cfg, spec), spec, ["t1", "f1", 2.0]) != first  # another ĝ_G
     variant = MethodSpec(name="dba", method="dba", set={"dba.dc": "none"})
-    assert _settings_digest(resolve(cfg, variant), variant, ["t0", "f0", 1.0]) != first
+    assert _settings_digest(config_for_run(cfg, variant), variant, ["t0", "f0", 1.0]) != first
     # The layout is not the run's identity, the global batch is: a run resumes on
     # another number of workers.
     cfg.train.num_workers, cfg.train.grad_accum, cfg.train.parallel = 1, 4, "fsdp"
-    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) == first
+    assert _settings_digest(config_for_run(cfg, spec), spec, ["t0", "f0", 1.0]) == first
     cfg.train.grad_accum = 2
-    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) != first
+    assert _settings_digest(config_for_run(cfg, spec), spec, ["t0", "f0", 1.0]) != first
     cfg.train.grad_accum = 4
     cfg.train.schedule.lr = 1e-4
-    assert _settings_digest(resolve(cfg, spec), spec, ["t0", "f0", 1.0]) != first
+    assert _settings_digest(config_for_run(cfg, spec), spec, ["t0", "f0", 1.0]) != first

@@ -148,7 +148,7 @@ def _lines(text: io.TextIOWrapper) -> Iterator[str | None]:
 
 
 def _file_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
-    fs, path = storage.resolve(uri)
+    fs, path = storage.filesystem_and_path(uri)
     if fmt == "parquet":
         with fs.open_input_file(path) as f:
             row = 0
