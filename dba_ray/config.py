@@ -24,6 +24,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The one list of the methods a run trains with, and what each does.
+METHOD_DOCS = {
+    "dba": "train.dba and train.schedule as configured",
+    "direct": "plain fine-tuning (GGB, DC, anchor off; constant lr)",
+    "mixture": "direct on general + domain data (train.mixture)",
+    "lora": "direct with peft adapters (train.lora)",
+}
+METHODS = tuple(METHOD_DOCS)
+# `pretrain` is the pretrain section's own run, not one users list in `methods`.
+MethodName = Literal[METHODS + ("pretrain",)]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+
+
+class Config(_Strict):
+    """The root of a config file: one section per concern; the sections' classes follow."""
+
+    output_dir: str = Field("runs/dba", description="Where a run writes its outputs.")
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    stage1: Stage1Config = Field(default_factory=lambda: Stage1Config())
+    pretrain: Optional[PretrainConfig] = Field(None, description="Make the base model first.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig())
+    methods: list[MethodSpec] = Field(
+        default_factory=lambda: [MethodSpec(name="dba", method="dba"), MethodSpec(name="direct", method="direct")],
+        description=f"What `dba-ray run` and `compare` train: method names ({', '.join(METHODS)}) "
+        "or {name, method, set} variants.",
+    )
+    tune: TuneConfig = Field(default_factory=lambda: TuneConfig())
+    compare: CompareConfig = Field(default_factory=lambda: CompareConfig())
+    merge: Optional[MergeConfig] = Field(
+        None, description="Merge curves toward the base after training (`run`, `compare`, `merge`)."
+    )
+    ray: RayConfig = Field(default_factory=lambda: RayConfig())
+    tracking: Optional[TrackingConfig] = Field(
+        None, description="Log runs to MLflow and/or W&B (see the tracking.* keys)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Config":
+        names = [m.name for m in self.methods]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"method names must be unique: {sorted(dup)} repeated")
+        return self
+
+    def stage1_output(self) -> str:
+        return self.stage1.output or f"{self.output_dir.rstrip('/')}/global_gradient"
+
+    def global_gradient_source(self) -> str:
+        return self.train.global_gradient or self.stage1_output()
+
+
 class RayConfig(_Strict):
     address: Optional[str] = Field(
         None,
@@ -239,8 +291,8 @@ class DBAConfig(_Strict):
     fisher_lambda: float = Field(
         0.1,
         ge=0,
-        description="Strength of the fisher anchor (0.1: the better of the two values the "
-        "quality benchmark tried, 0.01 and 0.1, in both domains).",
+        description="Strength of the fisher anchor: the pull toward θ0 relative to the "
+        "domain gradient.",
     )
     grad_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype ĝ_G is held in during training (bfloat16 halves it)."
@@ -502,19 +554,6 @@ class MergeConfig(_Strict):
         return [0.0, 0.25, 0.5, 0.75, 1.0] if self.mode == "linear" else [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
-# The one list of the methods a run trains with, and what each does.
-METHOD_DOCS = {
-    "dba": "train.dba and train.schedule as configured",
-    "direct": "plain fine-tuning (GGB, DC, anchor off; constant lr)",
-    "mixture": "direct on general + domain data (train.mixture)",
-    "lora": "direct with peft adapters (train.lora)",
-}
-METHODS = tuple(METHOD_DOCS)
-# `pretrain` is the pretrain section's own run, not one users list in `methods`.
-MethodName = Literal[METHODS + ("pretrain",)]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
-
-
 class MethodSpec(_Strict):
     """One training run of a comparison: a method plus overrides of `train` keys. A bare
     string in `methods` is a spec named after its method."""
@@ -644,41 +683,9 @@ class TrackingConfig(_Strict):
     )
 
 
-class Config(_Strict):
-    output_dir: str = Field("runs/dba", description="Where a run writes its outputs.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    stage1: Stage1Config = Field(default_factory=Stage1Config)
-    pretrain: Optional[PretrainConfig] = Field(None, description="Make the base model first.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    methods: list[MethodSpec] = Field(
-        default_factory=lambda: [MethodSpec(name="dba", method="dba"), MethodSpec(name="direct", method="direct")],
-        description=f"What `dba-ray run` and `compare` train: method names ({', '.join(METHODS)}) "
-        "or {name, method, set} variants.",
-    )
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    compare: CompareConfig = Field(default_factory=CompareConfig)
-    merge: Optional[MergeConfig] = Field(
-        None, description="Merge curves toward the base after training (`run`, `compare`, `merge`)."
-    )
-    ray: RayConfig = Field(default_factory=RayConfig)
-    tracking: Optional[TrackingConfig] = Field(
-        None, description="Log runs to MLflow and/or W&B (see the tracking.* keys)."
-    )
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> "Config":
-        names = [m.name for m in self.methods]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"method names must be unique: {sorted(dup)} repeated")
-        return self
-
-    def stage1_output(self) -> str:
-        return self.stage1.output or f"{self.output_dir.rstrip('/')}/global_gradient"
-
-    def global_gradient_source(self) -> str:
-        return self.train.global_gradient or self.stage1_output()
+# Config names the section classes before they are defined (it comes first, to show
+# the shape of a file): resolve those names now that they exist.
+Config.model_rebuild()
 
 
 def digest(obj: Any) -> str:
