@@ -37,7 +37,7 @@ from dba_ray.evaluate import score_sets
 from dba_ray.merge_curves import base_tensors, domain_fisher
 from dba_ray.model import load_model
 from dba_ray.ray_runtime import ensure_ray
-from dba_ray.trainer import prepare_eval
+from dba_ray.data.arrays import tokenize_eval
 
 log = logging.getLogger("diagnosis")
 QUIET = 0.01  # "hardly moved by the domain": √v_D below this fraction of its tensor's mean
@@ -143,7 +143,7 @@ def main() -> None:
     vocab = theta0["model.embed_tokens.weight"].shape[0]
     classes = row_classes(cfg, vocab)
     names = {"embedding": "model.embed_tokens.weight", "output": "lm_head.weight"}
-    evals = prepare_eval(cfg)
+    evals = tokenize_eval(cfg)
     result = {
         "runs": {"dba": args.dba, "al": args.al},
         "tensors": displacement_table(theta0, dba, al, grad.mean, v_d),

@@ -11,8 +11,10 @@ import argparse
 import json
 
 from dba_ray.config import load_config
-from dba_ray.run import ensure_base_model, ensure_global_gradient, evaluate_models
-from dba_ray.trainer import prepare_eval, prepare_train_data, run_train
+from dba_ray.data.arrays import tokenize_eval, tokenize_train
+from dba_ray.prepare import ensure_base_model, ensure_global_gradient
+from dba_ray.scoring import evaluate_models
+from dba_ray.trainer import run_train
 
 # (name, method, overrides of train.*); every knob a row depends on is set explicitly,
 # so the grid does not move when the quickstart's defaults do.
@@ -36,8 +38,8 @@ def main() -> None:
     args = ap.parse_args()
     base_cfg = ensure_base_model(load_config(args.config))
     ensure_global_gradient(base_cfg)
-    eval_refs = prepare_eval(base_cfg)
-    train_ref = prepare_train_data(base_cfg)
+    eval_refs = tokenize_eval(base_cfg)
+    train_ref = tokenize_train(base_cfg)
     base = evaluate_models(base_cfg, {"base": base_cfg.model.name_or_path}, eval_refs)["base"]
     rows = [{"name": "base", **{k: base[k] for k in ("S_D", "S_G", "S")}}]
     for name, method, overrides in GRID:

@@ -49,7 +49,96 @@ class GlobalGradient:
 
     def check_model(self, model: torch.nn.Module, model_name: str = "the model") -> None:
         """Refuse a model whose parameters differ from the one ĝ_G was computed on."""
-        check_fingerprint(self.meta, model, model_name)
+        check_fingerprint(ArtifactMeta(self.meta), model, model_name)
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """meta.json of an artifact, read by name. ``raw`` is the dict as written (meta.json
+    itself keeps its keys); the properties are what other modules read of it."""
+
+    raw: dict[str, Any]
+
+    @classmethod
+    def read(cls, uri: str) -> ArtifactMeta:
+        return cls(read_meta(uri))
+
+    @property
+    def tokens(self) -> int:
+        return self.raw["tokens"]
+
+    @property
+    def sequences(self) -> int:
+        return self.raw["sequences"]
+
+    @property
+    def mean_loss(self) -> float:
+        return self.raw["mean_loss"]
+
+    @property
+    def global_norm(self) -> float:
+        return self.raw["global_norm"]
+
+    @property
+    def created_at(self) -> str:
+        return self.raw["created_at"]
+
+    @property
+    def param_fingerprint(self) -> str:
+        return self.raw["param_fingerprint"]
+
+    @property
+    def dtype(self) -> str:
+        return self.raw["dtype"]
+
+    @property
+    def base_model(self) -> dict:
+        """model_source() of the model ĝ_G was computed on."""
+        return self.raw["base_model"]
+
+    @property
+    def base_model_name(self) -> str | None:
+        return self.raw.get("base_model", {}).get("name_or_path")
+
+    @property
+    def parameters(self) -> dict[str, list[int]]:
+        """Name → shape of every parameter ĝ_G covers."""
+        return self.raw.get("parameters", {})
+
+    @property
+    def data_description(self) -> dict:
+        return self.raw["data"]["description"]
+
+    @property
+    def data_fingerprint(self) -> str:
+        return self.raw["data"]["fingerprint"]
+
+    @property
+    def description(self) -> str | None:
+        return self.raw.get("description")
+
+    @property
+    def has_second_moment(self) -> bool:
+        return bool(self.raw.get("has_second_moment"))
+
+    @property
+    def stage1_settings(self) -> dict | None:
+        return self.raw.get("stage1_settings")
+
+    @property
+    def skipped_records(self) -> int:
+        return self.raw.get("skipped_records", 0)
+
+    @property
+    def wall_s(self) -> float:
+        """What reusing the artifact is charged: the wall time of the job that made it
+        (older artifacts recorded only their streaming loop)."""
+        return self.raw.get("wall_s", self.raw.get("loop_seconds", 0.0))
+
+    @property
+    def identity(self) -> list:
+        """Which ĝ_G this is, for a run's identity: a new one means a new run."""
+        return [self.created_at, self.data_fingerprint, self.global_norm]
 
 
 @dataclass
@@ -75,31 +164,29 @@ def fingerprint_of(shapes: dict[str, list[int]]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_fingerprint(meta: dict, model: torch.nn.Module, model_name: str) -> None:
+def check_fingerprint(meta: ArtifactMeta, model: torch.nn.Module, model_name: str) -> None:
     shapes = parameter_shapes(model)
-    if fingerprint_of(shapes) == meta["param_fingerprint"]:
+    if fingerprint_of(shapes) == meta.param_fingerprint:
         return
-    theirs = meta.get("parameters", {})
+    theirs = meta.parameters
     diff = next(
         (f"{n}: {s} vs {theirs.get(n, 'absent')}" for n, s in shapes.items() if theirs.get(n) != s),
         next((f"{n}: absent vs {s}" for n, s in theirs.items() if n not in shapes), "?"),
     )
-    base = meta.get("base_model", {}).get("name_or_path", "?")
     raise UserError(
-        f"global gradient was computed for model {base!r} (fingerprint "
-        f"{meta['param_fingerprint']}), which does not match {model_name!r} (fingerprint "
+        f"global gradient was computed for model {meta.base_model_name or '?'!r} (fingerprint "
+        f"{meta.param_fingerprint}), which does not match {model_name!r} (fingerprint "
         f"{fingerprint_of(shapes)}); first difference {diff}: compute ĝ_G for this model "
         "(dba-ray global-gradient) or point to the artifact made for it"
     )
 
 
-def check_made_for(meta: dict, model: torch.nn.Module, model_name: str, uri: str) -> None:
+def check_made_for(meta: ArtifactMeta, model: torch.nn.Module, model_name: str, uri: str) -> None:
     """Refuse an artifact computed for another architecture; warn when only the shapes
     say it fits (another model name: maybe a copy, maybe other weights)."""
     check_fingerprint(meta, model, model_name)
-    made_for = meta.get("base_model", {}).get("name_or_path")
-    if made_for != model_name:
-        log.warning("ĝ_G at %s was computed on %s, not %s (same parameter shapes)", uri, made_for, model_name)
+    if meta.base_model_name != model_name:
+        log.warning("ĝ_G at %s was computed on %s, not %s (same parameter shapes)", uri, meta.base_model_name, model_name)
 
 
 def build_meta(

@@ -58,7 +58,7 @@ def cmd_global_gradient(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from dba_ray.run import ensure_base_model
+    from dba_ray.prepare import ensure_base_model
     from dba_ray.trainer import run_train
 
     # A config with a `pretrain` section trains from that (cached) base, as `run` does.
@@ -78,7 +78,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from dba_ray import storage
     from dba_ray.report import build_report, write_report
-    from dba_ray.run import evaluate_models
+    from dba_ray.scoring import evaluate_models
 
     cfg = _load_config(args)
     scored = evaluate_models(cfg, {"base": cfg.model.name_or_path, **cfg.eval.models})

@@ -294,17 +294,18 @@ def run_global_gradient(
                 raise user from None
             raise
     meta = ray.get(tracker.take_result.remote("meta"))
-    if meta["skipped_records"]:
+    made = artifact.ArtifactMeta(meta)
+    if made.skipped_records:
         snap = ray.get(tracker.snapshot.remote())
         log.warning("skipped %d malformed records (first: %s)", snap["skipped"], snap["first_skip"])
     elapsed = time.monotonic() - start
     log.info(
         "stage 1 done: %d tokens, %d sequences in %.1fs (%.0f tokens/s), |ĝ_G| = %.4g%s",
-        meta["tokens"], meta["sequences"], elapsed, meta["tokens"] / elapsed,
-        meta["global_norm"], f", written to {uri}" if uri else "",
+        made.tokens, made.sequences, elapsed, made.tokens / elapsed,
+        made.global_norm, f", written to {uri}" if uri else "",
     )
     ref = tracker.take_result.remote("grad") if s1.to_object_store else None
-    tracking.log_stage1(cfg, meta, elapsed)
+    tracking.log_stage1(cfg, made, elapsed)
     return Stage1Result(meta=meta, uri=uri, ref=ref)
 
 

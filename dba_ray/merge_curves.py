@@ -25,6 +25,7 @@ from huggingface_hub import snapshot_download
 from dba_ray import artifact, storage
 from dba_ray.config import Config, MergeConfig
 from dba_ray.data import describe_source
+from dba_ray.data.arrays import EvalData
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets, scored_tokens
 from dba_ray.global_gradient import run_global_gradient
@@ -63,16 +64,16 @@ class MergeCurve:
 class EvalGroups:
     """Tokenized eval sets in the object store: what reports show, and what is chosen on."""
 
-    test: tuple[dict, dict]  # (refs by set name, kinds)
-    validation: tuple[dict, dict] | None = None
+    test: EvalData
+    validation: EvalData | None = None
     tokens: dict[str, int] = field(default_factory=dict)  # scored tokens per group
 
     @classmethod
     def of(cls, test, validation=None) -> "EvalGroups":
-        groups = cls(test, validation if validation and validation[0] else None)
+        groups = cls(test, validation if validation and validation.refs else None)
         for name, group in (("test", groups.test), ("validation", groups.validation)):
             if group is not None:
-                groups.tokens[name] = sum(scored_tokens(ray.get(r)) for r in group[0].values())
+                groups.tokens[name] = sum(scored_tokens(ray.get(r)) for r in group.refs.values())
         return groups
 
 
@@ -183,11 +184,11 @@ def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[
     identity = (f"domain Fisher of {model_dir} ({_model_identity(model_dir)}), "
                 f"max_tokens {cfg.merge.fisher_max_tokens}")
     if storage.exists(storage.join(uri, artifact.META)):
-        meta = artifact.read_meta(uri)
-        same_data = meta["data"]["description"] == json.loads(json.dumps(describe_source(cfg.train.data)))
-        if meta.get("description") == identity and same_data and meta.get("has_second_moment"):
+        meta = artifact.ArtifactMeta.read(uri)
+        same_data = meta.data_description == json.loads(json.dumps(describe_source(cfg.train.data)))
+        if meta.description == identity and same_data and meta.has_second_moment:
             log.info("reusing the domain Fisher at %s", uri)
-            return uri, meta["tokens"], 0.0
+            return uri, meta.tokens, 0.0
     job = cfg.model_copy(deep=True)
     job.model.name_or_path = model_dir
     job.model.tokenizer = job.model.tokenizer or model_dir
@@ -198,14 +199,14 @@ def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[
     })
     start = time.monotonic()
     result = run_global_gradient(job)
-    return uri, result.meta["tokens"], time.monotonic() - start
+    return uri, artifact.ArtifactMeta(result.meta).tokens, time.monotonic() - start
 
 
 def general_fisher_uri(cfg: Config) -> str:
     uri = storage.absolute(cfg.global_gradient_source())
-    meta = artifact.read_meta(uri)
+    meta = artifact.ArtifactMeta.read(uri)
     artifact.check_made_for(meta, load_empty_model(cfg.model), cfg.model.name_or_path, uri)  # F_G is θ0's
-    if not meta.get("has_second_moment"):
+    if not meta.has_second_moment:
         raise UserError(
             f"merge.mode fisher needs v_G (F_G), but {uri} has none (run Stage 1 with stage1.second_moment: true)"
         )

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from dba_ray import __version__, storage
+from dba_ray.artifact import ArtifactMeta
 from dba_ray.config import Config, DataConfig, MethodSpec
 
 CARD = "README.md"
@@ -48,7 +49,7 @@ def _source(d: DataConfig | None) -> list[str]:
     return [d.hf_dataset if d.hf_dataset else d.path]
 
 
-def facts_for_run(cfg: Config, spec: MethodSpec, grad_meta: dict | None, grad_source, metrics: dict,
+def facts_for_run(cfg: Config, spec: MethodSpec, grad_meta: ArtifactMeta | None, grad_source, metrics: dict,
                   steps: int, tokens: int) -> CardFacts:
     """``cfg`` as resolved for the run (its train section is what the run trained with)."""
     t = cfg.train
@@ -68,9 +69,9 @@ def facts_for_run(cfg: Config, spec: MethodSpec, grad_meta: dict | None, grad_so
     if grad_meta is not None:
         grad = {
             "uri": grad_source if isinstance(grad_source, str) else "(Ray object store)",
-            "created_at": grad_meta["created_at"], "param_fingerprint": grad_meta["param_fingerprint"],
-            "data_fingerprint": grad_meta["data"]["fingerprint"], "data": grad_meta["data"]["description"],
-            "tokens": grad_meta["tokens"], "global_norm": grad_meta["global_norm"],
+            "created_at": grad_meta.created_at, "param_fingerprint": grad_meta.param_fingerprint,
+            "data_fingerprint": grad_meta.data_fingerprint, "data": grad_meta.data_description,
+            "tokens": grad_meta.tokens, "global_norm": grad_meta.global_norm,
         }
         datasets += [d for d in _source(cfg.stage1.data) if d not in datasets]
     elif grad_source is not None and not isinstance(grad_source, str):

@@ -15,6 +15,7 @@ from dba_ray import artifact, storage
 from dba_ray.config import Config, DataConfig, MethodSpec
 from dba_ray.data.records import file_format
 from dba_ray.errors import UserError
+from dba_ray.merge_curves import general_fisher_uri
 from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.model import load_empty_model
 from dba_ray.reuse import planned_base, refuse_replacing, stage1_mismatch
@@ -124,9 +125,9 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
         data_source(data, key, max_len)
 
     if cfg.train.global_gradient is not None and needs_grad:
-        meta = artifact.read_meta(storage.absolute(cfg.train.global_gradient))
+        meta = artifact.ArtifactMeta.read(storage.absolute(cfg.train.global_gradient))
         artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
-        if fisher and not meta.get("has_second_moment"):
+        if fisher and not meta.has_second_moment:
             raise UserError(
                 f"{fisher[0]} uses the fisher anchor or boost_mode update, which need v_G, but "
                 f"{cfg.train.global_gradient} has none: make it with stage1.second_moment: true"
@@ -143,6 +144,20 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
             base = planned_base(cfg)
             # A base model still to be pretrained has no shapes yet: checked again after.
             known = cfg.pretrain is None or storage.exists(storage.join(base.model.name_or_path, "config.json"))
-            differs = stage1_mismatch(base, artifact.read_meta(uri), check_shapes=known)
+            differs = stage1_mismatch(base, artifact.ArtifactMeta.read(uri), check_shapes=known)
             if differs is not None:
                 raise refuse_replacing(uri, differs)
+
+
+def check_merge(cfg: Config) -> None:
+    """What a merge section needs, refused before any training."""
+    mc = cfg.merge
+    if mc is None:
+        return
+    unknown = sorted(set(mc.methods) - {m.name for m in cfg.methods})
+    if unknown:
+        raise UserError(f"merge.methods names {unknown}, which are not in methods ({[m.name for m in cfg.methods]})")
+    if mc.mode == "fisher" and cfg.train.global_gradient is None and not cfg.stage1.second_moment:
+        raise UserError("merge.mode fisher weighs by v_G: set stage1.second_moment: true")
+    if mc.mode == "fisher" and cfg.train.global_gradient is not None:
+        general_fisher_uri(cfg)  # a given artifact: v_G present, made for this model

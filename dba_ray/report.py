@@ -4,8 +4,93 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 from dba_ray import storage
+
+
+@dataclass
+class RunRow:
+    """One trained run of `dba-ray run`, as report.json's ``results`` hold it."""
+
+    scores: dict  # the last evaluation: eval (per set), S_D, S_G, S (those the run has)
+    wall_s: float
+    tokens: int
+    steps: int
+    resumed_at: int
+    model_dir: str
+    method: str  # the run's name in `methods`
+    lr: float
+    validation: dict | None = None  # scores on eval.validation_sets
+
+    def as_json(self) -> dict:
+        out = {**self.scores, "wall_s": self.wall_s, "tokens": self.tokens, "steps": self.steps,
+               "resumed_at": self.resumed_at, "model_dir": self.model_dir, "method": self.method, "lr": self.lr}
+        return _with_validation(out, self.validation)
+
+
+@dataclass
+class Cost:
+    """What a compare run is charged (see dba_ray/compare.py)."""
+
+    own_tokens: int
+    own_wall_s: float
+    worker_s: float
+    total_tokens: int = 0
+    total_wall_s: float = 0.0
+    ratio_search_runs: int | None = None  # a mixture run: the runs of its ratio search
+
+    def as_json(self) -> dict:
+        out = {"own_tokens": self.own_tokens, "own_wall_s": self.own_wall_s, "worker_s": self.worker_s}
+        if self.ratio_search_runs is not None:
+            out["ratio_search_runs"] = self.ratio_search_runs
+        return {**out, "total_tokens": self.total_tokens, "total_wall_s": self.total_wall_s}
+
+
+@dataclass
+class MixtureFacts:
+    """How much general data a compare mixture run mixed in."""
+
+    ratio: float
+    general_sequences: int  # general rows it trained on
+    general_reuse: int  # the most times one general sequence was used (cycled when short)
+
+
+@dataclass
+class CompareRow:
+    """One run of `dba-ray compare` (a method at one lr and seed), as report.json holds it."""
+
+    scores: dict  # S_D, S_G, S, eval (per set)
+    tokens: int
+    steps: int
+    wall_s: float
+    peak_mem_mb: float
+    model_dir: str
+    method: str  # the method's name in `methods` (shared by its lrs and seeds)
+    family: str  # dba, direct, mixture or lora
+    lr: float
+    seed: int
+    set: dict  # the overrides it ran with
+    uses_global_gradient: bool
+    num_workers: int
+    mixture: MixtureFacts | None = None
+    cost: Cost | None = None
+    validation: dict | None = None
+
+    def as_json(self) -> dict:
+        out = {**self.scores, "tokens": self.tokens, "steps": self.steps, "wall_s": self.wall_s,
+               "peak_mem_mb": self.peak_mem_mb, "model_dir": self.model_dir, "method": self.method,
+               "family": self.family, "lr": self.lr, "seed": self.seed, "set": self.set,
+               "uses_global_gradient": self.uses_global_gradient, "num_workers": self.num_workers}
+        if self.mixture is not None:
+            out.update(vars(self.mixture))
+        if self.cost is not None:
+            out["cost"] = self.cost.as_json()
+        return _with_validation(out, self.validation)
+
+
+def _with_validation(row: dict, validation: dict | None) -> dict:
+    return row if validation is None else {**row, "validation": validation}
 
 
 def _deltas(metrics: dict, base: dict) -> dict:
@@ -15,12 +100,13 @@ def _deltas(metrics: dict, base: dict) -> dict:
     }
 
 
-def build_report(base: dict, results: dict[str, dict], extra: dict) -> dict:
-    """``base``: {"eval": per-set metrics, "S_D", "S_G", "S"}; ``results``: the same
-    per method plus wall_s / tokens / steps."""
+def build_report(base: dict, results: dict[str, dict | RunRow | CompareRow], extra: dict) -> dict:
+    """``base``: {"eval": per-set metrics, "S_D", "S_G", "S"}; ``results``: trained runs'
+    rows, or (`dba-ray eval`) scores alone, by name."""
     out = {"base": base, "results": {}, **extra}
-    for method, r in results.items():
-        out["results"][method] = {**r, "delta": _deltas(r["eval"], base["eval"])}
+    for name, r in results.items():
+        row = r if isinstance(r, dict) else r.as_json()
+        out["results"][name] = {**row, "delta": _deltas(row["eval"], base["eval"])}
     return out
 
 

@@ -47,16 +47,16 @@ def _jsonable(x):
     return json.loads(json.dumps(x))
 
 
-def stage1_mismatch(cfg: Config, meta: dict, check_shapes: bool = True) -> str | None:
+def stage1_mismatch(cfg: Config, meta: artifact.ArtifactMeta, check_shapes: bool = True) -> str | None:
     """What the artifact ``meta`` describes was made differently from what Stage 1 would
     make for ``cfg`` (a phrase for a message), or None when it can be reused."""
     if cfg.stage1.data is None:
         return "general data (this config has no stage1.data)"
     checks = [
-        ("base model", meta["base_model"], _jsonable(model_source(cfg.model))),
-        ("model dtype", meta["dtype"], cfg.model.dtype),
-        ("general data", meta["data"]["description"], _jsonable(describe_source(cfg.stage1.data))),
-        ("Stage 1 settings", meta.get("stage1_settings"), stage1_settings(cfg.stage1)),
+        ("base model", meta.base_model, _jsonable(model_source(cfg.model))),
+        ("model dtype", meta.dtype, cfg.model.dtype),
+        ("general data", meta.data_description, _jsonable(describe_source(cfg.stage1.data))),
+        ("Stage 1 settings", meta.stage1_settings, stage1_settings(cfg.stage1)),
     ]
     for what, made, wanted in checks:
         if made != wanted:
@@ -65,7 +65,7 @@ def stage1_mismatch(cfg: Config, meta: dict, check_shapes: bool = True) -> str |
             return what
     if check_shapes:
         shapes = artifact.parameter_shapes(load_empty_model(cfg.model))
-        if meta["param_fingerprint"] != artifact.fingerprint_of(shapes):
+        if meta.param_fingerprint != artifact.fingerprint_of(shapes):
             return "model architecture"
     return None
 
@@ -75,9 +75,3 @@ def refuse_replacing(uri: str, differs: str) -> UserError:
         f"the global gradient at {uri} was made with another {differs}: set stage1.output to "
         "another place for this config, or stage1.overwrite: true to replace it"
     )
-
-
-def stage1_wall_s(meta: dict) -> float:
-    """What reusing an artifact is charged: the wall time of the job that made it
-    (older artifacts recorded only their streaming loop)."""
-    return meta.get("wall_s", meta.get("loop_seconds", 0.0))

@@ -31,6 +31,7 @@ import ray
 from ray.train import UserCallback
 
 from dba_ray import storage
+from dba_ray.artifact import ArtifactMeta
 from dba_ray.config import Config, TrackingConfig, flatten
 from dba_ray.curves import report_rows, row_scalars
 from dba_ray.errors import UserError
@@ -260,15 +261,15 @@ def final_values(result_row: dict) -> dict[str, float]:
     return scalars(keep, "final")
 
 
-def log_stage1(cfg: Config, meta: dict, wall_s: float) -> None:
+def log_stage1(cfg: Config, meta: ArtifactMeta, wall_s: float) -> None:
     """The Stage 1 job as its own tracked run: its settings, what it saw, ĝ_G's identity."""
     run = open_run(cfg, "stage1", "stage1")
     if run is None:
         return
-    run.summary(scalars({"tokens": meta["tokens"], "sequences": meta["sequences"], "mean_loss": meta["mean_loss"],
-                         "global_norm": meta["global_norm"], "wall_s": wall_s}, "stage1"))
+    run.summary(scalars({"tokens": meta.tokens, "sequences": meta.sequences, "mean_loss": meta.mean_loss,
+                         "global_norm": meta.global_norm, "wall_s": wall_s}, "stage1"))
     run.table("global_gradient", ["param_fingerprint", "data_fingerprint", "created_at"],
-              [[meta["param_fingerprint"], meta["data"]["fingerprint"], meta["created_at"]]])
+              [[meta.param_fingerprint, meta.data_fingerprint, meta.created_at]])
     run.finish()
 
 

@@ -3,13 +3,14 @@
 Read ``_train_loop`` top to bottom: setup, resume, the step, evaluate, checkpoint,
 export, each a named helper; DDP and FSDP differ only behind ``dba_ray.parallel``.
 The domain data is read and tokenized by Ray Data, then held as two arrays in the
-object store; every worker walks the same seeded permutation per epoch and takes its slice of each global
-batch, so a run is reproducible and resumes exactly from a checkpoint.
+object store (``dba_ray.data.arrays``; a command's runs share what ``dba_ray.prepare``
+made); every worker walks the same seeded permutation per epoch and takes its slice of
+each global batch (``dba_ray.data.order``), so a run is reproducible and resumes exactly
+from a checkpoint.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -32,11 +33,11 @@ from ray.train.v2._internal.execution import context as train_context
 
 from dba_ray import artifact, harness, model_card, parallel, storage, tracking
 from dba_ray import checkpoint as checkpointing
-from dba_ray.config import Config, DBAConfig, MethodSpec, TrainConfig, digest
+from dba_ray.config import Config, DBAConfig, MethodSpec, digest
 from dba_ray.curves import CurvesCallback
-from dba_ray.data import build_sequences, collect_arrays
-from dba_ray.data.records import read_choice_records
-from dba_ray.data.tokenize import IGNORE, choice_arrays
+from dba_ray.data.arrays import EvalData, tokenize_eval, tokenize_general, tokenize_train
+from dba_ray.data.order import global_batch_rows, mixture_domain_rows, mixture_general_count
+from dba_ray.data.tokenize import IGNORE
 from dba_ray.dba import DBA, gamma_at, lr_at
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores, set_metrics, set_sums
@@ -104,17 +105,6 @@ def build_model(cfg: Config, method: str, device: torch.device) -> torch.nn.Modu
 # One worker's run, as a recipe: _setup (model, layout, DBA, optimizer, data), _resume,
 # then per step _forward_backward and _optimizer_step, with _evaluate and _report
 # (and a checkpoint) at their intervals, and _export at the end.
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_permutation(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(n)
-
-
-def _global_batch_rows(step: int, n: int, global_batch: int, steps_per_epoch: int, seed: int):
-    """Rows of global batch ``step``: the same on every worker and after a resume."""
-    epoch, i = divmod(step, steps_per_epoch)
-    return _epoch_permutation(n, seed + epoch)[i * global_batch : (i + 1) * global_batch]
 
 
 def _quiet_report_log() -> None:
@@ -204,7 +194,7 @@ def _forward_backward(w: _Worker, step: int) -> tuple[float, int]:
     t = w.cfg.train
     B, accum, world = t.batch_size, t.grad_accum, w.world
     steps_per_epoch = len(w.ids) // w.global_batch
-    rows = _global_batch_rows(step, len(w.ids), w.global_batch, steps_per_epoch, t.seed)
+    rows = global_batch_rows(step, len(w.ids), w.global_batch, steps_per_epoch, t.seed)
     # Normalize by the whole global batch's trained tokens: the same loss as one
     # process over the same rows (DDP then averages, hence × world).
     n_global = int((w.labels[rows][:, 1:] != IGNORE).sum())
@@ -352,57 +342,6 @@ def _train_loop(config: dict) -> dict:
 # ---------------------------------------------------------------- the driver
 
 
-def prepare_eval(cfg: Config, sets=None) -> tuple[dict[str, ray.ObjectRef], dict[str, str]]:
-    """Tokenize every eval set (or ``sets``, e.g. the validation sets) once; (object refs
-    of arrays, kinds) by set name."""
-    ensure_ray(cfg.ray)
-    refs, kinds = {}, {}
-    for s in cfg.eval.sets if sets is None else sets:
-        if s.type == "lm_eval":  # scored on the saved model (dba_ray/harness.py)
-            continue
-        if s.type == "choice":
-            records = read_choice_records(s.data)[: cfg.eval.max_sequences]
-            arrays = choice_arrays(records, load_tokenizer(cfg.model), s.data.seq_len)
-        else:
-            seqs = build_sequences(s.data, cfg.model, concurrency=cfg.ray.tokenize_concurrency)
-            arrays = collect_arrays(seqs, limit=cfg.eval.max_sequences)
-        if len(arrays["input_ids"]) == 0:
-            raise UserError(f"eval set {s.name!r} produced no sequences")
-        refs[s.name], kinds[s.name] = ray.put(arrays), s.kind
-    return refs, kinds
-
-
-def prepare_train_data(cfg: Config) -> ray.ObjectRef:
-    """Tokenize the domain data once, into the object store."""
-    if cfg.train.data is None:
-        raise UserError("train.data is required: the domain data to fine-tune on")
-    ensure_ray(cfg.ray)
-    arrays = collect_arrays(build_sequences(
-        cfg.train.data, cfg.model, max_records=cfg.train.max_records, concurrency=cfg.ray.tokenize_concurrency
-    ))
-    return ray.put(arrays)
-
-
-def mixture_general_count(n_domain: int, ratio: float) -> int:
-    return round(n_domain * ratio / (1 - ratio))
-
-
-def mixture_domain_rows(t, n_domain: int) -> np.ndarray:
-    """The domain sequences a mixture run mixes with general ones: those a domain-only
-    run of the same max_steps trains on (all of them past one epoch), so that the
-    general share is the ratio of what is trained, not of the whole domain file."""
-    global_batch = t.batch_size * t.num_workers * t.grad_accum
-    steps_per_epoch = n_domain // global_batch
-    if not t.max_steps or steps_per_epoch == 0 or t.max_steps >= steps_per_epoch:
-        return np.arange(n_domain)
-    return np.sort(_epoch_permutation(n_domain, t.seed)[: t.max_steps * global_batch])
-
-
-def planned_steps(t, n_domain: int) -> int:
-    """T of a domain-only run over ``n_domain`` sequences."""
-    return t.max_steps or n_domain // (t.batch_size * t.num_workers * t.grad_accum) * t.epochs
-
-
 def saturation_warning(name: str, d: DBAConfig, total: int) -> str | None:
     """A line when γ_t sits at gamma_max for more than a tenth of the steps: there the
     optimizer sees mostly ĝ_G, a fixed direction, step after step."""
@@ -416,32 +355,6 @@ def saturation_warning(name: str, d: DBAConfig, total: int) -> str | None:
         f"so those steps follow the fixed ĝ_G; train longer (T well above dba.boost), "
         f"lower dba.boost, or cap dba.gamma_max"
     )
-
-
-def prepare_general_data(cfg: Config, n: int) -> ray.ObjectRef:
-    """The first ``n`` general sequences for the mixture baseline, tokenized at the
-    domain data's sequence length (so the two stack into one array)."""
-    source = cfg.train.mixture.data or cfg.stage1.data
-    if source is None:
-        raise UserError("method mixture needs general data: set train.mixture.data or stage1.data")
-    source = source.model_copy(update={"seq_len": cfg.train.data.seq_len})
-    ensure_ray(cfg.ray)
-    seqs = build_sequences(source, cfg.model, concurrency=cfg.ray.tokenize_concurrency)
-    arrays = collect_arrays(seqs, limit=n)
-    if len(arrays["input_ids"]) == 0:
-        raise UserError(
-            f"the mixture's general data {source.path or source.hf_dataset} has no sequences: "
-            "point train.mixture.data (or stage1.data) at general text"
-        )
-    return ray.put(arrays)
-
-
-def prepare_mixture_data(cfg: Config, train_ref: ray.ObjectRef, trains: list[TrainConfig]) -> ray.ObjectRef:
-    """General sequences enough for every mixture run of ``trains`` (each run's own,
-    resolved settings: its ratio, steps and batch decide how many it mixes in), shared."""
-    n = len(ray.get(train_ref)["input_ids"])
-    need = max(mixture_general_count(len(mixture_domain_rows(t, n)), t.mixture.ratio) for t in trains)
-    return prepare_general_data(cfg, need)
 
 
 def _mix(domain: dict, general: dict, n_general: int, name: str) -> dict:
@@ -461,7 +374,7 @@ def run_train(
     *,
     grad_source: str | ray.ObjectRef | None = None,
     train_ref: ray.ObjectRef | None = None,
-    eval_refs: tuple[dict, dict] | None = None,
+    eval_refs: EvalData | None = None,
     general_ref: ray.ObjectRef | None = None,
     callbacks: tuple = (),
     tracking_parent: tracking.TrackingParent | None = None,
@@ -469,7 +382,8 @@ def run_train(
 ) -> TrainResult:
     """Train one method (or a named variant) on the domain data; save the model under
     ``<output_dir>/<name>/model``. ``train_ref`` / ``eval_refs`` / ``general_ref`` reuse
-    data already tokenized by an earlier call; ``grad_source`` overrides the configured
+    data already tokenized (``Prepared.run_train_data()``); without them the run tokenizes
+    its own; ``grad_source`` overrides the configured
     artifact; ``callbacks`` are extra Ray Train callbacks (Tune's reporter);
     ``tracking_parent`` / ``tracking_name``: the group and name of its tracked run."""
     spec = as_spec(method)
@@ -482,9 +396,9 @@ def run_train(
     check_cpu_headroom(t.num_workers * t.cpus_per_worker)
     harness.require_harness(cfg)
     if train_ref is None:
-        train_ref = prepare_train_data(cfg)
+        train_ref = tokenize_train(cfg)
     if eval_refs is None:
-        eval_refs = prepare_eval(cfg)
+        eval_refs = tokenize_eval(cfg)
     plan = _plan(cfg, spec, train_ref, general_ref)
 
     run_dir = storage.join(storage.absolute(cfg.output_dir), spec.name)
@@ -501,8 +415,8 @@ def run_train(
             "tracker": tracker,
             "grad_source": grad_source,
             "train_ref": plan.train_ref,
-            "eval_refs": eval_refs[0],
-            "eval_kinds": eval_refs[1],
+            "eval_refs": eval_refs.refs,
+            "eval_kinds": eval_refs.kinds,
             "run_dir": run_dir,
             "model_dir": storage.join(run_dir, "model"),
         },
@@ -539,7 +453,7 @@ def run_train(
 class _GradCheck:
     used: bool  # whether the run uses ĝ_G at all
     identity: object  # which ĝ_G: part of the run's identity, so a new one means a new run
-    meta: dict | None  # its metadata, for the model card
+    meta: artifact.ArtifactMeta | None  # its metadata, for the model card
 
 
 def _check_global_gradient(cfg: Config, grad_source) -> _GradCheck:
@@ -550,14 +464,13 @@ def _check_global_gradient(cfg: Config, grad_source) -> _GradCheck:
         return _GradCheck(used=False, identity=None, meta=None)
     if not isinstance(grad_source, str):  # an ObjectRef: made in this driver, for this model
         return _GradCheck(used=True, identity=grad_source.hex(), meta=None)
-    meta = artifact.read_meta(grad_source)
+    meta = artifact.ArtifactMeta.read(grad_source)
     artifact.check_made_for(meta, load_empty_model(cfg.model), cfg.model.name_or_path, grad_source)
     needs_v = d.anchor == "fisher" or (d.ggb and d.boost_mode == "update")
-    if needs_v and not meta.get("has_second_moment"):
+    if needs_v and not meta.has_second_moment:
         what = "anchor: fisher" if d.anchor == "fisher" else "boost_mode: update"
         raise UserError(f"{what} needs v_G, but {grad_source} has none (run Stage 1 with stage1.second_moment: true)")
-    identity = [meta["created_at"], meta["data"]["fingerprint"], meta["global_norm"]]
-    return _GradCheck(used=True, identity=identity, meta=meta)
+    return _GradCheck(used=True, identity=meta.identity, meta=meta)
 
 
 @dataclass
@@ -577,7 +490,7 @@ def _plan(cfg: Config, spec: MethodSpec, train_ref: ray.ObjectRef, general_ref: 
     if spec.method == "mixture":
         rows = mixture_domain_rows(t, len(arrays["input_ids"]))
         n_general = mixture_general_count(len(rows), t.mixture.ratio)
-        general_ref = general_ref or prepare_general_data(cfg, n_general)
+        general_ref = general_ref or tokenize_general(cfg, n_general)
         arrays = _mix({k: v[rows] for k, v in arrays.items()}, ray.get(general_ref), n_general, spec.name)
         train_ref = ray.put(arrays)
         if max_steps:  # max_steps counts domain steps: every method sees as much domain data
@@ -595,7 +508,7 @@ def _plan(cfg: Config, spec: MethodSpec, train_ref: ray.ObjectRef, general_ref: 
         log.warning(warning)
     row_tokens = (arrays["labels"][:, 1:] != IGNORE).sum(axis=1)
     tokens = sum(
-        int(row_tokens[_global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)].sum())
+        int(row_tokens[global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)].sum())
         for s in range(total)
     )
     return _Plan(train_ref=train_ref, total=total, tokens=tokens, global_batch=global_batch)

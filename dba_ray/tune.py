@@ -19,11 +19,12 @@ from dba_ray.config import Config, MergeConfig, MethodSpec, flatten
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets
 from dba_ray.merge_curves import EvalGroups, domain_fisher, export_merge, general_fisher_uri, merged_model, score_merges
+from dba_ray.data.arrays import EvalData, tokenize_eval
 from dba_ray.methods import config_for_run, uses_global_gradient
+from dba_ray.prepare import Prepared, ensure_base_model, prepare
 from dba_ray.ray_runtime import ensure_ray
-from dba_ray.run import ensure_base_model, ensure_global_gradient, evaluate_models
-from dba_ray.trainer import prepare_eval, prepare_mixture_data, prepare_train_data
-from dba_ray.trials import run_trials, trial_row
+from dba_ray.scoring import evaluate_models
+from dba_ray.trials import TrialRow, run_trials
 
 log = logging.getLogger("dba_ray")
 
@@ -83,18 +84,18 @@ def _is_domain(value) -> bool:
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in _DOMAINS
 
 
-def _grid_refs(cfg: Config, spec: MethodSpec, values: dict[str, list]) -> dict:
-    """Data and ĝ_G every trial shares: tokenized once, in the object store."""
-    refs = {"grad_source": None, "train": prepare_train_data(cfg), "eval": prepare_eval(cfg)}
-    # A dba sweep may switch GGB, DC or the anchor on in any trial.
-    if spec.method == "dba" or uses_global_gradient(config_for_run(cfg, spec).train.dba):
-        refs["grad_source"] = ensure_global_gradient(cfg)["uri"]
+def _prepare_sweep(cfg: Config, spec: MethodSpec, values: dict[str, list]) -> Prepared:
+    """Data and ĝ_G every trial shares, made once (``cfg.eval.sets``: the sets trials
+    are selected on)."""
+    t = config_for_run(cfg, spec).train
+    mixtures = []
     if spec.method == "mixture":
-        t = config_for_run(cfg, spec).train
         swept = [t.model_copy(update={"mixture": t.mixture.model_copy(update={"ratio": float(r)})})
                  for r in values.get("mixture.ratio", [])]
-        refs["general"] = prepare_mixture_data(cfg, refs["train"], [t, *swept])
-    return refs
+        mixtures = [t, *swept]
+    # A dba sweep may switch GGB, DC or the anchor on in any trial.
+    stage1 = spec.method == "dba" or uses_global_gradient(t.dba)
+    return prepare(cfg, mixtures=mixtures, stage1=stage1, validation=False)
 
 
 @tracking.tracked_command("tune")
@@ -123,7 +124,7 @@ def run_tune(cfg: Config) -> dict:
         cfg.eval.sets = validation
     else:
         log.warning("no validation sets: selecting on eval.sets, which then overstate the best S")
-    refs = _grid_refs(cfg, tc.method, values)
+    prepared = _prepare_sweep(cfg, tc.method, values)
     scheduler = None
     if tc.asha:
         if cfg.train.checkpoint_every != cfg.train.eval_every:
@@ -136,28 +137,29 @@ def run_tune(cfg: Config) -> dict:
         )
     param_space = {"name": tc.method.name, "method": tc.method.method, "set": {**tc.method.set, **space}}
     grid = run_trials(
-        cfg, param_space, refs, name="tune", max_concurrent=tc.max_concurrent, scheduler=scheduler,
+        cfg, param_space, prepared, name="tune", max_concurrent=tc.max_concurrent, scheduler=scheduler,
         num_samples=tc.num_samples, seed=tc.seed,
     )
-    rows = [trial_row(r) for r in grid]
-    errors = [r for r in rows if r["status"] == "error"]
-    done = [r for r in rows if r["status"] == "done" and not math.isnan(r["S"])]
+    rows = [TrialRow.of(r) for r in grid]
+    errors = [r for r in rows if r.status == "error"]
+    done = [r for r in rows if r.status == "done" and not math.isnan(r.S)]
     if not done:
         first = next((r.error for r in grid if r.error), None)
         cause = f"; first error: {str(first).strip().splitlines()[-1]}" if first else ""
         raise UserError(f"no trial finished ({len(errors)} errored{cause}); re-run the same command to resume")
-    best = max(done, key=lambda r: r["S"])
+    best = max(done, key=lambda r: r.S)
     out = storage.absolute(cfg.output_dir)
     best_model = storage.join(out, "best", "model")
-    storage.copy_directory(best["model_dir"], best_model, marker="config.json")
-    best_spec = {"name": f"{tc.method.name}-best", "method": tc.method.method, "set": best["set"]}
+    storage.copy_directory(best.model_dir, best_model, marker="config.json")
+    best_spec = {"name": f"{tc.method.name}-best", "method": tc.method.method, "set": best.set}
     test = None
     if validation and test_sets:  # the best model, scored on data it was not picked on
         test_cfg = cfg.model_copy(deep=True)
         test_cfg.eval.sets = test_sets
         test = evaluate_models(test_cfg, {"best": best_model})["best"]
     summary = {
-        "trials": rows, "best": {**best, "spec": best_spec, "exported_to": best_model, "test": test},
+        "trials": [r.as_json() for r in rows],
+        "best": {**best.as_json(), "spec": best_spec, "exported_to": best_model, "test": test},
         "errored": len(errors), "total_wall_s": time.monotonic() - start,
     }
     storage.write_bytes_atomic(storage.join(out, "best.yaml"), yaml.safe_dump({"methods": [best_spec]}).encode())
@@ -179,14 +181,15 @@ def _write_summary(out: str, summary: dict, knobs: list[str]) -> None:
 MERGE_KNOB = "merge.knob"
 
 
-def _merge_trial(params: dict, *, cfg_dump: dict, model_dir: str, fisher_uris, refs: tuple) -> None:
+def _merge_trial(params: dict, *, cfg_dump: dict, model_dir: str, fisher_uris, val_data: EvalData) -> None:
     """One trial: the merge at one knob, scored on the validation sets (no training)."""
     cfg = Config.model_validate(cfg_dump)
     torch.set_num_threads(cfg.train.cpus_per_worker)
     knob = float(params["set"][MERGE_KNOB])
     model = merged_model(cfg, model_dir, cfg.merge.mode, knob, fisher_uris)
     start = time.monotonic()
-    scored = score_sets(model, {n: ray.get(r) for n, r in refs[0].items()}, refs[1], cfg.eval.batch_size, "cpu")
+    sets = {n: ray.get(r) for n, r in val_data.refs.items()}
+    scored = score_sets(model, sets, val_data.kinds, cfg.eval.batch_size, "cpu")
     tune.report({**scored, "final": True, "run_wall_s": time.monotonic() - start, "model_dir": model_dir})
 
 
@@ -212,10 +215,10 @@ def run_merge_sweep(cfg: Config) -> dict:
     ensure_ray(cfg.ray)
     start = time.monotonic()
     fisher_uris = (general_fisher_uri(cfg), domain_fisher(cfg, model_dir)[0]) if cfg.merge.mode == "fisher" else None
-    val_refs = prepare_eval(cfg, validation)
+    val_data = tokenize_eval(cfg, validation)
     trainable = tune.with_resources(
         tune.with_parameters(_merge_trial, cfg_dump=cfg.model_dump(), model_dir=model_dir,
-                             fisher_uris=fisher_uris, refs=val_refs),
+                             fisher_uris=fisher_uris, val_data=val_data),
         {"CPU": cfg.train.cpus_per_worker},
     )
     param_space = {"name": f"merge-{tc.method.name}", "set": {MERGE_KNOB: tune.grid_search(cfg.merge.knob_values())}}
@@ -224,24 +227,25 @@ def run_merge_sweep(cfg: Config) -> dict:
         tune_config=tune.TuneConfig(max_concurrent_trials=tc.max_concurrent),
         run_config=tune.RunConfig(name="tune-merge", **storage.ray_storage(out)),
     ).fit()
-    rows = [trial_row(r) for r in grid]
-    done = [r for r in rows if r["status"] == "done"]
+    rows = [TrialRow.of(r) for r in grid]
+    done = [r for r in rows if r.status == "done"]
     if not done:
         raise UserError(f"no merge trial finished: {next((str(r.error) for r in grid if r.error), '?').splitlines()[-1]}")
-    done = [r for r in done if not math.isnan(r["S"])] or done
+    done = [r for r in done if not math.isnan(r.S)] or done
     # As merge curves choose: the best validation S, ties to the end nearer the trained model.
     nearer = (lambda k: -k) if cfg.merge.mode == "fisher" else (lambda k: k)
-    best = max(done, key=lambda r: (r["S"], nearer(float(r["set"][MERGE_KNOB]))))
-    knob = float(best["set"][MERGE_KNOB])
+    best = max(done, key=lambda r: (r.S, nearer(float(r.set[MERGE_KNOB]))))
+    knob = float(best.set[MERGE_KNOB])
     test = None
     if cfg.eval.sets:
-        groups = EvalGroups.of(prepare_eval(cfg))
+        groups = EvalGroups.of(tokenize_eval(cfg))
         test = score_merges(cfg, model_dir, cfg.merge.mode, [knob], groups, fisher_uris)[0].test
     best_dir = storage.join(out, "best", "model")
-    chosen_on = {k: best[k] for k in ("S_D", "S_G", "S", "eval")}
+    chosen_on = best.scores()
     export_merge(cfg, tc.method.name, model_dir, cfg.merge.mode, knob, fisher_uris, chosen_on, best_dir)
     summary = {
-        "trials": rows, "best": {**best, "exported_to": best_dir, "test": test, "mode": cfg.merge.mode},
+        "trials": [r.as_json() for r in rows],
+        "best": {**best.as_json(), "exported_to": best_dir, "test": test, "mode": cfg.merge.mode},
         "errored": len(rows) - len(done), "total_wall_s": time.monotonic() - start,
     }
     _write_summary(out, summary, [MERGE_KNOB])

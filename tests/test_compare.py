@@ -118,11 +118,12 @@ def test_mixture_takes_the_domain_rows_the_run_trains_and_cycles_short_general_d
     import numpy as np
 
     from dba_ray.config import TrainConfig
-    from dba_ray.trainer import _global_batch_rows, _mix, mixture_domain_rows
+    from dba_ray.data.order import global_batch_rows, mixture_domain_rows
+    from dba_ray.trainer import _mix
 
     t = TrainConfig(batch_size=4, max_steps=3, seed=7)
     rows = mixture_domain_rows(t, 40)
-    used = np.concatenate([_global_batch_rows(s, 40, 4, 10, 7) for s in range(3)])
+    used = np.concatenate([global_batch_rows(s, 40, 4, 10, 7) for s in range(3)])
     assert sorted(rows) == sorted(used) and len(rows) == 12  # exactly what `direct` trains on
     assert len(mixture_domain_rows(t.model_copy(update={"max_steps": 30}), 40)) == 40  # past one epoch: all
     domain = {"input_ids": np.zeros((4, 2), np.int32), "labels": np.zeros((4, 2), np.int32)}

@@ -12,7 +12,8 @@ from dba_ray.checkpoint import shard_file
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.merge_curves import merged_model
 from dba_ray.model import load_model
-from dba_ray.trainer import prepare_eval, prepare_train_data, run_train
+from dba_ray.data.arrays import tokenize_eval, tokenize_train
+from dba_ray.trainer import run_train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -34,7 +35,7 @@ def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     ddp_cfg = fsdp_config(tmp_path, "ddp")
     run_global_gradient(ddp_cfg)
     # Both runs read the same domain data and eval sets: tokenize them once.
-    data = {"train_ref": prepare_train_data(ddp_cfg), "eval_refs": prepare_eval(ddp_cfg)}
+    data = {"train_ref": tokenize_train(ddp_cfg), "eval_refs": tokenize_eval(ddp_cfg)}
     ddp = saved_weights(run_train(ddp_cfg, "dba", **data).model_dir)
     base = {n: p.detach() for n, p in load_model(ddp_cfg.model).named_parameters()}
     assert rel_error(ddp, base) > 1e-3  # the run moved the weights

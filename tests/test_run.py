@@ -8,7 +8,7 @@ import yaml
 from conftest import make_docs, write_jsonl
 from dba_ray.cli import main
 from dba_ray.config import load_config
-from dba_ray.run import ensure_base_model, ensure_global_gradient
+from dba_ray.prepare import ensure_base_model, ensure_global_gradient
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -68,7 +68,7 @@ def test_run_writes_report_then_eval_scores_models(tmp_path, capsys, caplog):
     assert any("reusing the pretrained base model" in r.message for r in caplog.records)
     # Reusing ĝ_G is charged the wall time of the job that made it, not 0.
     reused = ensure_global_gradient(again)
-    assert reused["reused"] and 0 < reused["wall_s"] <= report["stage1"]["wall_s"]
+    assert reused.reused and 0 < reused.wall_s <= report["stage1"]["wall_s"]
 
     # `dba-ray train` with the same config resumes the finished run: same model, scored.
     capsys.readouterr()

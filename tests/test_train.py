@@ -12,15 +12,15 @@ from conftest import fail_once_at_step, make_docs, write_jsonl
 from dba_ray import artifact
 from dba_ray.config import Config
 from dba_ray.data import build_sequences, collect_arrays
+from dba_ray.data.arrays import general_for_mixtures, tokenize_train
+from dba_ray.data.order import global_batch_rows, mixture_domain_rows
 from dba_ray.dba import DBA, lr_at
 from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model
 from dba_ray.methods import config_for_run, uses_global_gradient
-from dba_ray.trainer import (
-    _global_batch_rows, mixture_domain_rows, prepare_mixture_data, prepare_train_data, run_train,
-)
+from dba_ray.trainer import run_train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -43,9 +43,9 @@ def one_process_eval(cfg: Config, model_dir: str) -> dict:
     import ray
 
     from dba_ray.evaluate import scores, set_metrics, set_sums
-    from dba_ray.trainer import prepare_eval
+    from dba_ray.data.arrays import tokenize_eval
 
-    refs, kinds = prepare_eval(cfg)
+    refs, kinds = tokenize_eval(cfg)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     out = {n: set_metrics(set_sums(model, ray.get(r), 3, torch.device("cpu"))) for n, r in refs.items()}
     return {"eval": out, **scores(out, kinds)}
@@ -105,7 +105,7 @@ def reference_weights(cfg: Config, arrays: dict | None = None, total: int | None
     opt = torch.optim.AdamW(model.parameters(), lr=t.schedule.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     gb = t.batch_size * t.num_workers * t.grad_accum
     for step in range(total):
-        rows = _global_batch_rows(step, len(ids), gb, len(ids) // gb, t.seed)
+        rows = global_batch_rows(step, len(ids), gb, len(ids) // gb, t.seed)
         loss, n = token_loss_sum(model, ids[rows], labels[rows])
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -191,11 +191,11 @@ def test_mixture_general_data_is_sized_by_each_run_own_settings(tmp_path):
     cfg = make_config(tmp_path, "mixsize", num_workers=1, max_steps=2, mixture={"ratio": 0.25})
     short = config_for_run(cfg, "mixture").train
     long = short.model_copy(update={"max_steps": 5, "mixture": short.mixture.model_copy(update={"ratio": 0.5})})
-    train_ref = prepare_train_data(cfg)
+    train_ref = tokenize_train(cfg)
     n = len(ray.get(train_ref)["input_ids"])
     for trains, want in (([short], round(2 * 4 * 0.25 / 0.75)), ([short, long], 5 * 4)):
         assert len(mixture_domain_rows(trains[-1], n)) < n  # T steps' rows, not the file
-        general = ray.get(prepare_mixture_data(cfg, train_ref, trains))
+        general = ray.get(general_for_mixtures(cfg, train_ref, trains))
         assert len(general["input_ids"]) == want
 
 

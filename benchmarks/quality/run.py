@@ -42,7 +42,7 @@ from dba_ray.curves import read_curves  # noqa: E402
 from dba_ray.global_gradient import run_global_gradient  # noqa: E402
 from dba_ray.model import load_model  # noqa: E402
 from dba_ray.plots import frontier  # noqa: E402
-from dba_ray.run import ensure_base_model, ensure_global_gradient  # noqa: E402
+from dba_ray.prepare import ensure_base_model, ensure_global_gradient  # noqa: E402
 
 HERE = Path(__file__).parent
 log = logging.getLogger("quality")
@@ -127,7 +127,7 @@ def prepare_base(b: Bench) -> tuple[str, dict, dict]:
     tree["train"]["cpus_per_worker"] = 2  # one run: both cores
     cfg = ensure_base_model(Config.model_validate(tree))
     base = cfg.model.name_or_path
-    stage1 = ensure_global_gradient(cfg)
+    stage1 = ensure_global_gradient(cfg).as_json()  # report.json's stage1
     svd_uri = str(b.out / "global_gradient_svd")
     hidden = tree["model"]["builtin_config"]["hidden_size"]
     if not (Path(svd_uri) / "meta.json").exists():
