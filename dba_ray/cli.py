@@ -3,8 +3,9 @@
 User errors (bad config, missing files, malformed data, mismatched artifacts) end with
 one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 
-Each command imports the module that runs it inside its ``cmd_*`` function: the only
-imports inside functions outside optional dependencies, so that ``--help``,
+Each command imports the module that runs it inside its ``cmd_*`` function (or, for
+the pipelines, through ``_PIPELINES``): the only imports inside functions outside
+optional dependencies, so that ``--help``,
 ``options`` and a config error answer without loading torch and Ray (tens of seconds
 on a busy machine).
 """
@@ -12,6 +13,7 @@ on a busy machine).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -88,31 +90,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
-    from dba_ray.run import run_all
-
-    run_all(_load_config(args))
-    return 0
-
-
-def cmd_tune(args) -> int:
-    from dba_ray.tune import run_tune
-
-    run_tune(_load_config(args))
-    return 0
+# Commands that hand their config to one function of one module, imported when the
+# command runs (see the module docstring): command -> (module, function).
+_PIPELINES = {
+    "run": ("dba_ray.run", "run_all"),
+    "tune": ("dba_ray.tune", "run_tune"),
+    "compare": ("dba_ray.compare", "run_compare"),
+    "merge": ("dba_ray.run", "run_merge"),
+}
 
 
-def cmd_compare(args) -> int:
-    from dba_ray.compare import run_compare
-
-    run_compare(_load_config(args))
-    return 0
-
-
-def cmd_merge(args) -> int:
-    from dba_ray.run import run_merge
-
-    run_merge(_load_config(args))
+def cmd_pipeline(args) -> int:
+    cfg = _load_config(args)  # first: a bad config fails before torch and Ray load
+    module, function = _PIPELINES[args.command]
+    getattr(importlib.import_module(module), function)(cfg)
     return 0
 
 
@@ -201,13 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="the pipeline: base model, Stage 1, Stage 2 per method, evaluation, report"
     )
     _add_config_args(p)
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser(
         "tune", help="Ray Tune sweep of one method's annealing knobs (ASHA on validation S)"
     )
     _add_config_args(p)
-    p.set_defaults(func=cmd_tune)
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser(
         "compare",
@@ -215,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report with costs and plots",
     )
     _add_config_args(p)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser(
         "merge",
@@ -223,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "points per run, scored, the knob chosen on eval.validation_sets and exported",
     )
     _add_config_args(p)
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("inspect", help="print the metadata of a global-gradient artifact")
     p.add_argument("path", help="artifact directory (local path or s3:// / gs:// URI)")
