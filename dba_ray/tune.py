@@ -118,6 +118,7 @@ def run_tune(cfg: Config) -> dict:
     preflight.check(cfg, [tc.method])
     ensure_ray(cfg.ray)
     start = time.monotonic()
+    # The base model first, while eval.sets are still the sets pretraining evaluates on.
     cfg = ensure_base_model(cfg)
     test_sets = cfg.eval.sets
     if validation:
