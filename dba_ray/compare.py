@@ -26,6 +26,7 @@ from dba_ray.errors import UserError
 from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.plots import frontier, training_curves
 from dba_ray.prepare import Prepared, Stage1Summary, prepare
+from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import CompareRow, Cost, MixtureFacts, build_report, write_report
 from dba_ray.scoring import evaluate_models, score_after_training
 from dba_ray.trainer import saturation_warning
@@ -130,6 +131,7 @@ def run_compare(cfg: Config) -> dict:
     specs = [MethodSpec(name=r["name"], method=r["method"], set=r["set"]) for r in runs]
     preflight.check(cfg, specs)
     preflight.check_merge(cfg)
+    ensure_ray(cfg.ray)
     start = time.monotonic()
     resolved = {s.name: config_for_run(cfg, s) for s in specs}
     needs_grad = {n for n, c in resolved.items() if uses_global_gradient(c.train.dba)}

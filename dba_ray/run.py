@@ -28,6 +28,7 @@ def run_all(cfg: Config) -> dict:
         raise UserError("dba-ray run needs eval.sets (domain and general) to score the methods")
     preflight.check(cfg, cfg.methods)
     preflight.check_merge(cfg)
+    ensure_ray(cfg.ray)
     start = time.monotonic()
     prepared = prepare(cfg, mixtures=mixture_trains(cfg, cfg.methods), stage1=needs_stage1(cfg, cfg.methods))
     cfg = prepared.cfg
