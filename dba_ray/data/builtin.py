@@ -14,6 +14,8 @@ import hashlib
 import importlib
 import inspect
 
+from dba_ray.errors import UserError
+
 PREFIX = "builtin:"
 
 _GENERAL_MODULES = (
