@@ -33,11 +33,11 @@ import yaml
 from dba_ray import artifact
 from dba_ray.config import Config
 from dba_ray.data import build_sequences, collect_arrays
+from dba_ray.data.arrays import tokenize_eval
 from dba_ray.evaluate import score_sets
 from dba_ray.merge_curves import base_tensors, domain_fisher
 from dba_ray.model import load_model
 from dba_ray.ray_runtime import ensure_ray
-from dba_ray.data.arrays import tokenize_eval
 
 log = logging.getLogger("diagnosis")
 QUIET = 0.01  # "hardly moved by the domain": √v_D below this fraction of its tensor's mean

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+
 import numpy as np
 import psutil
 import ray

@@ -19,7 +19,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 
-
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """Shard ``model`` in place: one FSDP unit per transformer block (the classes a
     Hugging Face model lists in ``_no_split_modules``), the rest in the root unit, so

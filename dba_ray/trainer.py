@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
-
 from ray.train.v2._internal.execution import context as train_context
 
 from dba_ray import artifact, harness, model_card, parallel, storage, tracking

@@ -16,10 +16,10 @@ from ray import tune
 
 from dba_ray import preflight, storage, tracking
 from dba_ray.config import Config, MergeConfig, MethodSpec, flatten
+from dba_ray.data.arrays import EvalData, tokenize_eval
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets
 from dba_ray.merge_curves import EvalGroups, domain_fisher, export_merge, general_fisher_uri, merged_model, score_merges
-from dba_ray.data.arrays import EvalData, tokenize_eval
 from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.prepare import Prepared, ensure_base_model, prepare
 from dba_ray.ray_runtime import ensure_ray

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import make_docs, write_jsonl
+
 from dba_ray import artifact
 from dba_ray.cli import main
 
@@ -26,12 +26,12 @@ def error_line(capsys) -> str:
 def write_artifact(path, data_path: str) -> dict:
     """A real ĝ_G artifact of the builtin model, as Stage 1 would record it for a config
     whose general data is ``data_path`` (no Ray: the tensors are zeros)."""
+    import torch
+
     from dba_ray.config import Config
     from dba_ray.data import describe_source
     from dba_ray.global_gradient import stage1_settings
     from dba_ray.model import load_empty_model, model_source
-
-    import torch
 
     cfg = Config.model_validate({"stage1": {"data": {"path": data_path, "seq_len": 32}}})
     shapes = artifact.parameter_shapes(load_empty_model(cfg.model))

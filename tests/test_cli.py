@@ -4,8 +4,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import make_docs, write_jsonl
+
 from dba_ray import artifact
 from dba_ray.cli import main
 from dba_ray.progress import progress_line

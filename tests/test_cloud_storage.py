@@ -11,16 +11,16 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
-from safetensors.torch import load as st_load
-
 from conftest import fail_once_at_step, make_docs, write_jsonl
+from safetensors.torch import load as st_load
+from test_artifact import fake_gradient
+
 from dba_ray import artifact, storage
 from dba_ray.checkpoint import shard_file
 from dba_ray.cli import main
 from dba_ray.config import ModelConfig
 from dba_ray.errors import UserError
 from dba_ray.model import load_model, load_tokenizer
-from test_artifact import fake_gradient
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import matplotlib.image
 import pytest
 import torch
 import yaml
+from conftest import make_docs, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import make_docs, write_jsonl
 from dba_ray.cli import main
 from dba_ray.config import load_config
 from dba_ray.model import load_model

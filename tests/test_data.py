@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_docs, write_jsonl
+
 from dba_ray.config import DataConfig, ModelConfig
 from dba_ray.data import build_sequences
 from dba_ray.data.records import ReadFiles
@@ -71,7 +71,7 @@ def test_chat_trains_only_on_assistant_turns(tmp_path):
     ]
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}])
     ids, labels = rows(DataConfig(path=path, format="chat", seq_len=128))
-    trained = TOK.decode([t for t, l in zip(ids[0], labels[0]) if l != IGNORE])
+    trained = TOK.decode([t for t, lab in zip(ids[0], labels[0]) if lab != IGNORE])
     assert trained == "hello<|eos|>ciao<|eos|>"
 
 

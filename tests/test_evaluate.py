@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from dba_ray.config import DataConfig, ModelConfig
 from dba_ray.data.records import read_choice_records
 from dba_ray.data.tokenize import choice_arrays
@@ -27,7 +27,7 @@ def test_choice_accuracy_matches_direct_log_likelihoods(tmp_path):
     arrays = choice_arrays(RECORDS, tok, seq_len=48)
     assert len(arrays["input_ids"]) == 9 and arrays["group"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
     expected = 0
-    for r, rec in enumerate(RECORDS):
+    for rec in RECORDS:
         lls = []
         for choice in rec["choices"]:
             prompt = tok(f"{rec['question']}\nAnswer:", add_special_tokens=False)["input_ids"]

@@ -9,10 +9,10 @@ from conftest import fail_once_at_step
 from test_train import assert_same_eval, make_config, one_process_eval, rel_error, saved_weights
 
 from dba_ray.checkpoint import shard_file
+from dba_ray.data.arrays import tokenize_eval, tokenize_train
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.merge_curves import merged_model
 from dba_ray.model import load_model
-from dba_ray.data.arrays import tokenize_eval, tokenize_train
 from dba_ray.trainer import run_train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

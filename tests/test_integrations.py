@@ -18,8 +18,8 @@ import urllib.request
 
 import pytest
 import yaml
-
 from conftest import make_docs, write_jsonl
+
 from dba_ray.cli import main
 from dba_ray.curves import STEP_KEYS, read_curves
 
@@ -245,7 +245,7 @@ def test_mlflow_file_store_has_every_run_grouped(pipeline, monkeypatch):
     meta = json.loads((out / "global_gradient" / "meta.json").read_text())
     assert runs["stage1"].data.metrics["stage1/tokens"] == meta["tokens"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"report.md", "report.json", "report.json"} <= artifacts
+    assert {"report.md", "report.json"} <= artifacts
     logged = json.loads(open(client.download_artifacts(parent.info.run_id, "report.json")).read())
     assert logged["results"]["dba"]["S"] == report["results"]["dba"]["S"]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_docs, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import make_docs, write_jsonl
 from dba_ray.cli import main
-from dba_ray.config import Config, ModelConfig
+from dba_ray.config import ModelConfig
 from dba_ray.merge import EPS, FisherPair, SavedTensors, merge_into, merged_tensor
 from dba_ray.model import load_model
 from dba_ray.plots import frontier
@@ -51,7 +51,7 @@ def test_fisher_with_equal_weights_is_linear_at_one_half():
     fmodel, lmodel = load_model(ModelConfig(seed=1)), load_model(ModelConfig(seed=1))
     merge_into(fmodel, theta0, 1.0, pair)
     merge_into(lmodel, theta0, 0.5)
-    for (n, f), (_, lin) in zip(fmodel.named_parameters(), lmodel.named_parameters()):
+    for (_, f), (_, lin) in zip(fmodel.named_parameters(), lmodel.named_parameters()):
         torch.testing.assert_close(f, lin, rtol=1e-6, atol=1e-7)
     # λ = 0 is the trained model, exactly; a huge λ is the base wherever F_G > 0.
     zero = load_model(ModelConfig(seed=1))

@@ -5,29 +5,20 @@ Drivers run as subprocesses joined to that cluster; the one-process references t
 are checked against run in this process, on the session's cluster."""
 
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 import yaml
-
 from conftest import make_docs, write_jsonl
-from dba_ray import artifact
-from dba_ray.config import Config, load_config
-from dba_ray.data import build_sequences, collect_arrays
-from dba_ray.data.tokenize import IGNORE
-from dba_ray.global_gradient import _MASK64, sequence_hash
-from dba_ray.methods import config_for_run
-from dba_ray.model import load_model
 from multinode import LocalCluster
 from test_train import reference_weights, rel_error, saved_weights
+
+from dba_ray.config import load_config
+from dba_ray.methods import config_for_run
 
 pytestmark = [
     pytest.mark.usefixtures("ray_cluster"),

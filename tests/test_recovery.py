@@ -11,8 +11,8 @@ import time
 import pytest
 import ray
 import yaml
-
 from conftest import make_docs, write_jsonl
+
 from dba_ray.cli import main
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

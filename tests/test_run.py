@@ -4,8 +4,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import make_docs, write_jsonl
+
 from dba_ray.cli import main
 from dba_ray.config import load_config
 from dba_ray.prepare import ensure_base_model, ensure_global_gradient

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import ray
 import torch
-
 from conftest import make_docs, tiny_config, write_jsonl
+
 from dba_ray import artifact
 from dba_ray.data import build_sequences
 from dba_ray.global_gradient import run_global_gradient

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fail_once_at_step, make_docs, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import fail_once_at_step, make_docs, write_jsonl
 from dba_ray import artifact
 from dba_ray.config import Config
 from dba_ray.data import build_sequences, collect_arrays
@@ -18,8 +18,8 @@ from dba_ray.dba import DBA, lr_at
 from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.loss import token_loss_sum
-from dba_ray.model import load_model
 from dba_ray.methods import config_for_run, uses_global_gradient
+from dba_ray.model import load_model
 from dba_ray.trainer import run_train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -42,8 +42,8 @@ def one_process_eval(cfg: Config, model_dir: str) -> dict:
     """The eval sets scored by one process on the saved model."""
     import ray
 
-    from dba_ray.evaluate import scores, set_metrics, set_sums
     from dba_ray.data.arrays import tokenize_eval
+    from dba_ray.evaluate import scores, set_metrics, set_sums
 
     refs, kinds = tokenize_eval(cfg)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -5,11 +5,10 @@ import json
 
 import pytest
 import yaml
-
 from conftest import fail_once_at_step
+from test_compare import tiny_tree
 
 from dba_ray.cli import main
-from test_compare import tiny_tree
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import statistics
 import sys
@@ -39,7 +38,6 @@ from dba_ray import artifact  # noqa: E402
 from dba_ray.compare import run_compare  # noqa: E402
 from dba_ray.config import Config, digest  # noqa: E402
 from dba_ray.curves import read_curves  # noqa: E402
-from dba_ray.global_gradient import run_global_gradient  # noqa: E402
 from dba_ray.model import load_model  # noqa: E402
 from dba_ray.plots import frontier  # noqa: E402
 from dba_ray.prepare import ensure_base_model, ensure_global_gradient  # noqa: E402
