@@ -63,14 +63,21 @@ def displacement_table(theta0, dba, al, grad, v_d) -> list[dict]:
         root = v_d[name].float().sqrt()
         quiet = root < QUIET * root.mean() if root.mean() > 0 else torch.ones_like(root, dtype=torch.bool)
         extra_norm = float(extra.norm())
-        rows.append({
-            "tensor": name,
-            "moved_dba": float(d_dba.norm()), "moved_al": float(d_al.norm()), "extra": extra_norm,
-            "cos_extra_minus_grad": float(torch.nn.functional.cosine_similarity(extra.reshape(1, -1), -g.reshape(1, -1)))
-            if extra_norm > 0 and float(g.norm()) > 0 else 0.0,
-            "extra_share_on_quiet_weights": float(extra[quiet].norm() ** 2 / max(extra_norm**2, 1e-30)),
-            "quiet_fraction": float(quiet.float().mean()),
-        })
+        rows.append(
+            {
+                "tensor": name,
+                "moved_dba": float(d_dba.norm()),
+                "moved_al": float(d_al.norm()),
+                "extra": extra_norm,
+                "cos_extra_minus_grad": float(
+                    torch.nn.functional.cosine_similarity(extra.reshape(1, -1), -g.reshape(1, -1))
+                )
+                if extra_norm > 0 and float(g.norm()) > 0
+                else 0.0,
+                "extra_share_on_quiet_weights": float(extra[quiet].norm() ** 2 / max(extra_norm**2, 1e-30)),
+                "quiet_fraction": float(quiet.float().mean()),
+            }
+        )
     return sorted(rows, key=lambda r: -r["extra"])
 
 
@@ -82,11 +89,15 @@ def row_table(theta0, dba, al, classes: dict[str, np.ndarray], names: dict[str, 
             if len(idx) == 0:
                 continue
             t0 = theta0[name].float()[idx]
-            out.append({
-                "rows": which, "tokens": cls, "count": len(idx),
-                "moved_dba": float((dba[name].float()[idx] - t0).norm(dim=1).mean()),
-                "moved_al": float((al[name].float()[idx] - t0).norm(dim=1).mean()),
-            })
+            out.append(
+                {
+                    "rows": which,
+                    "tokens": cls,
+                    "count": len(idx),
+                    "moved_dba": float((dba[name].float()[idx] - t0).norm(dim=1).mean()),
+                    "moved_al": float((al[name].float()[idx] - t0).norm(dim=1).mean()),
+                }
+            )
     return out
 
 
@@ -134,8 +145,12 @@ def main() -> None:
     dba_dir, al_dir = report["results"][args.dba]["model_dir"], report["results"][args.al]["model_dir"]
     ensure_ray(cfg.ray)
     theta0 = dict(base_tensors(cfg).items())
-    dba = {n: p.detach() for n, p in load_model(cfg.model.model_copy(update={"name_or_path": dba_dir})).named_parameters()}
-    al = {n: p.detach() for n, p in load_model(cfg.model.model_copy(update={"name_or_path": al_dir})).named_parameters()}
+    dba = {
+        n: p.detach() for n, p in load_model(cfg.model.model_copy(update={"name_or_path": dba_dir})).named_parameters()
+    }
+    al = {
+        n: p.detach() for n, p in load_model(cfg.model.model_copy(update={"name_or_path": al_dir})).named_parameters()
+    }
     grad = artifact.load(cfg.global_gradient_source())
     # v_D at θ0: the Stage 1 job on the domain data with the base as its model (cached).
     v_d_uri, _, _ = domain_fisher(cfg, cfg.model.name_or_path, str(args.phase / "domain_fisher_at_base"))
@@ -149,10 +164,20 @@ def main() -> None:
         "tensors": displacement_table(theta0, dba, al, grad.mean, v_d),
         "rows": row_table(theta0, dba, al, classes, names),
         "scores": {
-            "dba": score_sets(load_model(cfg.model.model_copy(update={"name_or_path": dba_dir})),
-                              {n: ray.get(r) for n, r in evals[0].items()}, evals[1], cfg.eval.batch_size, "cpu"),
-            "al": score_sets(load_model(cfg.model.model_copy(update={"name_or_path": al_dir})),
-                             {n: ray.get(r) for n, r in evals[0].items()}, evals[1], cfg.eval.batch_size, "cpu"),
+            "dba": score_sets(
+                load_model(cfg.model.model_copy(update={"name_or_path": dba_dir})),
+                {n: ray.get(r) for n, r in evals[0].items()},
+                evals[1],
+                cfg.eval.batch_size,
+                "cpu",
+            ),
+            "al": score_sets(
+                load_model(cfg.model.model_copy(update={"name_or_path": al_dir})),
+                {n: ray.get(r) for n, r in evals[0].items()},
+                evals[1],
+                cfg.eval.batch_size,
+                "cpu",
+            ),
             **{f"dba, reset {k}": v for k, v in reset_scores(cfg, dba_dir, theta0, classes, names, v_d, evals).items()},
         },
     }
@@ -163,20 +188,32 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| tensor | ‖Δ‖ dba | ‖Δ‖ AL | ‖extra‖ | cos(extra, −ĝ_G) | extra on quiet weights | quiet weights |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tensor | ‖Δ‖ dba | ‖Δ‖ AL | ‖extra‖ | cos(extra, −ĝ_G) | extra on quiet weights | quiet weights |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["tensors"][:12]:
-        lines.append(f"| {r['tensor']} | {r['moved_dba']:.3f} | {r['moved_al']:.3f} | {r['extra']:.3f} | "
-                     f"{r['cos_extra_minus_grad']:+.3f} | {r['extra_share_on_quiet_weights']:.2f} | {r['quiet_fraction']:.2f} |")
+        lines.append(
+            f"| {r['tensor']} | {r['moved_dba']:.3f} | {r['moved_al']:.3f} | {r['extra']:.3f} | "
+            f"{r['cos_extra_minus_grad']:+.3f} | {r['extra_share_on_quiet_weights']:.2f} | {r['quiet_fraction']:.2f} |"
+        )
     lines += ["", "| rows | tokens | count | mean ‖Δ‖ dba | mean ‖Δ‖ AL |", "|---|---|---|---|---|"]
-    lines += [f"| {r['rows']} | {r['tokens']} | {r['count']} | {r['moved_dba']:.3f} | {r['moved_al']:.3f} |"
-              for r in result["rows"]]
+    lines += [
+        f"| {r['rows']} | {r['tokens']} | {r['count']} | {r['moved_dba']:.3f} | {r['moved_al']:.3f} |"
+        for r in result["rows"]
+    ]
     sets = list(result["scores"]["dba"]["eval"])
-    lines += ["", "| model | S_D | S_G | S | " + " | ".join(f"{s} acc" for s in sets) + " |",
-              "|---|---|---|---|" + "---|" * len(sets)]
+    lines += [
+        "",
+        "| model | S_D | S_G | S | " + " | ".join(f"{s} acc" for s in sets) + " |",
+        "|---|---|---|---|" + "---|" * len(sets),
+    ]
     for name, s in result["scores"].items():
-        lines.append(f"| {name} | {s['S_D']:.4f} | {s['S_G']:.4f} | {s['S']:.4f} | "
-                     + " | ".join(f"{s['eval'][k]['acc']:.4f}" for k in sets) + " |")
+        lines.append(
+            f"| {name} | {s['S_D']:.4f} | {s['S_G']:.4f} | {s['S']:.4f} | "
+            + " | ".join(f"{s['eval'][k]['acc']:.4f}" for k in sets)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -83,9 +83,7 @@ def main() -> None:
     )
     n_params = sum(p.numel() for p in load_model(cfg.model).parameters())
     ray.init(num_cpus=cfg.ray.num_cpus, log_to_driver=False, include_dashboard=False)
-    rows = build_sequences(
-        cfg.stage1.data, cfg.model, max_tokens=cfg.stage1.max_tokens
-    ).take_all()
+    rows = build_sequences(cfg.stage1.data, cfg.model, max_tokens=cfg.stage1.max_tokens).take_all()
     ids = torch.tensor(np.stack([r["input_ids"] for r in rows]), dtype=torch.long)
     labels = torch.tensor(np.stack([r["labels"] for r in rows]), dtype=torch.long)
 

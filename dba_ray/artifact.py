@@ -186,7 +186,9 @@ def check_made_for(meta: ArtifactMeta, model: torch.nn.Module, model_name: str, 
     say it fits (another model name: maybe a copy, maybe other weights)."""
     check_fingerprint(meta, model, model_name)
     if meta.base_model_name != model_name:
-        log.warning("ĝ_G at %s was computed on %s, not %s (same parameter shapes)", uri, meta.base_model_name, model_name)
+        log.warning(
+            "ĝ_G at %s was computed on %s, not %s (same parameter shapes)", uri, meta.base_model_name, model_name
+        )
 
 
 def build_meta(
@@ -226,9 +228,7 @@ def build_meta(
     }
 
 
-def _svd_compress(
-    tensors: dict[str, torch.Tensor], rank: int
-) -> tuple[dict[str, torch.Tensor], dict]:
+def _svd_compress(tensors: dict[str, torch.Tensor], rank: int) -> tuple[dict[str, torch.Tensor], dict]:
     out: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     err_sq = total_sq = 0.0
@@ -268,9 +268,7 @@ def _decompress(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shards(
-    prefix: str, tensors: dict[str, torch.Tensor], max_bytes: int
-) -> list[tuple[str, dict]]:
+def _shards(prefix: str, tensors: dict[str, torch.Tensor], max_bytes: int) -> list[tuple[str, dict]]:
     groups: list[dict] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -301,9 +299,7 @@ def save(
         mean, meta["compression"] = _svd_compress(mean, svd_rank)
     parts = {"mean_gradient": mean}
     if grad.second_moment is not None:
-        parts["second_moment"] = {
-            n: t.detach().to("cpu", dtype) for n, t in grad.second_moment.items()
-        }
+        parts["second_moment"] = {n: t.detach().to("cpu", dtype) for n, t in grad.second_moment.items()}
     with storage.atomic_directory(uri, overwrite=overwrite, marker=META) as target:
         for prefix, tensors in parts.items():
             for fname, group in _shards(prefix, tensors, max_shard_bytes):
@@ -315,9 +311,7 @@ def save(
                     "sha256": hashlib.sha256(blob).hexdigest(),
                 }
         # Last: the marker that makes the artifact complete.
-        storage.write_bytes_atomic(
-            storage.join(target, META), json.dumps(meta, indent=1).encode()
-        )
+        storage.write_bytes_atomic(storage.join(target, META), json.dumps(meta, indent=1).encode())
     return meta
 
 
@@ -327,8 +321,7 @@ def read_meta(uri: str) -> dict:
         raise UserError(f"global-gradient artifact not found: {uri}")
     if not storage.exists(meta_uri):
         raise UserError(
-            f"{uri} is not a complete global-gradient artifact (no {META}; "
-            "an interrupted or unfinished write?)"
+            f"{uri} is not a complete global-gradient artifact (no {META}; an interrupted or unfinished write?)"
         )
     try:
         meta = json.loads(storage.read_bytes(meta_uri))
@@ -403,8 +396,7 @@ def select_rows(tensors: dict[str, torch.Tensor] | None, rows: Rows) -> dict[str
     return {n: t[rows[n][0] : rows[n][1]].clone() if n in rows else t for n, t in tensors.items()}
 
 
-def load_any(source, model: torch.nn.Module | None = None, model_name: str = "the model",
-             rows: Rows | None = None):
+def load_any(source, model: torch.nn.Module | None = None, model_name: str = "the model", rows: Rows | None = None):
     """Load from a path/URI or from an ObjectRef made by Stage 1, checking the model;
     ``rows`` as for ``load``."""
     if isinstance(source, ray.ObjectRef):

@@ -133,8 +133,14 @@ def cmd_inspect(args) -> int:
         ("created", meta["created_at"]),
         ("base model", f"{base['name_or_path']}" + (f" @ {base['revision']}" if base.get("revision") else "")),
         ("fingerprint", f"{meta['param_fingerprint']} ({meta['num_parameters']:,} parameters)"),
-        ("data", f"{data.get('path') or data.get('hf_dataset')} ({data.get('format')}), fingerprint {meta['data']['fingerprint']}"),
-        ("seen", f"{meta['tokens']:,} tokens, {meta['sequences']:,} sequences of {meta['seq_len']}, {meta['batches']:,} micro-batches"),
+        (
+            "data",
+            f"{data.get('path') or data.get('hf_dataset')} ({data.get('format')}), fingerprint {meta['data']['fingerprint']}",
+        ),
+        (
+            "seen",
+            f"{meta['tokens']:,} tokens, {meta['sequences']:,} sequences of {meta['seq_len']}, {meta['batches']:,} micro-batches",
+        ),
         ("mean loss", f"{meta['mean_loss']:.4f}"),
         ("dtype", f"compute {meta['dtype']}, stored {meta.get('save_dtype')}"),
         ("global norm", f"{meta['global_norm']:.6g}"),
@@ -179,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="Stage 2: fine-tune on the domain data with one method")
     _add_config_args(p)
     p.add_argument(
-        "--method", default="dba",
+        "--method",
+        default="dba",
         help=f"{', '.join(METHODS)}, or the name of a variant in `methods` (default: dba)",
     )
     p.set_defaults(func=cmd_train)
@@ -188,15 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser(
-        "run", help="the pipeline: base model, Stage 1, Stage 2 per method, evaluation, report"
-    )
+    p = sub.add_parser("run", help="the pipeline: base model, Stage 1, Stage 2 per method, evaluation, report")
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser(
-        "tune", help="Ray Tune sweep of one method's annealing knobs (ASHA on validation S)"
-    )
+    p = sub.add_parser("tune", help="Ray Tune sweep of one method's annealing knobs (ASHA on validation S)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
 
@@ -224,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("options", help="list every config option with its default and meaning")
     p.add_argument(
-        "--yaml", action="store_true",
+        "--yaml",
+        action="store_true",
         help="print a complete YAML config instead: every key at its default, its meaning above it",
     )
     p.set_defaults(func=cmd_options)
@@ -234,9 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s dba-ray: %(message)s", datefmt="%H:%M:%S"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s dba-ray: %(message)s", datefmt="%H:%M:%S")
     if not args.debug:
         # Ray Data logs each dataset's plan and, when a task fails, its traceback before
         # re-raising it: a user error in the data reaches the user as our one line, a bug

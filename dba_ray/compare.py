@@ -56,8 +56,14 @@ def expand_runs(cfg: Config) -> list[dict]:
                 if name in seen:
                     raise UserError(f"two runs of the comparison are named {name!r}: rename one method")
                 seen.add(name)
-                runs.append({"name": name, "method": spec.method, "group": spec.name,
-                             "set": {"schedule.lr": lr, "seed": seed, **spec.set}})
+                runs.append(
+                    {
+                        "name": name,
+                        "method": spec.method,
+                        "group": spec.name,
+                        "set": {"schedule.lr": lr, "seed": seed, **spec.set},
+                    }
+                )
     return runs
 
 
@@ -70,8 +76,9 @@ def _cost(rows: dict[str, CompareRow], stage1: Stage1Summary | None) -> None:
             extra_tokens += stage1.tokens
             extra_wall += stage1.wall_s
         if r.family == "mixture":
-            search = [s for s in rows.values() if s.family == "mixture" and s is not r
-                      and (s.lr, s.seed) == (r.lr, r.seed)]
+            search = [
+                s for s in rows.values() if s.family == "mixture" and s is not r and (s.lr, s.seed) == (r.lr, r.seed)
+            ]
             extra_tokens += sum(s.tokens for s in search)
             extra_wall += sum(s.wall_s for s in search)
             cost.ratio_search_runs = len(search) + 1
@@ -82,8 +89,11 @@ def _cost(rows: dict[str, CompareRow], stage1: Stage1Summary | None) -> None:
 
 def _warn_saturation(runs: list[dict], resolved: dict[str, Config], n_domain: int) -> None:
     """GGB's saturation warning, once per method (not per lr and seed)."""
-    warnings = {saturation_warning(r["group"], t.dba, planned_steps(t, n_domain))
-                for r in runs for t in [resolved[r["name"]].train]}
+    warnings = {
+        saturation_warning(r["group"], t.dba, planned_steps(t, n_domain))
+        for r in runs
+        for t in [resolved[r["name"]].train]
+    }
     for line in sorted(warnings - {None}):
         log.warning(line)
 
@@ -93,15 +103,26 @@ def _row(trial: TrialRow, run: dict, cfg: Config, uses_grad: bool, n_domain: int
     ``general_have``: general sequences at hand for the mixture runs)."""
     t = cfg.train
     row = CompareRow(
-        scores={"S_D": trial.S_D, "S_G": trial.S_G, "S": trial.S, "eval": trial.eval}, tokens=trial.tokens,
-        steps=trial.steps, wall_s=trial.wall_s, peak_mem_mb=trial.peak_mem_mb, model_dir=trial.model_dir,
-        method=run["group"], family=run["method"], lr=t.schedule.lr, seed=t.seed, set=run["set"],
-        uses_global_gradient=uses_grad, num_workers=t.num_workers,
+        scores={"S_D": trial.S_D, "S_G": trial.S_G, "S": trial.S, "eval": trial.eval},
+        tokens=trial.tokens,
+        steps=trial.steps,
+        wall_s=trial.wall_s,
+        peak_mem_mb=trial.peak_mem_mb,
+        model_dir=trial.model_dir,
+        method=run["group"],
+        family=run["method"],
+        lr=t.schedule.lr,
+        seed=t.seed,
+        set=run["set"],
+        uses_global_gradient=uses_grad,
+        num_workers=t.num_workers,
     )
     if run["method"] == "mixture":
         need = mixture_general_count(len(mixture_domain_rows(t, n_domain)), t.mixture.ratio)
         # More than the general data holds: sequences were cycled (each used ≤ this often).
-        row.mixture = MixtureFacts(ratio=t.mixture.ratio, general_sequences=need, general_reuse=-(-need // general_have))
+        row.mixture = MixtureFacts(
+            ratio=t.mixture.ratio, general_sequences=need, general_reuse=-(-need // general_have)
+        )
     return row
 
 
@@ -116,8 +137,9 @@ def _rows(grid, runs: list[dict], resolved: dict[str, Config], needs_grad: set[s
         if trial.status != "done":
             failed.append(f"{trial.name} ({result.error or trial.status})")
             continue
-        rows[trial.name] = _row(trial, by_name[trial.name], resolved[trial.name], trial.name in needs_grad,
-                                n_domain, general_have)
+        rows[trial.name] = _row(
+            trial, by_name[trial.name], resolved[trial.name], trial.name in needs_grad, n_domain, general_have
+        )
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; re-run the same command to resume them")
     return {r["name"]: rows[r["name"]] for r in runs}
@@ -143,16 +165,27 @@ def run_compare(cfg: Config) -> dict:
     base = evaluate_models(cfg, {"base": cfg.model.name_or_path}, prepared.eval)["base"]
     log.info("compare: %d runs (%d at a time)", len(runs), cfg.compare.max_concurrent)
     trial_runs = [{k: r[k] for k in ("name", "method", "set")} for r in runs]
-    grid = run_trials(cfg, {"run": ray.tune.grid_search(trial_runs)}, prepared, name="compare",
-                      max_concurrent=cfg.compare.max_concurrent)
+    grid = run_trials(
+        cfg,
+        {"run": ray.tune.grid_search(trial_runs)},
+        prepared,
+        name="compare",
+        max_concurrent=cfg.compare.max_concurrent,
+    )
     ordered = _rows(grid, runs, resolved, needs_grad, prepared)
     _cost(ordered, prepared.stage1)
     merges = score_after_training(cfg, base, ordered, prepared)
-    report = build_report(base, ordered, {
-        "base_model": cfg.model.name_or_path, "stage1": prepared.stage1.as_json() if prepared.stage1 else None,
-        "total_wall_s": time.monotonic() - start, "cost_unit": "trained tokens (forward + backward)",
-        "merges": merges,
-    })
+    report = build_report(
+        base,
+        ordered,
+        {
+            "base_model": cfg.model.name_or_path,
+            "stage1": prepared.stage1.as_json() if prepared.stage1 else None,
+            "total_wall_s": time.monotonic() - start,
+            "cost_unit": "trained tokens (forward + backward)",
+            "merges": merges,
+        },
+    )
     out = storage.absolute(cfg.output_dir)
     md = write_report(out, report)
     model_card.write_cards(report)

@@ -117,12 +117,9 @@ class ModelConfig(_Strict):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
-        description="Dtype of the weights (Stage 2 on GPU also runs the forward pass "
-        "under bf16 autocast).",
+        description="Dtype of the weights (Stage 2 on GPU also runs the forward pass under bf16 autocast).",
     )
-    trust_remote_code: bool = Field(
-        False, description="Allow model code from the hub. Off unless you trust the repo."
-    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you trust the repo.")
     seed: int = Field(0, description="Initialisation seed of a builtin model.")
     builtin_config: dict[str, Any] = Field(
         default_factory=dict,
@@ -145,9 +142,7 @@ class DataConfig(_Strict):
     )
     hf_config: Optional[str] = Field(None, description="Data set configuration name.")
     split: str = Field("train", description="Split of an hf_dataset.")
-    streaming: bool = Field(
-        False, description="Stream an hf_dataset instead of downloading it whole."
-    )
+    streaming: bool = Field(False, description="Stream an hf_dataset instead of downloading it whole.")
     file_format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
         "auto", description="File format under `path`; auto: from each file's extension."
     )
@@ -166,13 +161,11 @@ class DataConfig(_Strict):
     seq_len: int = Field(512, ge=8, description="Tokens per training sequence.")
     shuffle_seed: Optional[int] = Field(
         None,
-        description="Shuffle records with this seed (a full Ray Data shuffle, "
-        "deterministic). None keeps source order.",
+        description="Shuffle records with this seed (a full Ray Data shuffle, deterministic). None keeps source order.",
     )
     on_bad_record: Literal["fail", "skip"] = Field(
         "fail",
-        description="A malformed record fails the run naming its file and line, or is "
-        "skipped and counted.",
+        description="A malformed record fails the run naming its file and line, or is skipped and counted.",
     )
     subset: Literal["all", "train", "validation"] = Field(
         "all",
@@ -197,19 +190,14 @@ class Stage1Config(_Strict):
         description="Token budget, rounded up to whole sequences of seq_len (padding of "
         "instruction/chat sequences counts). None: all data.",
     )
-    max_records: Optional[int] = Field(
-        None, ge=1, description="Record budget, applied before tokenization."
-    )
+    max_records: Optional[int] = Field(None, ge=1, description="Record budget, applied before tokenization.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per worker.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
-    cpus_per_worker: int = Field(
-        1, ge=1, description="CPUs reserved per worker; also its torch thread count."
-    )
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     output: Optional[str] = Field(
         None,
-        description="Artifact directory (local path or s3:// / gs:// URI). Default: "
-        "<output_dir>/global_gradient.",
+        description="Artifact directory (local path or s3:// / gs:// URI). Default: <output_dir>/global_gradient.",
     )
     overwrite: bool = Field(False, description="Replace an existing artifact at `output`.")
     max_failures: int = Field(
@@ -238,9 +226,7 @@ class Stage1Config(_Strict):
         "ObjectRef (for a pipeline that runs Stage 2 in the same driver).",
     )
     description: str = Field("", description="Free text stored in meta.json.")
-    progress_interval_s: float = Field(
-        10.0, gt=0, description="Seconds between progress lines on the driver."
-    )
+    progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines on the driver.")
 
 
 class DBAConfig(_Strict):
@@ -251,9 +237,7 @@ class DBAConfig(_Strict):
         description="Global gradient boosting: the optimizer sees "
         "g_B = γ_t·ĝ_G + (1−γ_t)·g_D with γ_t = min(gamma_max, boost/T·(1 − t/T)).",
     )
-    boost: float = Field(
-        200.0, ge=0, description="k0·T, the boost knob that does not depend on T (paper: 200)."
-    )
+    boost: float = Field(200.0, ge=0, description="k0·T, the boost knob that does not depend on T (paper: 200).")
     gamma_max: float = Field(1.0, ge=0, le=1, description="Upper clip of γ_t (paper: 1).")
     boost_mode: Literal["gradient", "update", "masked"] = Field(
         "gradient",
@@ -280,9 +264,7 @@ class DBAConfig(_Strict):
         description="Strength of the cosine correction: c_t runs from 1 (cos = 1) to "
         "1 + kappa (cos = −1) before the c_max clip, so kappa above 2·(c_max − 1) saturates.",
     )
-    c_max: float = Field(
-        2.0, ge=1, description="Largest learning-rate multiplier DC may apply (norm and cosine)."
-    )
+    c_max: float = Field(2.0, ge=1, description="Largest learning-rate multiplier DC may apply (norm and cosine).")
     anchor: Literal["none", "fisher"] = Field(
         "none",
         description="fisher: add fisher_lambda·(v_G/mean(v_G))⊙(θ − θ0) to g_D, an EWC-style "
@@ -291,8 +273,7 @@ class DBAConfig(_Strict):
     fisher_lambda: float = Field(
         0.1,
         ge=0,
-        description="Strength of the fisher anchor: the pull toward θ0 relative to the "
-        "domain gradient.",
+        description="Strength of the fisher anchor: the pull toward θ0 relative to the domain gradient.",
     )
     grad_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype ĝ_G is held in during training (bfloat16 halves it)."
@@ -361,9 +342,7 @@ class MixtureConfig(_Strict):
 
 class TrainConfig(_Strict):
     data: Optional[DataConfig] = Field(None, description="The domain data (required).")
-    max_records: Optional[int] = Field(
-        None, ge=1, description="Record budget of the domain data, before tokenization."
-    )
+    max_records: Optional[int] = Field(None, ge=1, description="Record budget of the domain data, before tokenization.")
     global_gradient: Optional[str] = Field(
         None,
         description="ĝ_G artifact (path or URI). Default: <output_dir>/global_gradient.",
@@ -376,9 +355,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per worker.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     epochs: int = Field(1, ge=1, description="Passes over the domain data (T follows).")
-    max_steps: Optional[int] = Field(
-        None, ge=1, description="Optimizer steps T; overrides epochs when set."
-    )
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps T; overrides epochs when set.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP or FSDP ranks).")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
@@ -393,16 +370,10 @@ class TrainConfig(_Strict):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL, bf16 autocast).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: at the end only).")
-    checkpoint_every: int = Field(
-        0, ge=0, description="Checkpoint every N steps (0: at the end only)."
-    )
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: at the end only).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run.")
-    max_failures: int = Field(
-        0, ge=0, description="Worker failures survived by resuming from the last checkpoint."
-    )
-    seed: int = Field(
-        0, description="Data order seed (per epoch: seed + epoch); also seeds LoRA's init."
-    )
+    max_failures: int = Field(0, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
+    seed: int = Field(0, description="Data order seed (per epoch: seed + epoch); also seeds LoRA's init.")
     progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
 
 
@@ -456,7 +427,9 @@ class EvalSetConfig(_Strict):
             if self.data is None:
                 raise ValueError(f"eval set {self.name!r}: type {self.type} needs data")
             # By value, not by presence: a dumped config carries every key.
-            harness_keys = [k for k in ("tasks", "num_fewshot", "limit", "metrics") if getattr(self, k) not in (None, [], {})]
+            harness_keys = [
+                k for k in ("tasks", "num_fewshot", "limit", "metrics") if getattr(self, k) not in (None, [], {})
+            ]
             if harness_keys:
                 raise ValueError(f"eval set {self.name!r}: {', '.join(harness_keys)} apply to lm_eval sets only")
         return self
@@ -493,9 +466,7 @@ class PretrainConfig(_Strict):
         default_factory=lambda: ScheduleConfig(lr=3e-3, warmup_ratio=0.05, min_lr_ratio=0.1),
         description="Learning rate schedule of pretraining.",
     )
-    eval_every: int = Field(
-        0, ge=0, description="Score the general eval sets every N steps (curves.jsonl)."
-    )
+    eval_every: int = Field(0, ge=0, description="Score the general eval sets every N steps (curves.jsonl).")
 
 
 class MergeConfig(_Strict):
@@ -528,8 +499,7 @@ class MergeConfig(_Strict):
     fisher_max_tokens: Optional[int] = Field(
         None,
         ge=1,
-        description="fisher: token budget of the domain-Fisher pass over train.data "
-        "(None: all of it).",
+        description="fisher: token budget of the domain-Fisher pass over train.data (None: all of it).",
     )
     export: bool = Field(
         True,
@@ -603,13 +573,9 @@ class TuneConfig(_Strict):
         "of the merge knob (merge.mode) on the finished run of `method`, each trial one "
         "evaluation, no training.",
     )
-    num_samples: int = Field(
-        1, ge=1, description="Samples of the random parts of the space (grids multiply)."
-    )
+    num_samples: int = Field(1, ge=1, description="Samples of the random parts of the space (grids multiply).")
     max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
-    asha: bool = Field(
-        True, description="Stop weak trials early (ASHA on S; needs train.eval_every > 0)."
-    )
+    asha: bool = Field(True, description="Stop weak trials early (ASHA on S; needs train.eval_every > 0).")
     grace_evals: int = Field(1, ge=1, description="ASHA: evaluations before a trial may be stopped.")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: halving rate.")
     seed: int = Field(0, description="Seed of the search (random samples).")
@@ -628,9 +594,7 @@ class CompareConfig(_Strict):
         description="Peak learning rates each method runs at (a frontier of S_G against S_D "
         "per method). Empty: train.schedule.lr only.",
     )
-    seeds: list[int] = Field(
-        default_factory=lambda: [0], description="train.seed values each run is repeated with."
-    )
+    seeds: list[int] = Field(default_factory=lambda: [0], description="train.seed values each run is repeated with.")
     mixture_ratios: list[float] = Field(
         default_factory=list,
         description="The mixture ratio search: one extra `mixture` run per ratio (and lr, "
@@ -678,8 +642,7 @@ class TrackingConfig(_Strict):
     wandb: Optional[WandbTrackingConfig] = Field(None, description="Track in Weights & Biases.")
     group: Optional[str] = Field(
         None,
-        description="Name of the group a command's runs share. None: <command>-<last part of "
-        "output_dir>-<UTC time>.",
+        description="Name of the group a command's runs share. None: <command>-<last part of output_dir>-<UTC time>.",
     )
 
 

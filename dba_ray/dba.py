@@ -74,8 +74,14 @@ def lr_at(t: int, total: int, cfg: ScheduleConfig) -> float:
 
 
 def correction(
-    mode: str, gamma: float, norm_g: float, norm_d: float, norm_b: float, cos: float | None,
-    kappa: float, c_max: float,
+    mode: str,
+    gamma: float,
+    norm_g: float,
+    norm_d: float,
+    norm_b: float,
+    cos: float | None,
+    kappa: float,
+    c_max: float,
 ) -> float:
     """c_t, the learning-rate multiplier of dynamic correction, clipped to [1, c_max].
     ``cos`` is None when undefined (g_D or ĝ_G is zero): no correction then, since
@@ -156,7 +162,9 @@ class DBA:
                 self.update_dir.append(step.clamp_(-1.0, 1.0).to(dtype))
         if cfg.anchor == "fisher":
             v = [second_moment[n].to(p.device, torch.float32).view_as(local(p)) for n, p in self.params]
-            total = self._reduce(torch.stack([x.sum() for x in v] + [torch.tensor(float(sum(x.numel() for x in v)), device=v[0].device)]))
+            total = self._reduce(
+                torch.stack([x.sum() for x in v] + [torch.tensor(float(sum(x.numel() for x in v)), device=v[0].device)])
+            )
             mean_v = sum(total[:-1]) / total[-1]
             # Anchor weights and base weights θ0, both fixed for the run.
             self.anchor = [

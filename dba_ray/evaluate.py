@@ -19,9 +19,7 @@ from dba_ray.loss import next_token_logits, nll_sum
 
 
 @torch.no_grad()
-def text_sums(
-    model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray, batch_size: int, device
-) -> torch.Tensor:
+def text_sums(model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray, batch_size: int, device) -> torch.Tensor:
     """[NLL sum, correct top-1 predictions, tokens] over the given rows (float64)."""
     out = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
@@ -70,9 +68,7 @@ def set_sums(model, arrays: dict, batch_size: int, device, rank: int = 0, world:
     """This rank's share of one eval set's sums (all-reduce them across ranks)."""
     if "answers" in arrays:
         return choice_sums(model, arrays, batch_size, device, rank, world)
-    return text_sums(
-        model, arrays["input_ids"][rank::world], arrays["labels"][rank::world], batch_size, device
-    )
+    return text_sums(model, arrays["input_ids"][rank::world], arrays["labels"][rank::world], batch_size, device)
 
 
 def set_metrics(sums) -> dict[str, float]:
@@ -106,6 +102,7 @@ def harmonic(a: float, b: float) -> float:
 
 def scores(metrics: dict[str, dict[str, float]], kinds: dict[str, str]) -> dict[str, float]:
     """S_D, S_G, S from per-set metrics (``acc`` is each set's normalized score)."""
+
     def mean(kind):
         vals = [metrics[n]["acc"] for n, k in kinds.items() if k == kind]
         return sum(vals) / len(vals) if vals else float("nan")

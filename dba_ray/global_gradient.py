@@ -69,7 +69,9 @@ class _Sums:
         # when each micro-batch gradient is needed for v_G) sum into fp32 buffers.
         separate = second_moment or any(p.dtype != torch.float32 for p in params)
         self.grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()} if separate else None
-        self.sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()} if second_moment else None
+        self.sq = (
+            {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()} if second_moment else None
+        )
         self.device = device
         self.tokens = torch.zeros((), dtype=torch.float64, device=device)
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -105,7 +107,9 @@ class _Sums:
                 n: (p.grad if p.grad is not None else torch.zeros_like(p)).float() for n, p in self.params.items()
             }
         counts = torch.tensor(
-            [float(self.tokens), float(self.loss), self.sequences, self.batches], dtype=torch.float64, device=self.device
+            [float(self.tokens), float(self.loss), self.sequences, self.batches],
+            dtype=torch.float64,
+            device=self.device,
         )
         maxima = torch.tensor([self.seq_len, loop_s], dtype=torch.float64, device=self.device)
         hashes = [self.data_hash]
@@ -119,8 +123,15 @@ class _Sums:
             hashes = [None] * dist.get_world_size()
             dist.all_gather_object(hashes, self.data_hash)
         tokens, loss, sequences, batches = counts.tolist()
-        return _Totals(tokens, loss, int(sequences), int(batches), int(maxima[0]), float(maxima[1]),
-                       f"{sum(hashes) & _MASK64:016x}")
+        return _Totals(
+            tokens,
+            loss,
+            int(sequences),
+            int(batches),
+            int(maxima[0]),
+            float(maxima[1]),
+            f"{sum(hashes) & _MASK64:016x}",
+        )
 
 
 @dataclass
@@ -228,9 +239,7 @@ def stage1_settings(s1) -> dict:
     return s1.model_dump(include={"max_tokens", "max_records", "second_moment", "svd_rank", "save_dtype"})
 
 
-def run_global_gradient(
-    cfg: Config, *, dataset: ray.data.Dataset | None = None, write: bool = True
-) -> Stage1Result:
+def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None, write: bool = True) -> Stage1Result:
     """Run Stage 1 on the configured cluster.
 
     ``dataset``: a Ray Dataset of ``input_ids`` / ``labels`` rows to use instead of
@@ -254,8 +263,12 @@ def run_global_gradient(
     budget = None
     if dataset is None:
         dataset = build_sequences(
-            s1.data, cfg.model, max_records=s1.max_records, max_tokens=s1.max_tokens,
-            tracker=tracker, concurrency=cfg.ray.tokenize_concurrency,
+            s1.data,
+            cfg.model,
+            max_records=s1.max_records,
+            max_tokens=s1.max_tokens,
+            tracker=tracker,
+            concurrency=cfg.ray.tokenize_concurrency,
         )
         description = describe_source(s1.data)
         source = s1.data.path or s1.data.hf_dataset
@@ -302,8 +315,12 @@ def run_global_gradient(
     elapsed = time.monotonic() - start
     log.info(
         "stage 1 done: %d tokens, %d sequences in %.1fs (%.0f tokens/s), |ĝ_G| = %.4g%s",
-        made.tokens, made.sequences, elapsed, made.tokens / elapsed,
-        made.global_norm, f", written to {uri}" if uri else "",
+        made.tokens,
+        made.sequences,
+        elapsed,
+        made.tokens / elapsed,
+        made.global_norm,
+        f", written to {uri}" if uri else "",
     )
     ref = tracker.take_result.remote("grad") if s1.to_object_store else None
     tracking.log_stage1(cfg, made, elapsed)

@@ -64,9 +64,7 @@ def counted_metric(task: str, results: dict, wanted: str | None) -> str:
     if wanted:
         match = [k for k in keys if k == wanted or _label(k)[0] == wanted]
         if not match:
-            raise UserError(
-                f"lm_eval task {task!r} has no metric {wanted!r} (it reports: {', '.join(keys)})"
-            )
+            raise UserError(f"lm_eval task {task!r} has no metric {wanted!r} (it reports: {', '.join(keys)})")
         return match[0]
     return next((k for k in keys if _label(k)[0] == "acc_norm"), keys[0])
 
@@ -129,8 +127,12 @@ def run_harness(model, tokenizer, s: EvalSetConfig, batch_size: int) -> dict[str
     named = any(not t.endswith((".yaml", ".yml")) for t in s.tasks)
     try:
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(s.tasks), num_fewshot=s.num_fewshot, limit=limit,
-            task_manager=TaskManager(include_defaults=named), log_samples=False,
+            model=lm,
+            tasks=list(s.tasks),
+            num_fewshot=s.num_fewshot,
+            limit=limit,
+            task_manager=TaskManager(include_defaults=named),
+            log_samples=False,
         )
     except (KeyError, FileNotFoundError, ConnectionError) as e:
         # An unknown task name, a missing data file, or hub data with no network.
@@ -186,7 +188,8 @@ def add_final_scores(cfg: Config, metrics: dict, model_dir: str) -> dict:
     scored = fetch(submit(cfg, {"model": model_dir})["model"])
     out = combine(cfg, metrics.get("eval", {}), scored)
     log.info(
-        "lm_eval sets of %s: %s", model_dir,
+        "lm_eval sets of %s: %s",
+        model_dir,
         ", ".join(f"{n} {m['acc']:.4f}" for n, m in scored.items() if not math.isnan(m["acc"])),
     )
     return out

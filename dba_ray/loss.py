@@ -18,7 +18,9 @@ def next_token_logits(model: torch.nn.Module, input_ids: torch.Tensor, labels: t
 
 def nll_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Sum of the cross-entropy of every trained target token."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):

@@ -148,15 +148,23 @@ def _task_options(cfg: Config) -> dict:
     return {"num_cpus": t.cpus_per_worker, "num_gpus": 1 if t.use_gpu else 0}
 
 
-def score_merges(cfg: Config, model_dir: str, mode: str, knobs: list[float], groups: EvalGroups,
-                 fisher_uris=None, with_test: bool = True) -> list[MergePoint]:
+def score_merges(
+    cfg: Config,
+    model_dir: str,
+    mode: str,
+    knobs: list[float],
+    groups: EvalGroups,
+    fisher_uris=None,
+    with_test: bool = True,
+) -> list[MergePoint]:
     """Every knob's merge scored (as parallel Ray tasks) on the eval and validation sets."""
     wanted = {"test": groups.test} if with_test else {}
     if groups.validation is not None:
         wanted["validation"] = groups.validation
     task = _score_merge.options(**_task_options(cfg))
-    futures = [task.remote(cfg.model_dump(), model_dir, mode, k, fisher_uris, wanted, cfg.train.cpus_per_worker)
-               for k in knobs]
+    futures = [
+        task.remote(cfg.model_dump(), model_dir, mode, k, fisher_uris, wanted, cfg.train.cpus_per_worker) for k in knobs
+    ]
     return [MergePoint(k, r.get("test"), r.get("validation")) for k, r in zip(knobs, ray.get(futures))]
 
 
@@ -167,8 +175,11 @@ def _model_identity(model_dir: str) -> str:
     """Names, sizes and modification times of a saved model's files: a retrained model
     in the same folder is another model."""
     # Weights and config only: the model card (README.md) is rewritten after scoring.
-    listing = [(os.path.basename(f), size) for f, size in storage.list_files(model_dir)
-               if f.endswith((".safetensors", ".bin", "config.json"))]
+    listing = [
+        (os.path.basename(f), size)
+        for f, size in storage.list_files(model_dir)
+        if f.endswith((".safetensors", ".bin", "config.json"))
+    ]
     if not storage.is_remote(model_dir):
         listing = [(n, s, os.path.getmtime(os.path.join(model_dir, n))) for n, s in listing]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
@@ -181,8 +192,7 @@ def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[
     if cfg.train.data is None:
         raise UserError("merge.mode fisher needs train.data: F_D is the domain data's Fisher")
     uri = uri or storage.join(os.path.dirname(model_dir.rstrip("/")), "domain_fisher")
-    identity = (f"domain Fisher of {model_dir} ({_model_identity(model_dir)}), "
-                f"max_tokens {cfg.merge.fisher_max_tokens}")
+    identity = f"domain Fisher of {model_dir} ({_model_identity(model_dir)}), max_tokens {cfg.merge.fisher_max_tokens}"
     if storage.exists(storage.join(uri, artifact.META)):
         meta = artifact.ArtifactMeta.read(uri)
         same_data = meta.data_description == json.loads(json.dumps(describe_source(cfg.train.data)))
@@ -192,11 +202,19 @@ def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[
     job = cfg.model_copy(deep=True)
     job.model.name_or_path = model_dir
     job.model.tokenizer = job.model.tokenizer or model_dir
-    job.stage1 = job.stage1.model_copy(update={
-        "data": cfg.train.data, "output": uri, "overwrite": True, "second_moment": True,
-        "svd_rank": None, "max_tokens": cfg.merge.fisher_max_tokens, "max_records": cfg.train.max_records,
-        "description": identity, "to_object_store": False,
-    })
+    job.stage1 = job.stage1.model_copy(
+        update={
+            "data": cfg.train.data,
+            "output": uri,
+            "overwrite": True,
+            "second_moment": True,
+            "svd_rank": None,
+            "max_tokens": cfg.merge.fisher_max_tokens,
+            "max_records": cfg.train.max_records,
+            "description": identity,
+            "to_object_store": False,
+        }
+    )
     start = time.monotonic()
     result = run_global_gradient(job)
     return uri, artifact.ArtifactMeta(result.meta).tokens, time.monotonic() - start
@@ -216,16 +234,19 @@ def general_fisher_uri(cfg: Config) -> str:
 # ---------------------------------------------------------------- curves
 
 
-def merge_curves(cfg: Config, models: dict[str, str], groups: EvalGroups,
-                 homes: dict[str, str] | None = None) -> dict[str, MergeCurve]:
+def merge_curves(
+    cfg: Config, models: dict[str, str], groups: EvalGroups, homes: dict[str, str] | None = None
+) -> dict[str, MergeCurve]:
     """A merge curve per trained model (run name: model directory). Each run's F_D and
     exported merge go to its home (default: the folder holding its model)."""
     mc: MergeConfig = cfg.merge
     ensure_ray(cfg.ray)
     knobs = mc.knob_values()
     if groups.validation is None:
-        log.warning("merge: no eval.validation_sets, so no knob is chosen and nothing is exported "
-                    "(choosing on eval.sets would overstate the result)")
+        log.warning(
+            "merge: no eval.validation_sets, so no knob is chosen and nothing is exported "
+            "(choosing on eval.sets would overstate the result)"
+        )
     general = general_fisher_uri(cfg) if mc.mode == "fisher" else None
     curves = {}
     for run, model_dir in models.items():
@@ -239,8 +260,9 @@ def merge_curves(cfg: Config, models: dict[str, str], groups: EvalGroups,
         chosen = exported = None
         scored = [p for p in points if p.validation is not None and not math.isnan(p.validation["S"])]
         if groups.validation is not None and not scored:
-            log.warning("merge %s: no point has a validation S (lm_eval-only validation sets?): "
-                        "nothing chosen or exported", run)
+            log.warning(
+                "merge %s: no point has a validation S (lm_eval-only validation sets?): nothing chosen or exported", run
+            )
         if scored:
             # Ties go to the end nearer the trained model (larger α, smaller λ).
             chosen = max(scored, key=lambda p: (p.validation["S"], -p.knob if mc.mode == "fisher" else p.knob)).knob
@@ -249,20 +271,41 @@ def merge_curves(cfg: Config, models: dict[str, str], groups: EvalGroups,
                 out = storage.join(home, "merged", "model")
                 exported = export_merge(cfg, run, model_dir, mc.mode, chosen, fisher_uris, chosen_point.validation, out)
         eval_tokens = len(points) * sum(groups.tokens.values())
-        curves[run] = MergeCurve(run, mc.mode, model_dir, points, chosen, exported, eval_tokens, fisher_tokens,
-                                 time.monotonic() - start, fisher_uris[1] if fisher_uris else None)
+        curves[run] = MergeCurve(
+            run,
+            mc.mode,
+            model_dir,
+            points,
+            chosen,
+            exported,
+            eval_tokens,
+            fisher_tokens,
+            time.monotonic() - start,
+            fisher_uris[1] if fisher_uris else None,
+        )
         log.info("merge %s (%s): %s", run, mc.mode, _curve_summary(curves[run]))
     return curves
 
 
-def export_merge(cfg: Config, run: str, model_dir: str, mode: str, knob: float, fisher_uris,
-                 validation: dict, out: str) -> str:
+def export_merge(
+    cfg: Config, run: str, model_dir: str, mode: str, knob: float, fisher_uris, validation: dict, out: str
+) -> str:
     """Save the merge at ``knob`` to ``out`` (save_pretrained), with ``merge.json``."""
-    info = {"run": run, "mode": mode, "knob": knob, "trained_model": model_dir,
-            "base_model": cfg.model.name_or_path, "domain_fisher": fisher_uris[1] if fisher_uris else None,
-            "chosen_on": "validation sets", "validation": validation}
-    return ray.get(_export_merge.options(**_task_options(cfg)).remote(
-        cfg.model_dump(), model_dir, mode, knob, fisher_uris, out, info))
+    info = {
+        "run": run,
+        "mode": mode,
+        "knob": knob,
+        "trained_model": model_dir,
+        "base_model": cfg.model.name_or_path,
+        "domain_fisher": fisher_uris[1] if fisher_uris else None,
+        "chosen_on": "validation sets",
+        "validation": validation,
+    }
+    return ray.get(
+        _export_merge.options(**_task_options(cfg)).remote(
+            cfg.model_dump(), model_dir, mode, knob, fisher_uris, out, info
+        )
+    )
 
 
 def _curve_summary(curve: MergeCurve) -> str:

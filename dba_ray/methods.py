@@ -51,7 +51,9 @@ def config_for_run(cfg: Config, method: str | MethodSpec) -> Config:
         except ValidationError as e:
             raise UserError(format_validation_error(e, f"(method {spec.name!r}, set: under train)")) from None
     if spec.method == "lora" and out.train.parallel == "fsdp":
-        raise UserError(f"{spec.name}: lora runs with train.parallel: ddp (adapters are small; FSDP is for full weights)")
+        raise UserError(
+            f"{spec.name}: lora runs with train.parallel: ddp (adapters are small; FSDP is for full weights)"
+        )
     if spec.method == "lora" and uses_global_gradient(out.train.dba):
         raise UserError(
             f"{spec.name}: GGB, DC and the fisher anchor act on the full weights' gradient; "

@@ -117,9 +117,7 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}"
-        ) from None
+        raise UserError(f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
 
 
 def load_empty_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -131,12 +129,11 @@ def load_empty_model(cfg: ModelConfig) -> torch.nn.Module:
         try:
             config = AutoConfig.from_pretrained(
                 storage.local_copy(cfg.name_or_path, "config.json", skip=_WEIGHTS),
-                revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
             )
         except (OSError, ValueError) as e:
-            raise UserError(
-                f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}"
-            ) from None
+            raise UserError(f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 

@@ -49,13 +49,22 @@ def _source(d: DataConfig | None) -> list[str]:
     return [d.hf_dataset if d.hf_dataset else d.path]
 
 
-def facts_for_run(cfg: Config, spec: MethodSpec, grad_meta: ArtifactMeta | None, grad_source, metrics: dict,
-                  steps: int, tokens: int) -> CardFacts:
+def facts_for_run(
+    cfg: Config, spec: MethodSpec, grad_meta: ArtifactMeta | None, grad_source, metrics: dict, steps: int, tokens: int
+) -> CardFacts:
     """``cfg`` as resolved for the run (its train section is what the run trained with)."""
     t = cfg.train
-    settings = {"schedule": t.schedule.model_dump(), "optimizer": t.optimizer.model_dump(),
-                "batch_size": t.batch_size, "grad_accum": t.grad_accum, "num_workers": t.num_workers,
-                "max_steps": t.max_steps, "epochs": t.epochs, "seed": t.seed, "parallel": t.parallel}
+    settings = {
+        "schedule": t.schedule.model_dump(),
+        "optimizer": t.optimizer.model_dump(),
+        "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum,
+        "num_workers": t.num_workers,
+        "max_steps": t.max_steps,
+        "epochs": t.epochs,
+        "seed": t.seed,
+        "parallel": t.parallel,
+    }
     if spec.method == "dba":
         settings["dba"] = t.dba.model_dump()
     if spec.method == "lora":
@@ -69,16 +78,26 @@ def facts_for_run(cfg: Config, spec: MethodSpec, grad_meta: ArtifactMeta | None,
     if grad_meta is not None:
         grad = {
             "uri": grad_source if isinstance(grad_source, str) else "(Ray object store)",
-            "created_at": grad_meta.created_at, "param_fingerprint": grad_meta.param_fingerprint,
-            "data_fingerprint": grad_meta.data_fingerprint, "data": grad_meta.data_description,
-            "tokens": grad_meta.tokens, "global_norm": grad_meta.global_norm,
+            "created_at": grad_meta.created_at,
+            "param_fingerprint": grad_meta.param_fingerprint,
+            "data_fingerprint": grad_meta.data_fingerprint,
+            "data": grad_meta.data_description,
+            "tokens": grad_meta.tokens,
+            "global_norm": grad_meta.global_norm,
         }
         datasets += [d for d in _source(cfg.stage1.data) if d not in datasets]
     elif grad_source is not None and not isinstance(grad_source, str):
         grad = {"uri": "(Ray object store)"}
     return CardFacts(
-        name=spec.name, method=spec.method, base_model=cfg.model.name_or_path, revision=cfg.model.revision,
-        settings=settings, datasets=datasets, global_gradient=grad, steps=steps, tokens=tokens,
+        name=spec.name,
+        method=spec.method,
+        base_model=cfg.model.name_or_path,
+        revision=cfg.model.revision,
+        settings=settings,
+        datasets=datasets,
+        global_gradient=grad,
+        steps=steps,
+        tokens=tokens,
         scores={k: metrics[k] for k in ("S_D", "S_G", "S", "eval") if k in metrics},
         kinds={s.name: s.kind for s in cfg.eval.sets},
     )
@@ -96,11 +115,14 @@ def card_text(f: CardFacts, base: dict | None = None) -> str:
     """The card: front matter, then prose and tables. ``base``: the base model's scores
     ({"S_D", "S_G", "S", "eval"}), for deltas."""
     evals = f.scores.get("eval", {})
-    index = [{
-        "task": {"type": "text-generation", "name": "Text Generation"},
-        "dataset": {"name": name, "type": name},
-        "metrics": [{"name": k, "type": k, "value": v} for k, v in m.items() if _finite(v)],
-    } for name, m in evals.items()]
+    index = [
+        {
+            "task": {"type": "text-generation", "name": "Text Generation"},
+            "dataset": {"name": name, "type": name},
+            "metrics": [{"name": k, "type": k, "value": v} for k, v in m.items() if _finite(v)],
+        }
+        for name, m in evals.items()
+    ]
     front = {
         "base_model": f.base_model,
         "library_name": "transformers",
@@ -111,15 +133,23 @@ def card_text(f: CardFacts, base: dict | None = None) -> str:
     }
     base_name = f.base_model + (f" (revision {f.revision})" if f.revision else "")
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-        f"# {f.name}", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {f.name}",
+        "",
         f"A fine-tune of `{base_name}` on domain data with dba-ray {__version__} "
         f"(method `{f.method}`: {_METHOD_TEXT.get(f.method, f.method)}), {f.steps} optimizer steps, "
-        f"{f.tokens:,} trained tokens. Data: {', '.join(f'`{d}`' for d in f.datasets) or 'n/a'}.", "",
-        "## Scores", "",
+        f"{f.tokens:,} trained tokens. Data: {', '.join(f'`{d}`' for d in f.datasets) or 'n/a'}.",
+        "",
+        "## Scores",
+        "",
         "S_D and S_G are the mean normalized scores of the domain and general evaluation sets; "
-        "S is their harmonic mean.", "",
-        "| score | this model | base | delta |", "|---|---|---|---|",
+        "S is their harmonic mean.",
+        "",
+        "| score | this model | base | delta |",
+        "|---|---|---|---|",
     ]
     for key in ("S_D", "S_G", "S"):
         mine, theirs = f.scores.get(key), (base or {}).get(key)
@@ -130,25 +160,41 @@ def card_text(f: CardFacts, base: dict | None = None) -> str:
         b = (base or {}).get("eval", {}).get(name, {})
         for k, v in m.items():
             delta = v - b[k] if _finite(v) and _finite(b.get(k)) else None
-            lines.append(f"| {name} | {f.kinds.get(name, '')} | {k} | {_num(v)} | {_num(b.get(k))} | "
-                         f"{'n/a' if delta is None else f'{delta:+.4f}'} |")
-    lines += ["", "## Training settings", "", "```yaml",
-              yaml.safe_dump(f.settings, sort_keys=False).rstrip(), "```", ""]
+            lines.append(
+                f"| {name} | {f.kinds.get(name, '')} | {k} | {_num(v)} | {_num(b.get(k))} | "
+                f"{'n/a' if delta is None else f'{delta:+.4f}'} |"
+            )
+    lines += [
+        "",
+        "## Training settings",
+        "",
+        "```yaml",
+        yaml.safe_dump(f.settings, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     g = f.global_gradient
     if g:
-        lines += ["## Global gradient (ĝ_G)", "",
-                  "The mean gradient of general data at the base weights (Stage 1), blended into "
-                  "the domain steps or used by the fisher anchor.", ""]
+        lines += [
+            "## Global gradient (ĝ_G)",
+            "",
+            "The mean gradient of general data at the base weights (Stage 1), blended into "
+            "the domain steps or used by the fisher anchor.",
+            "",
+        ]
         lines += [f"- {k}: `{json.dumps(v) if isinstance(v, dict) else v}`" for k, v in g.items()]
         lines.append("")
-    lines += ["Trained with dba-ray: Dynamic Boosted Annealing (Liu et al., \"Finetune Once\", "
-              "arXiv 2509.26242) and its baselines on Ray.", ""]
+    lines += [
+        'Trained with dba-ray: Dynamic Boosted Annealing (Liu et al., "Finetune Once", '
+        "arXiv 2509.26242) and its baselines on Ray.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 _METHOD_TEXT = {
     "dba": "Dynamic Boosted Annealing, global-gradient boosting, dynamic correction and an annealed "
-           "learning rate as configured below",
+    "learning rate as configured below",
     "direct": "plain full fine-tuning on the domain data",
     "mixture": "full fine-tuning on domain data mixed with general data",
     "lora": "LoRA adapters, merged into the weights",

@@ -66,12 +66,25 @@ def _merge_curves(ax, merges: dict, results: dict, methods: list[str]) -> None:
         pts = [(p["test"]["S_D"], p["test"]["S_G"]) for p in curve["points"]]
         label = None if method in labelled else f"{method} merged ({curve['mode']})"
         labelled.add(method)
-        ax.plot(*zip(*pts), linestyle="--", linewidth=0.8, marker=".", alpha=0.7, label=label,
-                color=_style(methods.index(method))["color"])
+        ax.plot(
+            *zip(*pts),
+            linestyle="--",
+            linewidth=0.8,
+            marker=".",
+            alpha=0.7,
+            label=label,
+            color=_style(methods.index(method))["color"],
+        )
         chosen = next((p for p in curve["points"] if p["knob"] == curve["chosen"]), None)
         if chosen is not None:  # the point chosen on validation sets
-            ax.plot([chosen["test"]["S_D"]], [chosen["test"]["S_G"]], marker="x", markersize=7,
-                    color=_style(methods.index(method))["color"], linestyle="")
+            ax.plot(
+                [chosen["test"]["S_D"]],
+                [chosen["test"]["S_G"]],
+                marker="x",
+                markersize=7,
+                color=_style(methods.index(method))["color"],
+                linestyle="",
+            )
 
 
 def _style(i: int) -> dict:
@@ -103,7 +116,13 @@ def _spread(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-CURVE_PANELS = (("loss", "training loss"), ("lr", "learning rate (× c_t)"), ("gamma", "γ_t"), ("cos", "cos(g_D, ĝ_G)"), ("c", "c_t"))
+CURVE_PANELS = (
+    ("loss", "training loss"),
+    ("lr", "learning rate (× c_t)"),
+    ("gamma", "γ_t"),
+    ("cos", "cos(g_D, ĝ_G)"),
+    ("c", "c_t"),
+)
 
 
 def training_curves(curves: dict[str, list[dict]], uri: str) -> None:

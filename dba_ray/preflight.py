@@ -35,7 +35,9 @@ def writable(uri: str, what: str) -> None:
             bucket = path.split("/")[0]
             # Asked first: a write to a missing bucket is retried for minutes.
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                raise UserError(f"cannot write to {what} {uri}: bucket {bucket} does not exist; create it or correct the URI")
+                raise UserError(
+                    f"cannot write to {what} {uri}: bucket {bucket} does not exist; create it or correct the URI"
+                )
             probe = storage.join(uri, f".dba-ray-probe-{uuid.uuid4().hex[:8]}")
             storage.write_bytes_atomic(probe, b"")
             storage.delete(probe)
@@ -59,8 +61,7 @@ def data_source(data: DataConfig, key: str, max_len: int | None) -> None:
     model can take. Contents are checked while they are read."""
     if max_len is not None and data.seq_len > max_len:
         raise UserError(
-            f"{key}.seq_len {data.seq_len} is longer than the model's context "
-            f"({max_len} positions): lower it"
+            f"{key}.seq_len {data.seq_len} is longer than the model's context ({max_len} positions): lower it"
         )
     if data.path is None or data.path.startswith("builtin:"):
         return
@@ -79,8 +80,7 @@ def model(cfg: Config) -> int | None:
     path = cfg.model.name_or_path
     if path.startswith(("/", ".", "~")) and not storage.exists(path):
         raise UserError(
-            f"model.name_or_path {path} does not exist: give a folder written by "
-            "save_pretrained, or a hub name"
+            f"model.name_or_path {path} does not exist: give a folder written by save_pretrained, or a hub name"
         )
     empty = load_empty_model(cfg.model)  # refuses a missing model or a bad config
     if not storage.is_remote(path) and storage.exists(path):
@@ -99,8 +99,9 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
     resolved = {s.name: config_for_run(cfg, s).train for s in specs}
     needs_grad = any(uses_global_gradient(t.dba) for t in resolved.values())
     # What needs v_G: the fisher anchor, and the boost applied in update space.
-    fisher = [n for n, t in resolved.items()
-              if t.dba.anchor == "fisher" or (t.dba.ggb and t.dba.boost_mode == "update")]
+    fisher = [
+        n for n, t in resolved.items() if t.dba.anchor == "fisher" or (t.dba.ggb and t.dba.boost_mode == "update")
+    ]
     mixture = [s.name for s in specs if s.method == "mixture"]
     if cfg.train.data is None:
         raise UserError("train.data is required: the domain data to fine-tune on")
@@ -109,9 +110,11 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
 
     max_len = model(cfg)
     sources = [("train.data", cfg.train.data)]
-    sources += [(f"eval set {s.name!r} data", s.data)
-                for s in [*cfg.eval.sets, *cfg.eval.validation_sets, *cfg.tune.validation_sets]
-                if s.data is not None]  # lm_eval sets name harness tasks instead
+    sources += [
+        (f"eval set {s.name!r} data", s.data)
+        for s in [*cfg.eval.sets, *cfg.eval.validation_sets, *cfg.tune.validation_sets]
+        if s.data is not None
+    ]  # lm_eval sets name harness tasks instead
     if cfg.pretrain is not None:
         sources.append(("pretrain.data", cfg.pretrain.data))
     if mixture and cfg.train.mixture.data is not None:

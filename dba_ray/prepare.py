@@ -62,8 +62,12 @@ class Prepared:
 
     def run_train_data(self) -> dict:
         """The keyword arguments that hand this data to ``run_train``."""
-        return {"grad_source": self.grad_source, "train_ref": self.train, "eval_refs": self.eval,
-                "general_ref": self.general}
+        return {
+            "grad_source": self.grad_source,
+            "train_ref": self.train,
+            "eval_refs": self.eval,
+            "general_ref": self.general,
+        }
 
 
 def prepare(
@@ -139,4 +143,6 @@ def ensure_global_gradient(cfg: Config) -> Stage1Summary:
     s1.stage1.overwrite = True
     start = time.monotonic()
     result = run_global_gradient(s1)
-    return Stage1Summary(uri=uri, reused=False, wall_s=time.monotonic() - start, tokens=ArtifactMeta(result.meta).tokens)
+    return Stage1Summary(
+        uri=uri, reused=False, wall_s=time.monotonic() - start, tokens=ArtifactMeta(result.meta).tokens
+    )

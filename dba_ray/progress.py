@@ -76,7 +76,11 @@ def _duration(s: float) -> str:
 
 
 def progress_line(
-    label: str, done: float, total: float | None, rate: float | None, unit: str = "tokens",
+    label: str,
+    done: float,
+    total: float | None,
+    rate: float | None,
+    unit: str = "tokens",
     loss: float | None = None,
 ) -> str:
     """e.g. ``stage1: 1.20M/2.00M tokens (60%), 12.3k tokens/s, ETA 1m05s``; ``rate``
@@ -96,9 +100,7 @@ def progress_line(
 class ProgressPrinter:
     """Context manager: print a progress line every ``interval`` seconds."""
 
-    def __init__(
-        self, tracker, label: str, total: float | None, interval: float, unit: str = "tokens"
-    ):
+    def __init__(self, tracker, label: str, total: float | None, interval: float, unit: str = "tokens"):
         self.tracker, self.label, self.total, self.interval = tracker, label, total, interval
         self.unit = unit
         self._first: tuple[float, float, float] | None = None  # (time, done, tokens) at first

@@ -64,9 +64,7 @@ def scaling(num_workers: int, cpus_per_worker: int, use_gpu: bool, cfg: RayConfi
     return ScalingConfig(
         num_workers=num_workers,
         use_gpu=use_gpu,
-        resources_per_worker={
-            "CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **cfg.worker_resources
-        },
+        resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **cfg.worker_resources},
     )
 
 

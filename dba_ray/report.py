@@ -24,8 +24,16 @@ class RunRow:
     validation: dict | None = None  # scores on eval.validation_sets
 
     def as_json(self) -> dict:
-        out = {**self.scores, "wall_s": self.wall_s, "tokens": self.tokens, "steps": self.steps,
-               "resumed_at": self.resumed_at, "model_dir": self.model_dir, "method": self.method, "lr": self.lr}
+        out = {
+            **self.scores,
+            "wall_s": self.wall_s,
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "resumed_at": self.resumed_at,
+            "model_dir": self.model_dir,
+            "method": self.method,
+            "lr": self.lr,
+        }
         return _with_validation(out, self.validation)
 
 
@@ -78,10 +86,21 @@ class CompareRow:
     validation: dict | None = None
 
     def as_json(self) -> dict:
-        out = {**self.scores, "tokens": self.tokens, "steps": self.steps, "wall_s": self.wall_s,
-               "peak_mem_mb": self.peak_mem_mb, "model_dir": self.model_dir, "method": self.method,
-               "family": self.family, "lr": self.lr, "seed": self.seed, "set": self.set,
-               "uses_global_gradient": self.uses_global_gradient, "num_workers": self.num_workers}
+        out = {
+            **self.scores,
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "wall_s": self.wall_s,
+            "peak_mem_mb": self.peak_mem_mb,
+            "model_dir": self.model_dir,
+            "method": self.method,
+            "family": self.family,
+            "lr": self.lr,
+            "seed": self.seed,
+            "set": self.set,
+            "uses_global_gradient": self.uses_global_gradient,
+            "num_workers": self.num_workers,
+        }
         if self.mixture is not None:
             out.update(vars(self.mixture))
         if self.cost is not None:
@@ -95,8 +114,7 @@ def _with_validation(row: dict, validation: dict | None) -> dict:
 
 def _deltas(metrics: dict, base: dict) -> dict:
     return {
-        name: {k: v - base[name][k] for k, v in m.items() if k in base.get(name, {})}
-        for name, m in metrics.items()
+        name: {k: v - base[name][k] for k, v in m.items() if k in base.get(name, {})} for name, m in metrics.items()
     }
 
 
@@ -145,8 +163,12 @@ def merges_markdown(merges: dict) -> str:
         return ""
     first = next(iter(merges.values()))
     knob = "α" if first["mode"] == "linear" else "λ"
-    lines = [f"Merge curves toward the base ({first['mode']}, knob {knob}; * = chosen on validation S):", "",
-             f"| run | {knob} | S_D | S_G | S | validation S |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Merge curves toward the base ({first['mode']}, knob {knob}; * = chosen on validation S):",
+        "",
+        f"| run | {knob} | S_D | S_G | S | validation S |",
+        "|---|---|---|---|---|---|",
+    ]
     for run, c in merges.items():
         for p in c["points"]:
             mark = " *" if p["knob"] == c["chosen"] else ""
@@ -155,8 +177,12 @@ def merges_markdown(merges: dict) -> str:
             lines.append(f"| {run} | {p['knob']:g}{mark} | {t['S_D']:.4f} | {t['S_G']:.4f} | {t['S']:.4f} | {val} |")
     cost = sum(c["eval_tokens"] for c in merges.values())
     fisher = sum(c["fisher_tokens"] for c in merges.values())
-    lines += ["", f"Merge cost (apart from training): {cost:,} evaluated tokens"
-              + (f" and {fisher:,} tokens of domain-Fisher passes" if fisher else "") + "."]
+    lines += [
+        "",
+        f"Merge cost (apart from training): {cost:,} evaluated tokens"
+        + (f" and {fisher:,} tokens of domain-Fisher passes" if fisher else "")
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 

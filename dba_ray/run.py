@@ -37,8 +37,14 @@ def run_all(cfg: Config) -> dict:
     for spec in cfg.methods:
         r = run_train(cfg, spec, **prepared.run_train_data())
         results[spec.name] = RunRow(
-            scores=r.metrics, wall_s=r.wall_s, tokens=r.tokens, steps=r.steps, resumed_at=r.resumed_at,
-            model_dir=r.model_dir, method=spec.name, lr=config_for_run(cfg, spec).train.schedule.lr,
+            scores=r.metrics,
+            wall_s=r.wall_s,
+            tokens=r.tokens,
+            steps=r.steps,
+            resumed_at=r.resumed_at,
+            model_dir=r.model_dir,
+            method=spec.name,
+            lr=config_for_run(cfg, spec).train.schedule.lr,
         )
     merges = score_after_training(cfg, base, results, prepared)
     report = build_report(

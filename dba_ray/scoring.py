@@ -26,7 +26,9 @@ def _evaluate_remote(cfg_dump: dict, model_path: str, eval_refs: dict, kinds: di
     cfg.model.name_or_path = model_path
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(cfg.model).to(device)
-    return score_sets(model, {name: ray.get(ref) for name, ref in eval_refs.items()}, kinds, cfg.eval.batch_size, device)
+    return score_sets(
+        model, {name: ray.get(ref) for name, ref in eval_refs.items()}, kinds, cfg.eval.batch_size, device
+    )
 
 
 def evaluate_models(cfg: Config, models: dict[str, str], eval_data: EvalData | None = None) -> dict[str, dict]:
@@ -39,10 +41,11 @@ def evaluate_models(cfg: Config, models: dict[str, str], eval_data: EvalData | N
         raise UserError("no eval sets: add eval.sets to the config")
     t = cfg.train
     task = _evaluate_remote.options(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0)
-    futures = {
-        name: task.remote(cfg.model_dump(), path, refs, kinds, t.cpus_per_worker)
-        for name, path in models.items()
-    } if refs else {}
+    futures = (
+        {name: task.remote(cfg.model_dump(), path, refs, kinds, t.cpus_per_worker) for name, path in models.items()}
+        if refs
+        else {}
+    )
     benchmarks = harness.submit(cfg, models)
     return {
         name: harness.combine(

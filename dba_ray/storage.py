@@ -212,9 +212,7 @@ def staged_directory(uri: str, overwrite: bool, marker: str) -> Iterator[str]:
 
 def upload_directory(local: str, uri: str, marker: str) -> None:
     """Replace the directory at ``uri`` with the files of ``local``, ``marker`` last."""
-    files = sorted(
-        os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names
-    )
+    files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names)
     if marker not in files:
         raise ValueError(f"{local} has no {marker}: nothing would mark the upload complete")
     files.sort(key=lambda rel: rel == marker)  # stable sort: only moves the marker last
@@ -245,9 +243,7 @@ def local_copy(uri: str, marker: str, skip: tuple[str, ...] = ()) -> str:
         if i.type == pafs.FileType.File and not i.path.endswith(skip)
     )
     if marker not in {name for name, _, _ in listing}:
-        raise UserError(
-            f"{uri} is not a complete directory (no {marker}): missing, or an interrupted upload"
-        )
+        raise UserError(f"{uri} is not a complete directory (no {marker}): missing, or an interrupted upload")
     key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dba-ray" / "remote"
     final = cache / key

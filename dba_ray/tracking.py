@@ -111,8 +111,13 @@ class _RunActor:
                 # file tracking_uri in the config is the user asking for it.
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             self._mlflow = setup_mlflow(
-                config=_params(config), tracking_uri=tc.mlflow.tracking_uri, experiment_name=tc.mlflow.experiment,
-                run_name=name, create_experiment_if_not_exists=True, tags=tags, rank_zero_only=False,
+                config=_params(config),
+                tracking_uri=tc.mlflow.tracking_uri,
+                experiment_name=tc.mlflow.experiment,
+                run_name=name,
+                create_experiment_if_not_exists=True,
+                tags=tags,
+                rank_zero_only=False,
             )
         if tc.wandb is not None:
             from ray.air.integrations.wandb import setup_wandb
@@ -125,9 +130,19 @@ class _RunActor:
             if wdir:
                 os.makedirs(wdir, exist_ok=True)
             self._wandb = setup_wandb(
-                config=config, project=w.project, entity=w.entity, group=parent.group, job_type=kind,
-                trial_id=uuid.uuid4().hex[:8], trial_name=name, dir=wdir, mode=w.mode,
-                resume="allow", reinit="create_new", tags=[kind], rank_zero_only=False,
+                config=config,
+                project=w.project,
+                entity=w.entity,
+                group=parent.group,
+                job_type=kind,
+                trial_id=uuid.uuid4().hex[:8],
+                trial_name=name,
+                dir=wdir,
+                mode=w.mode,
+                resume="allow",
+                reinit="create_new",
+                tags=[kind],
+                rank_zero_only=False,
             )
 
     def ids(self) -> dict:
@@ -188,7 +203,9 @@ class TrackedRun:
 
     def __init__(self, cfg: Config, name: str, kind: str, parent: TrackingParent | None, config: dict):
         _require(cfg.tracking)
-        self.parent = parent or TrackingParent(group=_group_name(cfg, kind), mlflow_run_id=None, wandb_dir=_wandb_dir(cfg))
+        self.parent = parent or TrackingParent(
+            group=_group_name(cfg, kind), mlflow_run_id=None, wandb_dir=_wandb_dir(cfg)
+        )
         self.actor = _RunActor.remote(cfg.tracking.model_dump(), name, kind, self.parent, config)
         try:
             self.ids = ray.get(self.actor.ids.remote())
@@ -257,7 +274,11 @@ class TrackingCallback(UserCallback):
 
 def final_values(result_row: dict) -> dict[str, float]:
     """A run's row of report.json (or a finished Stage 2 run's metrics) as ``final/...``."""
-    keep = {k: v for k, v in result_row.items() if k in ("S_D", "S_G", "S", "eval", "wall_s", "tokens", "steps", "peak_mem_mb")}
+    keep = {
+        k: v
+        for k, v in result_row.items()
+        if k in ("S_D", "S_G", "S", "eval", "wall_s", "tokens", "steps", "peak_mem_mb")
+    }
     return scalars(keep, "final")
 
 
@@ -266,10 +287,23 @@ def log_stage1(cfg: Config, meta: ArtifactMeta, wall_s: float) -> None:
     run = open_run(cfg, "stage1", "stage1")
     if run is None:
         return
-    run.summary(scalars({"tokens": meta.tokens, "sequences": meta.sequences, "mean_loss": meta.mean_loss,
-                         "global_norm": meta.global_norm, "wall_s": wall_s}, "stage1"))
-    run.table("global_gradient", ["param_fingerprint", "data_fingerprint", "created_at"],
-              [[meta.param_fingerprint, meta.data_fingerprint, meta.created_at]])
+    run.summary(
+        scalars(
+            {
+                "tokens": meta.tokens,
+                "sequences": meta.sequences,
+                "mean_loss": meta.mean_loss,
+                "global_norm": meta.global_norm,
+                "wall_s": wall_s,
+            },
+            "stage1",
+        )
+    )
+    run.table(
+        "global_gradient",
+        ["param_fingerprint", "data_fingerprint", "created_at"],
+        [[meta.param_fingerprint, meta.data_fingerprint, meta.created_at]],
+    )
     run.finish()
 
 
@@ -279,8 +313,18 @@ def report_table(report: dict) -> tuple[list[str], list[list]]:
     columns = ["run", "S_D", "S_G", "S", *(f"{s} acc" for s in sets), "tokens", "wall_s", "total_cost_tokens"]
     rows = []
     for name, r in [("base", report["base"]), *report["results"].items()]:
-        rows.append([name, r["S_D"], r["S_G"], r["S"], *(r["eval"][s]["acc"] for s in sets),
-                     r.get("tokens"), r.get("wall_s"), r.get("cost", {}).get("total_tokens")])
+        rows.append(
+            [
+                name,
+                r["S_D"],
+                r["S_G"],
+                r["S"],
+                *(r["eval"][s]["acc"] for s in sets),
+                r.get("tokens"),
+                r.get("wall_s"),
+                r.get("cost", {}).get("total_tokens"),
+            ]
+        )
     return columns, rows
 
 

@@ -158,10 +158,21 @@ def _setup(config: dict) -> _Worker:
     )
     data = ray.get(config["train_ref"])
     return _Worker(
-        cfg=cfg, method=config["method"], rank=rank, world=world, device=device, layout=layout, model=model,
-        forward_model=forward_model, optimizer=optimizer, dba=dba, total=config["total_steps"],
-        ids=data["input_ids"], labels=data["labels"],
-        evals={name: ray.get(ref) for name, ref in config["eval_refs"].items()}, eval_kinds=config["eval_kinds"],
+        cfg=cfg,
+        method=config["method"],
+        rank=rank,
+        world=world,
+        device=device,
+        layout=layout,
+        model=model,
+        forward_model=forward_model,
+        optimizer=optimizer,
+        dba=dba,
+        total=config["total_steps"],
+        ids=data["input_ids"],
+        labels=data["labels"],
+        evals={name: ray.get(ref) for name, ref in config["eval_refs"].items()},
+        eval_kinds=config["eval_kinds"],
     )
 
 
@@ -171,7 +182,11 @@ def _build_dba(cfg: Config, model, layout: DDP | FSDP, grad_source, total: int) 
         return None
     grad = artifact.load_any(grad_source, model=model, model_name=cfg.model.name_or_path, rows=layout.grad_rows(model))
     return DBA(
-        model.named_parameters(), grad.mean, total, d, second_moment=grad.second_moment,
+        model.named_parameters(),
+        grad.mean,
+        total,
+        d,
+        second_moment=grad.second_moment,
         all_reduce=layout.stats_all_reduce,
     )
 
@@ -361,8 +376,13 @@ def _mix(domain: dict, general: dict, n_general: int, name: str) -> dict:
     cycled (said in the log), so the baseline exists wherever a domain run does."""
     have = len(general["input_ids"])
     if have < n_general:
-        log.warning("%s: %d general sequences for a mixture that needs %d: each is used up to %d times",
-                    name, have, n_general, math.ceil(n_general / have))
+        log.warning(
+            "%s: %d general sequences for a mixture that needs %d: each is used up to %d times",
+            name,
+            have,
+            n_general,
+            math.ceil(n_general / have),
+        )
     picked = np.arange(n_general) % have
     return {k: np.concatenate([domain[k], general[k][picked]]) for k in ("input_ids", "labels")}
 
@@ -422,19 +442,31 @@ def run_train(
         scaling_config=scaling(t.num_workers, t.cpus_per_worker, t.use_gpu, cfg.ray),
         run_config=_run_config(cfg, spec, grad.identity, (CurvesCallback(run_dir), *callbacks)),
     )
-    log.info("stage 2 (%s): %d steps of %d sequences on %d worker(s)",
-             spec.name, plan.total, plan.global_batch, t.num_workers)
+    log.info(
+        "stage 2 (%s): %d steps of %d sequences on %d worker(s)",
+        spec.name,
+        plan.total,
+        plan.global_batch,
+        t.num_workers,
+    )
     start = time.monotonic()
     returned = _fit(trainer, spec, tracker, tracked, plan.total, t.progress_interval_s)
     wall = time.monotonic() - start
     metrics = harness.add_final_scores(cfg, returned.get("final", {}), storage.join(run_dir, "model"))
     log.info("stage 2 (%s) done in %.1fs: %s", spec.name, wall, _summary(metrics))
-    model_card.write_card(storage.join(run_dir, "model"), model_card.facts_for_run(
-        cfg, spec, grad.meta, grad_source if grad.used else None, metrics, plan.total, plan.tokens))
+    model_card.write_card(
+        storage.join(run_dir, "model"),
+        model_card.facts_for_run(
+            cfg, spec, grad.meta, grad_source if grad.used else None, metrics, plan.total, plan.tokens
+        ),
+    )
     peak = returned.get("peak_mem_mb", float("nan"))
     if tracked is not None:
-        tracked.summary(tracking.final_values(
-            {**metrics, "wall_s": wall, "tokens": plan.tokens, "steps": plan.total, "peak_mem_mb": peak}))
+        tracked.summary(
+            tracking.final_values(
+                {**metrics, "wall_s": wall, "tokens": plan.tokens, "steps": plan.total, "peak_mem_mb": peak}
+            )
+        )
         tracked.finish()
     return TrainResult(
         run_name=spec.name,
@@ -507,8 +539,7 @@ def _plan(cfg: Config, spec: MethodSpec, train_ref: ray.ObjectRef, general_ref: 
         log.warning(warning)
     row_tokens = (arrays["labels"][:, 1:] != IGNORE).sum(axis=1)
     tokens = sum(
-        int(row_tokens[global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)].sum())
-        for s in range(total)
+        int(row_tokens[global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)].sum()) for s in range(total)
     )
     return _Plan(train_ref=train_ref, total=total, tokens=tokens, global_batch=global_batch)
 
@@ -558,8 +589,15 @@ def _settings_digest(cfg: Config, spec: MethodSpec, grad_id) -> str:
     keep = cfg.model_dump(include={"model", "train"})
     t = cfg.train
     keep["train"]["global_batch"] = t.batch_size * t.num_workers * t.grad_accum
-    for key in ("progress_interval_s", "max_failures", "batch_size", "num_workers",
-                "grad_accum", "parallel", "cpus_per_worker"):
+    for key in (
+        "progress_interval_s",
+        "max_failures",
+        "batch_size",
+        "num_workers",
+        "grad_accum",
+        "parallel",
+        "cpus_per_worker",
+    ):
         keep["train"].pop(key)
     keep["method"] = spec.method
     keep["grad_id"] = grad_id

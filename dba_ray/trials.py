@@ -33,7 +33,10 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
     cfg = Config.model_validate(cfg_dump)
     cfg.output_dir = storage.join(cfg.output_dir, experiment, "trials", tune.get_context().get_trial_id())
     result = run_train(
-        cfg, spec, **data, callbacks=(TuneReportCallback(),) if report_to_tune else (),
+        cfg,
+        spec,
+        **data,
+        callbacks=(TuneReportCallback(),) if report_to_tune else (),
         # compare's runs have unique names; a sweep's trials share their method's name
         tracking_parent=tracking_parent,
         tracking_name=spec.name if experiment == "compare" else f"{spec.name}-{tune.get_context().get_trial_id()}",
@@ -42,8 +45,12 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
         {
             **{k: result.metrics.get(k, math.nan) for k in ("S_D", "S_G", "S")},
             "eval": result.metrics.get("eval", {}),
-            "final": True, "tokens": result.tokens, "steps": result.steps,
-            "run_wall_s": result.wall_s, "peak_mem_mb": result.peak_mem_mb, "resumed_at": result.resumed_at,
+            "final": True,
+            "tokens": result.tokens,
+            "steps": result.steps,
+            "run_wall_s": result.wall_s,
+            "peak_mem_mb": result.peak_mem_mb,
+            "resumed_at": result.resumed_at,
             "model_dir": result.model_dir,
         }
     )
@@ -65,9 +72,12 @@ def run_trials(
     cfg = cfg.model_copy(update={"output_dir": storage.absolute(cfg.output_dir)})
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trial, cfg_dump=cfg.model_dump(), data=prepared.run_train_data(),
+            _trial,
+            cfg_dump=cfg.model_dump(),
+            data=prepared.run_train_data(),
             tracking_parent=tracking.current_parent(),  # trials run in other processes
-            experiment=name, report_to_tune=scheduler is not None,
+            experiment=name,
+            report_to_tune=scheduler is not None,
         ),
         {"CPU": 0.01},  # a trial's driver is light; its Train workers hold the CPUs
     )
@@ -80,7 +90,8 @@ def run_trials(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                scheduler=scheduler, num_samples=num_samples,
+                scheduler=scheduler,
+                num_samples=num_samples,
                 search_alg=tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
             ),
             run_config=tune.RunConfig(name=name, **storage.ray_storage(cfg.output_dir)),
@@ -112,13 +123,20 @@ class TrialRow:
         m = result.metrics or {}
         run = result.config.get("run", result.config)
         return cls(
-            name=run["name"], set=run.get("set", {}),
-            S_D=m.get("S_D", math.nan), S_G=m.get("S_G", math.nan), S=m.get("S", math.nan),
+            name=run["name"],
+            set=run.get("set", {}),
+            S_D=m.get("S_D", math.nan),
+            S_G=m.get("S_G", math.nan),
+            S=m.get("S", math.nan),
             status="error" if result.error else ("done" if m.get("final") else "stopped early"),
-            time_s=m.get("time_total_s", math.nan), model_dir=m.get("model_dir"), eval=m.get("eval", {}),
-            tokens=m.get("tokens"), steps=m.get("steps"),
+            time_s=m.get("time_total_s", math.nan),
+            model_dir=m.get("model_dir"),
+            eval=m.get("eval", {}),
+            tokens=m.get("tokens"),
+            steps=m.get("steps"),
             wall_s=m.get("run_wall_s", m.get("time_total_s", math.nan)),
-            peak_mem_mb=m.get("peak_mem_mb", math.nan), resumed_at=m.get("resumed_at", 0),
+            peak_mem_mb=m.get("peak_mem_mb", math.nan),
+            resumed_at=m.get("resumed_at", 0),
         )
 
     def scores(self) -> dict:

@@ -30,9 +30,19 @@ log = logging.getLogger("dba_ray")
 
 # Stage 2's annealing knobs: what a sweep may touch (keys under `train`).
 SEARCHABLE = {
-    "schedule.lr", "schedule.anneal", "schedule.shape", "schedule.warmup_ratio",
-    "schedule.min_lr_ratio", "schedule.decay_ratio", "dba.ggb", "dba.boost",
-    "dba.gamma_max", "dba.dc", "dba.kappa", "dba.c_max", "dba.fisher_lambda",
+    "schedule.lr",
+    "schedule.anneal",
+    "schedule.shape",
+    "schedule.warmup_ratio",
+    "schedule.min_lr_ratio",
+    "schedule.decay_ratio",
+    "dba.ggb",
+    "dba.boost",
+    "dba.gamma_max",
+    "dba.dc",
+    "dba.kappa",
+    "dba.c_max",
+    "dba.fisher_lambda",
 }
 _DOMAINS = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform}
 
@@ -55,14 +65,22 @@ def search_space(cfg: Config) -> tuple[dict, dict[str, list]]:
                 f"tune.search.{key} is not a Stage 2 annealing knob; allowed: {', '.join(sorted(SEARCHABLE))}"
                 + (", mixture.ratio" if method == "mixture" else "")
             )
-        kind, args = ("grid", value) if isinstance(value, list) else next(iter(value.items())) if _is_domain(value) else (None, None)
+        kind, args = (
+            ("grid", value)
+            if isinstance(value, list)
+            else next(iter(value.items()))
+            if _is_domain(value)
+            else (None, None)
+        )
         if kind in ("uniform", "loguniform"):
             try:
                 lo, hi = (float(a) for a in args)  # YAML reads 1e-5 as a string
             except (TypeError, ValueError):
                 raise UserError(f"tune.search.{key}: {kind} needs [lo, hi] numbers (got {args!r})") from None
             if not lo < hi or (kind == "loguniform" and lo <= 0):
-                raise UserError(f"tune.search.{key}: {kind} needs 0 {'<' if kind == 'loguniform' else '<='} lo < hi (got {args!r})")
+                raise UserError(
+                    f"tune.search.{key}: {kind} needs 0 {'<' if kind == 'loguniform' else '<='} lo < hi (got {args!r})"
+                )
             space[key], values[key] = _DOMAINS[kind](lo, hi), [lo, hi]
         elif kind in ("grid", "choice") and isinstance(args, list) and args:
             space[key] = tune.grid_search(args) if kind == "grid" else tune.choice(args)
@@ -90,8 +108,10 @@ def _prepare_sweep(cfg: Config, spec: MethodSpec, values: dict[str, list]) -> Pr
     t = config_for_run(cfg, spec).train
     mixtures = []
     if spec.method == "mixture":
-        swept = [t.model_copy(update={"mixture": t.mixture.model_copy(update={"ratio": float(r)})})
-                 for r in values.get("mixture.ratio", [])]
+        swept = [
+            t.model_copy(update={"mixture": t.mixture.model_copy(update={"ratio": float(r)})})
+            for r in values.get("mixture.ratio", [])
+        ]
         mixtures = [t, *swept]
     # A dba sweep may switch GGB, DC or the anchor on in any trial.
     stage1 = spec.method == "dba" or uses_global_gradient(t.dba)
@@ -106,8 +126,10 @@ def run_tune(cfg: Config) -> dict:
     keys = set(flatten(tc.search, keep=_is_domain))
     if MERGE_KNOB in keys:
         if keys != {MERGE_KNOB}:
-            raise UserError(f"tune.search: {MERGE_KNOB} is swept on a finished run, alone (no training); "
-                            f"sweep {sorted(keys - {MERGE_KNOB})} in another sweep")
+            raise UserError(
+                f"tune.search: {MERGE_KNOB} is swept on a finished run, alone (no training); "
+                f"sweep {sorted(keys - {MERGE_KNOB})} in another sweep"
+            )
         return run_merge_sweep(cfg)
     space, values = search_space(cfg)
     if tc.asha and cfg.train.eval_every == 0:
@@ -133,13 +155,24 @@ def run_tune(cfg: Config) -> dict:
             log.info("tune.asha: checkpointing at every evaluation (train.checkpoint_every = %d)", cfg.train.eval_every)
             cfg.train.checkpoint_every = cfg.train.eval_every
         scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration", metric="S", mode="max", grace_period=tc.grace_evals,
-            reduction_factor=tc.reduction_factor, max_t=10**6, stop_last_trials=False,
+            time_attr="training_iteration",
+            metric="S",
+            mode="max",
+            grace_period=tc.grace_evals,
+            reduction_factor=tc.reduction_factor,
+            max_t=10**6,
+            stop_last_trials=False,
         )
     param_space = {"name": tc.method.name, "method": tc.method.method, "set": {**tc.method.set, **space}}
     grid = run_trials(
-        cfg, param_space, prepared, name="tune", max_concurrent=tc.max_concurrent, scheduler=scheduler,
-        num_samples=tc.num_samples, seed=tc.seed,
+        cfg,
+        param_space,
+        prepared,
+        name="tune",
+        max_concurrent=tc.max_concurrent,
+        scheduler=scheduler,
+        num_samples=tc.num_samples,
+        seed=tc.seed,
     )
     rows = [TrialRow.of(r) for r in grid]
     errors = [r for r in rows if r.status == "error"]
@@ -161,7 +194,8 @@ def run_tune(cfg: Config) -> dict:
     summary = {
         "trials": [r.as_json() for r in rows],
         "best": {**best.as_json(), "spec": best_spec, "exported_to": best_model, "test": test},
-        "errored": len(errors), "total_wall_s": time.monotonic() - start,
+        "errored": len(errors),
+        "total_wall_s": time.monotonic() - start,
     }
     storage.write_bytes_atomic(storage.join(out, "best.yaml"), yaml.safe_dump({"methods": [best_spec]}).encode())
     _write_summary(out, summary, list(space))
@@ -206,8 +240,10 @@ def run_merge_sweep(cfg: Config) -> dict:
     out = storage.absolute(cfg.output_dir)
     model_dir = next(iter(cfg.merge.models.values()), storage.join(out, tc.method.name, "model"))
     if len(cfg.merge.models) > 1 or not storage.exists(storage.join(model_dir, "config.json")):
-        raise UserError(f"a merge.knob sweep needs one trained model: none at {model_dir} "
-                        f"(train it with dba-ray train --method {tc.method.name}, or give one in merge.models)")
+        raise UserError(
+            f"a merge.knob sweep needs one trained model: none at {model_dir} "
+            f"(train it with dba-ray train --method {tc.method.name}, or give one in merge.models)"
+        )
     knobs = flatten(tc.search, keep=_is_domain)[MERGE_KNOB]
     knobs = knobs if isinstance(knobs, list) else None
     if knobs is None:
@@ -218,20 +254,24 @@ def run_merge_sweep(cfg: Config) -> dict:
     fisher_uris = (general_fisher_uri(cfg), domain_fisher(cfg, model_dir)[0]) if cfg.merge.mode == "fisher" else None
     val_data = tokenize_eval(cfg, validation)
     trainable = tune.with_resources(
-        tune.with_parameters(_merge_trial, cfg_dump=cfg.model_dump(), model_dir=model_dir,
-                             fisher_uris=fisher_uris, val_data=val_data),
+        tune.with_parameters(
+            _merge_trial, cfg_dump=cfg.model_dump(), model_dir=model_dir, fisher_uris=fisher_uris, val_data=val_data
+        ),
         {"CPU": cfg.train.cpus_per_worker},
     )
     param_space = {"name": f"merge-{tc.method.name}", "set": {MERGE_KNOB: tune.grid_search(cfg.merge.knob_values())}}
     grid = tune.Tuner(
-        trainable, param_space=param_space,
+        trainable,
+        param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=tc.max_concurrent),
         run_config=tune.RunConfig(name="tune-merge", **storage.ray_storage(out)),
     ).fit()
     rows = [TrialRow.of(r) for r in grid]
     done = [r for r in rows if r.status == "done"]
     if not done:
-        raise UserError(f"no merge trial finished: {next((str(r.error) for r in grid if r.error), '?').splitlines()[-1]}")
+        raise UserError(
+            f"no merge trial finished: {next((str(r.error) for r in grid if r.error), '?').splitlines()[-1]}"
+        )
     done = [r for r in done if not math.isnan(r.S)] or done
     # As merge curves choose: the best validation S, ties to the end nearer the trained model.
     nearer = (lambda k: -k) if cfg.merge.mode == "fisher" else (lambda k: k)
@@ -247,7 +287,8 @@ def run_merge_sweep(cfg: Config) -> dict:
     summary = {
         "trials": [r.as_json() for r in rows],
         "best": {**best.as_json(), "exported_to": best_dir, "test": test, "mode": cfg.merge.mode},
-        "errored": len(rows) - len(done), "total_wall_s": time.monotonic() - start,
+        "errored": len(rows) - len(done),
+        "total_wall_s": time.monotonic() - start,
     }
     _write_summary(out, summary, [MERGE_KNOB])
     return summary

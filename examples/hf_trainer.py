@@ -59,7 +59,9 @@ def main(argv=None):
     )
     sched = ScheduleConfig(lr=1e-3)
     inner = torch.optim.AdamW(model.parameters(), lr=sched.lr)
-    optimizer = DBAOptimizer(inner, DBA(model.named_parameters(), grad.mean, args.steps, DBAConfig(boost=2 * args.steps)))
+    optimizer = DBAOptimizer(
+        inner, DBA(model.named_parameters(), grad.mean, args.steps, DBAConfig(boost=2 * args.steps))
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_lambda(args.steps, sched))
     callback = LogDBA(optimizer)
     trainer = Trainer(

@@ -122,10 +122,7 @@ def make_docs(n: int, seed: int = 0) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    return [
-        {"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))}
-        for _ in range(n)
-    ]
+    return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))} for _ in range(n)]
 
 
 def tiny_config(tmp_path, data_path: str | None, **stage1) -> Config:

@@ -58,9 +58,7 @@ def test_existing_artifact_is_not_overwritten_by_default(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         artifact.save(uri, fake_gradient(model, seed=1))
     artifact.save(uri, fake_gradient(model, seed=1), overwrite=True)
-    assert torch.equal(
-        artifact.load(uri).mean["lm_head.weight"], fake_gradient(model, seed=1).mean["lm_head.weight"]
-    )
+    assert torch.equal(artifact.load(uri).mean["lm_head.weight"], fake_gradient(model, seed=1).mean["lm_head.weight"])
 
 
 def test_svd_compression_error_is_reported_truthfully(tmp_path):
@@ -108,9 +106,7 @@ def _kill_mid_write(uri: str, tmp_path) -> None:
     assert proc.stdout.readline().strip() == "start"
     deadline = time.time() + 60
     while time.time() < deadline:
-        partial = [
-            f for d in tmp_path.iterdir() if d.name.startswith(".g.tmp") for f in d.iterdir()
-        ]
+        partial = [f for d in tmp_path.iterdir() if d.name.startswith(".g.tmp") for f in d.iterdir()]
         if len(partial) >= 2:
             break
         time.sleep(0.01)
@@ -182,8 +178,12 @@ def _fsdp_rank_reads_its_rows(rank: int, world: int, port: int, uri: str, out: d
         for part, full in ((grad.mean, whole.mean), (grad.second_moment, whole.second_moment))
         for n, (a, b) in rows.items()
     )
-    out[rank] = {"peak": peak, "kept": sum(t.numel() * t.element_size() for t in kept), "same": same,
-                 "sharded": len(rows) == len(whole.mean)}
+    out[rank] = {
+        "peak": peak,
+        "kept": sum(t.numel() * t.element_size() for t in kept),
+        "same": same,
+        "sharded": len(rows) == len(whole.mean),
+    }
     dist.destroy_process_group()
 
 

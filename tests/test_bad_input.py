@@ -36,11 +36,24 @@ def write_artifact(path, data_path: str) -> dict:
     cfg = Config.model_validate({"stage1": {"data": {"path": data_path, "seq_len": 32}}})
     shapes = artifact.parameter_shapes(load_empty_model(cfg.model))
     mean = {n: torch.zeros(s) for n, s in shapes.items()}
-    stats = artifact.Stats(tokens=1, sequences=1, batches=1, loss_sum=0.0, data_fingerprint="0",
-                           extra={"stage1_settings": stage1_settings(cfg.stage1)})
+    stats = artifact.Stats(
+        tokens=1,
+        sequences=1,
+        batches=1,
+        loss_sum=0.0,
+        data_fingerprint="0",
+        extra={"stage1_settings": stage1_settings(cfg.stage1)},
+    )
     meta = artifact.build_meta(
-        mean, shapes, stats, base_model=model_source(cfg.model), data=describe_source(cfg.stage1.data),
-        seq_len=32, dtype="float32", description="", has_second_moment=False,
+        mean,
+        shapes,
+        stats,
+        base_model=model_source(cfg.model),
+        data=describe_source(cfg.stage1.data),
+        seq_len=32,
+        dtype="float32",
+        description="",
+        has_second_moment=False,
     )
     artifact.save(str(path), artifact.GlobalGradient(mean=mean, meta=meta))
     return artifact.read_meta(str(path))
@@ -105,21 +118,25 @@ def raw_config(text):
     def setup(tmp_path, tree):
         (tmp_path / "cfg.yaml").write_text(text)
         return None, []
+
     return setup
 
 
 def overrides(*sets):
     def setup(tmp_path, tree):
         return tree, [w for s in sets for w in ("--set", s)]
+
     return setup
 
 
 def train_data(make):
     """Domain data made by ``make(tmp_path)`` (a path). `run` reads it (Ray Data, no
     training) before pretraining or Stage 1, so these cases are cheap."""
+
     def setup(tmp_path, tree):
         tree["train"]["data"]["path"] = make(tmp_path)
         return tree, []
+
     return setup
 
 
@@ -127,6 +144,7 @@ def edit(fn):
     def setup(tmp_path, tree):
         fn(tmp_path, tree)
         return tree, []
+
     return setup
 
 
@@ -201,46 +219,147 @@ CASES = [
     # configs
     ("yaml-syntax", "run", raw_config("stage1: [unclosed\n"), "is not valid YAML", False),
     ("top-level-list", "run", raw_config("- a\n- b\n"), "must be a mapping at the top level", False),
-    ("unknown-key", "run", edit(lambda p, t: t["stage1"].update(batch_sise=4)),
-     "unknown key 'stage1.batch_sise' (allowed here: data,", False),
-    ("wrong-type", "run", overrides("stage1.batch_size=four"), "'stage1.batch_size': Input should be a valid integer", False),
-    ("negative-size", "run", overrides("train.batch_size=-2"), "'train.batch_size': Input should be greater than or equal to 1", False),
-    ("absurd-seq-len", "run", overrides("train.data.seq_len=1e9"),
-     "train.data.seq_len 1000000000 is longer than the model's context (2048 positions): lower it", False),
-    ("set-names-nothing", "run", overrides("train.dba.bost=20"), "unknown key 'train.dba.bost' (allowed here: ggb, boost,", False),
+    (
+        "unknown-key",
+        "run",
+        edit(lambda p, t: t["stage1"].update(batch_sise=4)),
+        "unknown key 'stage1.batch_sise' (allowed here: data,",
+        False,
+    ),
+    (
+        "wrong-type",
+        "run",
+        overrides("stage1.batch_size=four"),
+        "'stage1.batch_size': Input should be a valid integer",
+        False,
+    ),
+    (
+        "negative-size",
+        "run",
+        overrides("train.batch_size=-2"),
+        "'train.batch_size': Input should be greater than or equal to 1",
+        False,
+    ),
+    (
+        "absurd-seq-len",
+        "run",
+        overrides("train.data.seq_len=1e9"),
+        "train.data.seq_len 1000000000 is longer than the model's context (2048 positions): lower it",
+        False,
+    ),
+    (
+        "set-names-nothing",
+        "run",
+        overrides("train.dba.bost=20"),
+        "unknown key 'train.dba.bost' (allowed here: ggb, boost,",
+        False,
+    ),
     ("set-without-value", "run", overrides("train.max_steps"), "is not of the form key.path=value", False),
     # data
-    ("binary-file", "run", train_data(lambda p: _file(p, "data/b.jsonl", bytes(range(255, -1, -1)) * 40)),
-     "b.jsonl:1: not valid UTF-8", True),
-    ("invalid-utf8", "run", train_data(lambda p: _file(p, "data/u.txt", b"fine\nalso fine\nbad \xff byte\n")),
-     "u.txt:3: not valid UTF-8", True),
+    (
+        "binary-file",
+        "run",
+        train_data(lambda p: _file(p, "data/b.jsonl", bytes(range(255, -1, -1)) * 40)),
+        "b.jsonl:1: not valid UTF-8",
+        True,
+    ),
+    (
+        "invalid-utf8",
+        "run",
+        train_data(lambda p: _file(p, "data/u.txt", b"fine\nalso fine\nbad \xff byte\n")),
+        "u.txt:3: not valid UTF-8",
+        True,
+    ),
     ("truncated-gz", "run", train_data(_gz_truncated), "g.jsonl.gz as jsonl: Truncated compressed stream", True),
-    ("json-wrong-types", "run", train_data(lambda p: _file(p, "data/w.json", b'[{"text": 5}]')),
-     "w.json: record 0: field 'text' missing or not a string", True),
-    ("corrupt-parquet", "run", train_data(lambda p: _file(p, "data/c.parquet", b"PAR1" + bytes(500))),
-     "c.parquet as parquet:", True),
-    ("100mb-line", "run", train_data(lambda p: _file(p, "data/l.jsonl", b'{"text": "' + b"a" * 100 * 2**20 + b'"}\n')),
-     "l.jsonl:1: line longer than 16,777,216 characters (split it into smaller records)", True),
-    ("empty-file", "run", edit(lambda p, t: t["train"]["data"].update(path=_file(p, "data/e.jsonl", b""))),
-     "e.jsonl holds no non-empty data files", False),
-    ("no-data-files", "run", edit(lambda p, t: t["stage1"]["data"].update(path=_no_data_files(p))),
-     "data holds no non-empty data files", False),
-    ("unknown-extension", "run", edit(lambda p, t: t["train"]["data"].update(path=_file(p, "data/d.csv", b"a,b\n"))),
-     "cannot tell the format of", False),
-    ("data-path-missing", "run", edit(lambda p, t: t["train"]["data"].update(path=str(p / "nowhere.jsonl"))),
-     "train.data.path", False),
+    (
+        "json-wrong-types",
+        "run",
+        train_data(lambda p: _file(p, "data/w.json", b'[{"text": 5}]')),
+        "w.json: record 0: field 'text' missing or not a string",
+        True,
+    ),
+    (
+        "corrupt-parquet",
+        "run",
+        train_data(lambda p: _file(p, "data/c.parquet", b"PAR1" + bytes(500))),
+        "c.parquet as parquet:",
+        True,
+    ),
+    (
+        "100mb-line",
+        "run",
+        train_data(lambda p: _file(p, "data/l.jsonl", b'{"text": "' + b"a" * 100 * 2**20 + b'"}\n')),
+        "l.jsonl:1: line longer than 16,777,216 characters (split it into smaller records)",
+        True,
+    ),
+    (
+        "empty-file",
+        "run",
+        edit(lambda p, t: t["train"]["data"].update(path=_file(p, "data/e.jsonl", b""))),
+        "e.jsonl holds no non-empty data files",
+        False,
+    ),
+    (
+        "no-data-files",
+        "run",
+        edit(lambda p, t: t["stage1"]["data"].update(path=_no_data_files(p))),
+        "data holds no non-empty data files",
+        False,
+    ),
+    (
+        "unknown-extension",
+        "run",
+        edit(lambda p, t: t["train"]["data"].update(path=_file(p, "data/d.csv", b"a,b\n"))),
+        "cannot tell the format of",
+        False,
+    ),
+    (
+        "data-path-missing",
+        "run",
+        edit(lambda p, t: t["train"]["data"].update(path=str(p / "nowhere.jsonl"))),
+        "train.data.path",
+        False,
+    ),
     ("eval-file-missing", "run", edit(_eval_file_missing), "eval set 'ev' data.path", False),
     # models
-    ("model-missing", "run", overrides("model.name_or_path=/nonexistent/model-dir"), "model.name_or_path /nonexistent/model-dir does not exist", False),
+    (
+        "model-missing",
+        "run",
+        overrides("model.name_or_path=/nonexistent/model-dir"),
+        "model.name_or_path /nonexistent/model-dir does not exist",
+        False,
+    ),
     ("model-without-weights", "run", edit(_weightless_model), "has a config but no weights", False),
     ("gradient-of-another-model", "run", edit(_other_models_gradient), "which does not match", False),
     ("merge-v-of-another-model", "run", edit(_merge_with_other_models_v), "which does not match", False),
-    ("merge-before-its-base-exists", "merge", edit(_merge_before_its_base_exists),
-     "the pretrained base model of this config is not in", False),
-    ("fisher-without-v", "run", edit(_fisher_without_v), "anchored uses the fisher anchor or boost_mode update, which need v_G: set stage1.second_moment: true", False),
-    ("fisher-artifact-without-v", "run", edit(_fisher_artifact_without_v), "gg_no_v has none: make it with stage1.second_moment: true", False),
-    ("mixture-without-general", "run", edit(_mixture_without_general),
-     "none.jsonl has no sequences: point train.mixture.data (or stage1.data) at general text", True),
+    (
+        "merge-before-its-base-exists",
+        "merge",
+        edit(_merge_before_its_base_exists),
+        "the pretrained base model of this config is not in",
+        False,
+    ),
+    (
+        "fisher-without-v",
+        "run",
+        edit(_fisher_without_v),
+        "anchored uses the fisher anchor or boost_mode update, which need v_G: set stage1.second_moment: true",
+        False,
+    ),
+    (
+        "fisher-artifact-without-v",
+        "run",
+        edit(_fisher_artifact_without_v),
+        "gg_no_v has none: make it with stage1.second_moment: true",
+        False,
+    ),
+    (
+        "mixture-without-general",
+        "run",
+        edit(_mixture_without_general),
+        "none.jsonl has no sequences: point train.mixture.data (or stage1.data) at general text",
+        True,
+    ),
     # storage
     ("output-under-a-file", "run", edit(_output_under_a_file), "cannot write to output_dir", False),
 ]
@@ -321,7 +440,9 @@ def test_read_only_output_dir(tmp_path, capsys, read_only_disk):
     tree = pipeline_tree(tmp_path)
     tree["output_dir"] = str(read_only_disk / "out")
     assert main(["run", write_config(tmp_path, tree), *SAFE]) == 2
-    assert f"cannot write to output_dir {read_only_disk / 'out'}: [Errno 30] Read-only file system" in error_line(capsys)
+    assert f"cannot write to output_dir {read_only_disk / 'out'}: [Errno 30] Read-only file system" in error_line(
+        capsys
+    )
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -332,7 +453,9 @@ def test_full_disk_leaves_no_partial_artifact(tmp_path, capsys, small_disk):
     tree["stage1"]["output"] = str(small_disk / "gg")
     tree["stage1"]["max_tokens"] = 64
     assert main(["global-gradient", write_config(tmp_path, tree)]) == 2
-    assert f"no space left on the device writing {small_disk / 'gg'}: free some, or write elsewhere" in error_line(capsys)
+    assert f"no space left on the device writing {small_disk / 'gg'}: free some, or write elsewhere" in error_line(
+        capsys
+    )
     assert os.listdir(small_disk) == []
 
 
@@ -343,7 +466,8 @@ def test_exit_code_and_traceback_contract(tmp_path, capsys):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"dba-ray: error: invalid config {cfg}: unknown key 'stage1.batch_sise' (allowed here: "
-        + ", ".join(__import__("dba_ray.config").config.Stage1Config.model_fields) + ")"
+        + ", ".join(__import__("dba_ray.config").config.Stage1Config.model_fields)
+        + ")"
     ]
     from dba_ray.errors import UserError
 

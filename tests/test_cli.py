@@ -79,8 +79,6 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_progress_line():
-    assert progress_line("stage1", 1.2e6, 2e6, 1e4) == (
-        "stage1: 1.20M/2.00M tokens (60%), 10.00k tokens/s, ETA 1m20s"
-    )
+    assert progress_line("stage1", 1.2e6, 2e6, 1e4) == ("stage1: 1.20M/2.00M tokens (60%), 10.00k tokens/s, ETA 1m20s")
     assert progress_line("stage1", 500, None, 20.0) == "stage1: 500 tokens, 20 tokens/s"
     assert progress_line("stage1", 500, 1000, None) == "stage1: 500/1.00k tokens (50%)"

@@ -155,8 +155,13 @@ def test_every_ray_pin_agrees_with_the_installed_ray():
     pinned = {f.relative_to(ROOT).as_posix(): ray_pins(f.read_text()) for f in files}
     # runtime_env.yaml pins through the package it installs (pyproject.toml).
     assert pinned.pop("cluster/runtime_env.yaml") == set()
-    assert set(pinned) >= {"pyproject.toml", "cluster/aws.yaml", "cluster/gcp.yaml",
-                           "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"}
+    assert set(pinned) >= {
+        "pyproject.toml",
+        "cluster/aws.yaml",
+        "cluster/gcp.yaml",
+        "cluster/kuberay/raycluster.yaml",
+        "cluster/kuberay/rayjob.yaml",
+    }
     assert {f: p for f, p in pinned.items() if p != {ray.__version__}} == {}
     # The pattern does see a pin that drifted.
     aws = (CLUSTER / "aws.yaml").read_text()

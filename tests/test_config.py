@@ -76,10 +76,13 @@ def test_cli_user_error_is_one_line_exit_2(tmp_path):
 def test_methods_are_names_or_variants_resolved_in_order():
     from dba_ray.methods import config_for_run
 
-    cfg = load_config(None, [
-        "methods=[direct, {name: direct-al, method: direct, set: {schedule.anneal: true}}, mixture]",
-        "train.schedule.anneal=true",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "methods=[direct, {name: direct-al, method: direct, set: {schedule.anneal: true}}, mixture]",
+            "train.schedule.anneal=true",
+        ],
+    )
     direct, direct_al, mixture = cfg.methods
     assert (direct.name, direct.method, mixture.method) == ("direct", "direct", "mixture")
     # A baseline forces constant lr; the variant's own `set` comes after and wins.
@@ -89,7 +92,9 @@ def test_methods_are_names_or_variants_resolved_in_order():
     with pytest.raises(UserError, match="unknown key"):
         config_for_run(cfg, {"name": "x", "method": "dba", "set": {"dba.bost": 3}})
     # Nested overrides merge into the section instead of replacing it.
-    nested = config_for_run(cfg, {"name": "y", "method": "direct", "set": {"schedule": {"shape": "linear", "lr": 1e-3}}})
+    nested = config_for_run(
+        cfg, {"name": "y", "method": "direct", "set": {"schedule": {"shape": "linear", "lr": 1e-3}}}
+    )
     assert nested.train.schedule.shape == "linear" and nested.train.schedule.lr == 1e-3
     assert nested.train.schedule.anneal is False and nested.train.schedule.warmup_ratio == 0.05
 
@@ -120,7 +125,13 @@ def test_example_configs_are_valid():
         load_config(path)
     cfg = load_config(examples / "domain.yaml")
     t = config_for_run(cfg, cfg.methods[0]).train
-    assert (t.dba.ggb, t.dba.dc, t.dba.anchor, t.dba.fisher_lambda, t.schedule.anneal) == (False, "none", "fisher", 0.1, True)
+    assert (t.dba.ggb, t.dba.dc, t.dba.anchor, t.dba.fisher_lambda, t.schedule.anneal) == (
+        False,
+        "none",
+        "fisher",
+        0.1,
+        True,
+    )
     assert uses_global_gradient(t.dba) and cfg.stage1.second_moment
 
 
@@ -143,4 +154,3 @@ def test_options_yaml_loads_as_the_defaults_and_names_every_key(tmp_path, capsys
 
     assert list(missing(Config, 0)) == []
     assert "# Peak learning rate.\n    lr: 2.0e-05" in text  # a description above its key
-

@@ -41,5 +41,11 @@ def test_a_resumed_run_replaces_the_steps_it_repeats(tmp_path):
     report(cb, [3, 4, 5], eval_at=5)
     rows = read_curves(str(tmp_path))
     assert [(r["kind"], r["step"]) for r in rows] == [
-        ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("train", 5), ("eval", 5)
+        ("train", 1),
+        ("train", 2),
+        ("eval", 2),
+        ("train", 3),
+        ("train", 4),
+        ("train", 5),
+        ("eval", 5),
     ]

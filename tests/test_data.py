@@ -145,9 +145,7 @@ def test_malformed_record_names_file_and_line(tmp_path):
 def test_skip_mode_counts_bad_records(tmp_path):
     import ray
 
-    path = write_jsonl(
-        tmp_path / "bad.jsonl", [{"text": "ok"}, "{not json", {"body": 1}, {"text": "fine"}]
-    )
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, "{not json", {"body": 1}, {"text": "fine"}])
     tracker = Tracker.remote()
     ids, _ = rows(DataConfig(path=path, seq_len=16, on_bad_record="skip"), tracker=tracker)
     text = TOK.decode([t for t in ids.reshape(-1) if t != TOK.pad_token_id])
@@ -175,7 +173,7 @@ def test_malformed_hf_row_is_quoted(tmp_path):
 
     datasets.Dataset.from_list([{"text": "ok"}, {"text": None}]).save_to_disk(str(tmp_path / "s"))
     msg = collect_error(DataConfig(hf_dataset=str(tmp_path / "s"), seq_len=16))
-    assert "malformed record in" in msg and "(record {\"text\": null})" in msg
+    assert "malformed record in" in msg and '(record {"text": null})' in msg
     assert "field 'text' missing" in msg
 
 

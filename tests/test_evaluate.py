@@ -59,7 +59,9 @@ def test_text_metrics_match_the_model_loss():
 
 
 def test_scores_are_means_and_harmonic_mean():
-    s = scores({"a": {"acc": 0.2}, "b": {"acc": 0.4}, "g": {"acc": 0.6}}, {"a": "domain", "b": "domain", "g": "general"})
+    s = scores(
+        {"a": {"acc": 0.2}, "b": {"acc": 0.4}, "g": {"acc": 0.6}}, {"a": "domain", "b": "domain", "g": "general"}
+    )
     assert s["S_D"] == pytest.approx(0.3) and s["S_G"] == 0.6
     assert s["S"] == pytest.approx(2 * 0.3 * 0.6 / 0.9)
 

@@ -29,8 +29,15 @@ def global_gradient(tmp_path_factory):
     mean = {n: p.grad.clone() for n, p in model.named_parameters()}
     stats = artifact.Stats(tokens=1, sequences=3, batches=1, loss_sum=0.0, data_fingerprint="0")
     meta = artifact.build_meta(
-        mean, artifact.parameter_shapes(model), stats, base_model={"name_or_path": "builtin:tiny-llama"},
-        data={}, seq_len=0, dtype="float32", description="", has_second_moment=False,
+        mean,
+        artifact.parameter_shapes(model),
+        stats,
+        base_model={"name_or_path": "builtin:tiny-llama"},
+        data={},
+        seq_len=0,
+        dtype="float32",
+        description="",
+        has_second_moment=False,
     )
     path = str(tmp_path_factory.mktemp("gg") / "artifact")
     artifact.save(path, artifact.GlobalGradient(mean=mean, meta=meta))

@@ -26,10 +26,10 @@ from dba_ray.curves import STEP_KEYS, read_curves
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-
 def _needs(*modules: str) -> None:
     for name in modules:
         pytest.importorskip(name, reason=f"{name} not installed (pip install -e '.[dev]')")
+
 
 MC = [
     {"question": "def f(x): return", "choices": ["x + 1", "the cat"], "answer": 0},
@@ -43,8 +43,11 @@ GEN_KWARGS = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
 
 def _task_yaml(path, name, data_file, **fields) -> str:
     tree = {
-        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": data_file}},
-        "test_split": "test", **fields,
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": data_file}},
+        "test_split": "test",
+        **fields,
     }
     path.write_text(yaml.safe_dump(tree))
     return str(path)
@@ -57,8 +60,12 @@ def _harness_direct(model_dir: str, task_files: list[str]) -> dict:
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": model_dir, "dtype": "float32"}, device="cpu",
-        tasks=task_files, task_manager=TaskManager(include_defaults=False), log_samples=False,
+        model="hf",
+        model_args={"pretrained": model_dir, "dtype": "float32"},
+        device="cpu",
+        tasks=task_files,
+        task_manager=TaskManager(include_defaults=False),
+        log_samples=False,
     )
     return out["results"]
 
@@ -84,7 +91,8 @@ def pipeline(tmp_path_factory):
     # rest, so the base model's exact match is 0.5 by construction.
     lm = HFLM(
         pretrained=transformers.AutoModelForCausalLM.from_pretrained(base),
-        tokenizer=transformers.AutoTokenizer.from_pretrained(base), batch_size=4,
+        tokenizer=transformers.AutoTokenizer.from_pretrained(base),
+        batch_size=4,
     )
     reqs = [Instance("generate_until", {}, (f"Q: {q}\nA:", dict(GEN_KWARGS)), i) for i, q in enumerate(QUESTIONS)]
     greedy = lm.generate_until(reqs)
@@ -92,12 +100,26 @@ def pipeline(tmp_path_factory):
     qa = write_jsonl(tmp / "qa.jsonl", [{"question": q, "answer": a} for q, a in zip(QUESTIONS, answers)])
     mc = write_jsonl(tmp / "mc.jsonl", MC)
     tasks = [
-        _task_yaml(tmp / "tiny_mc.yaml", "tiny_mc", mc, output_type="multiple_choice",
-                   doc_to_text="{{question}}\nAnswer:", doc_to_choice="{{choices}}", doc_to_target="answer",
-                   metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}]),
-        _task_yaml(tmp / "tiny_qa.yaml", "tiny_qa", qa, output_type="generate_until",
-                   doc_to_text="Q: {{question}}\nA:", doc_to_target="{{answer}}", generation_kwargs=GEN_KWARGS,
-                   metric_list=[{"metric": "exact_match"}]),
+        _task_yaml(
+            tmp / "tiny_mc.yaml",
+            "tiny_mc",
+            mc,
+            output_type="multiple_choice",
+            doc_to_text="{{question}}\nAnswer:",
+            doc_to_choice="{{choices}}",
+            doc_to_target="answer",
+            metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}],
+        ),
+        _task_yaml(
+            tmp / "tiny_qa.yaml",
+            "tiny_qa",
+            qa,
+            output_type="generate_until",
+            doc_to_text="Q: {{question}}\nA:",
+            doc_to_target="{{answer}}",
+            generation_kwargs=GEN_KWARGS,
+            metric_list=[{"metric": "exact_match"}],
+        ),
     ]
     gen = write_jsonl(tmp / "gen.jsonl", make_docs(40, seed=0))
     gen_eval = write_jsonl(tmp / "gen_eval.jsonl", make_docs(8, seed=2))
@@ -106,12 +128,19 @@ def pipeline(tmp_path_factory):
         "output_dir": str(tmp / "out"),
         "model": {"name_or_path": str(base)},
         "stage1": {"data": {"path": gen, "seq_len": 32}, "batch_size": 8},
-        "train": {"data": {"path": dom, "seq_len": 32}, "batch_size": 4, "max_steps": 4,
-                  "eval_every": 2, "schedule": {"lr": 3e-3}},
-        "eval": {"sets": [
-            {"name": "gen", "kind": "general", "data": {"path": gen_eval, "seq_len": 32}},
-            {"name": "bench", "kind": "domain", "type": "lm_eval", "tasks": tasks},
-        ]},
+        "train": {
+            "data": {"path": dom, "seq_len": 32},
+            "batch_size": 4,
+            "max_steps": 4,
+            "eval_every": 2,
+            "schedule": {"lr": 3e-3},
+        },
+        "eval": {
+            "sets": [
+                {"name": "gen", "kind": "general", "data": {"path": gen_eval, "seq_len": 32}},
+                {"name": "bench", "kind": "domain", "type": "lm_eval", "tasks": tasks},
+            ]
+        },
     }
     tree["tracking"] = {
         "mlflow": {"tracking_uri": f"file://{tmp}/mlruns", "experiment": "itest"},
@@ -145,8 +174,16 @@ def test_harness_scores_match_the_harness_run_directly(pipeline, tmp_path):
     assert "bench acc" in md and f"{direct['eval']['bench']['acc']:.3f}" in md
 
     # `dba-ray eval` scores the same set on a saved model the same way.
-    rc = main(["eval", str(pipeline["cfg_file"]), "--set", f"output_dir={tmp_path}",
-               "--set", f"eval.models.tuned={report['results']['dba']['model_dir']}"])
+    rc = main(
+        [
+            "eval",
+            str(pipeline["cfg_file"]),
+            "--set",
+            f"output_dir={tmp_path}",
+            "--set",
+            f"eval.models.tuned={report['results']['dba']['model_dir']}",
+        ]
+    )
     assert rc == 0
     scored = json.loads((tmp_path / "eval.json").read_text())
     assert scored["base"]["eval"]["bench"] == pytest.approx(base)
@@ -157,12 +194,18 @@ def test_missing_lm_eval_is_one_line_before_any_work(tmp_path):
     """Without lm-eval installed (made unimportable in a fresh interpreter), a config
     with an lm_eval set stops with the install hint, before Ray starts."""
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "out"),
-        "eval": {"sets": [{"name": "b", "kind": "general", "type": "lm_eval", "tasks": ["hellaswag"]}]},
-    }))
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "out"),
+                "eval": {"sets": [{"name": "b", "kind": "general", "type": "lm_eval", "tasks": ["hellaswag"]}]},
+            }
+        )
+    )
     code = "import sys; sys.modules['lm_eval'] = None; from dba_ray.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", code, "eval", str(cfg_file)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "eval", str(cfg_file)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -262,10 +305,10 @@ def _wandb_records(path: str) -> list:
         if block - pos % block < 7:  # the rest of a block too small for a header: padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             break
-        buf += data[pos + 7:pos + 7 + length]
+        buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last fragment of one
             record = pb.Record()
@@ -329,9 +372,24 @@ def mlflow_server(tmp_path):
     within 90 s (a loaded CI machine)."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -356,8 +414,12 @@ def test_compare_tracked_on_an_mlflow_server(pipeline, mlflow_server, tmp_path):
     gen_set = tree["eval"]["sets"][0]
     dom_eval = write_jsonl(tmp_path / "dom_eval.jsonl", [{"text": "def g(y):\n    return y + 1"}] * 4)
     tree["eval"]["sets"] = [gen_set, {"name": "dom", "kind": "domain", "data": {"path": dom_eval, "seq_len": 32}}]
-    tree.update(output_dir=str(tmp_path / "out"), methods=["direct"], compare={"max_concurrent": 1},
-                tracking={"mlflow": {"tracking_uri": mlflow_server, "experiment": "cmp"}})
+    tree.update(
+        output_dir=str(tmp_path / "out"),
+        methods=["direct"],
+        compare={"max_concurrent": 1},
+        tracking={"mlflow": {"tracking_uri": mlflow_server, "experiment": "cmp"}},
+    )
     tree["train"]["max_steps"] = 2
     cfg_file = tmp_path / "compare.yaml"
     cfg_file.write_text(yaml.safe_dump(tree))

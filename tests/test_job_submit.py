@@ -43,11 +43,7 @@ def _belongs(proc: psutil.Process, session: int, temp: str) -> bool:
     """A process of this head: started by its `ray start` (same session), or a job's
     driver or worker (which run inside the head's temp dir)."""
     try:
-        return (
-            os.getsid(proc.pid) == session
-            or proc.cwd().startswith(temp)
-            or temp in " ".join(proc.cmdline())
-        )
+        return os.getsid(proc.pid) == session or proc.cwd().startswith(temp) or temp in " ".join(proc.cmdline())
     except (psutil.Error, OSError):
         return False
 
@@ -128,9 +124,7 @@ def working_dir(tmp_path: Path) -> Path:
 
 
 def _ray(args: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [RAY, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run([RAY, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.mark.timeout(900)

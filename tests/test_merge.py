@@ -164,8 +164,23 @@ def test_merge_curves_in_run_merge_and_tune_choose_on_validation(tmp_path):
 
     # A tune sweep of the knob alone: each trial an evaluation on the validation sets,
     # equal to the merge curve's validation scores at the same α.
-    assert main(["tune", str(cfg_file), "--set", "merge.mode=linear", "--set", "merge.knobs=null", "--set", "tune.method=direct",
-                 "--set", "tune.search={merge.knob: [0, 0.5, 1]}"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                str(cfg_file),
+                "--set",
+                "merge.mode=linear",
+                "--set",
+                "merge.knobs=null",
+                "--set",
+                "tune.method=direct",
+                "--set",
+                "tune.search={merge.knob: [0, 0.5, 1]}",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "tune.json").read_text())
     by_knob = {t["set"]["merge.knob"]: t for t in summary["trials"]}
     for k, p in points.items():

@@ -25,8 +25,7 @@ pytestmark = [
     # Off in the default suite until timed on an idle 2-core machine: under heavy load
     # a worker node's dashboard agent took minutes to start (the fixture retries it),
     # which the suite's 20-minute budget cannot absorb.
-    pytest.mark.skipif(os.environ.get("DBA_RAY_MULTINODE") != "1",
-                       reason="multi-node tests: set DBA_RAY_MULTINODE=1"),
+    pytest.mark.skipif(os.environ.get("DBA_RAY_MULTINODE") != "1", reason="multi-node tests: set DBA_RAY_MULTINODE=1"),
 ]
 
 SLOT = "dba_node"  # one per worker node: a Train worker needs one, so each gets a node of its own

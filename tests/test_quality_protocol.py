@@ -12,20 +12,34 @@ from run import candidates  # noqa: E402
 
 
 def _row(method, lr, val_s, test_s, seed=0):
-    return {"method": method, "lr": lr, "seed": seed, "S": test_s, "S_D": test_s, "S_G": test_s,
-            "validation": {"S": val_s, "S_D": val_s, "S_G": val_s}}
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "S": test_s,
+        "S_D": test_s,
+        "S_G": test_s,
+        "validation": {"S": val_s, "S_D": val_s, "S_G": val_s},
+    }
 
 
 def test_choices_read_validation_scores_never_test_scores():
     # The test scores rank the lrs the other way round: choosing on them picks 1e-3.
-    report = {"results": {
-        "direct_lr0.0001": _row("direct", 1e-4, 0.50, 0.40),
-        "direct_lr0.0003": _row("direct", 3e-4, 0.60, 0.45),
-        "direct_lr0.001": _row("direct", 1e-3, 0.55, 0.70),
-    }, "merges": {
-        "direct_lr0.0003": {"points": [{"knob": 0.5, "validation": {"S": 0.65}, "test": {"S": 0.30}},
-                                       {"knob": 0.25, "validation": {"S": 0.58}, "test": {"S": 0.90}}]},
-    }}
+    report = {
+        "results": {
+            "direct_lr0.0001": _row("direct", 1e-4, 0.50, 0.40),
+            "direct_lr0.0003": _row("direct", 3e-4, 0.60, 0.45),
+            "direct_lr0.001": _row("direct", 1e-3, 0.55, 0.70),
+        },
+        "merges": {
+            "direct_lr0.0003": {
+                "points": [
+                    {"knob": 0.5, "validation": {"S": 0.65}, "test": {"S": 0.30}},
+                    {"knob": 0.25, "validation": {"S": 0.58}, "test": {"S": 0.90}},
+                ]
+            },
+        },
+    }
     spec = [{"name": "direct", "method": "direct"}]
     plain = choose(candidates("direct", spec, [report]))
     assert (plain.lr, plain.knob, plain.validation_s) == (3e-4, None, 0.60)
@@ -66,10 +80,12 @@ def test_state_carries_what_resumes_and_nothing_heavy(tmp_path):
 
     out, state = tmp_path / "out", tmp_path / "state"
     files = {
-        "global_gradient/meta.json": True, "global_gradient_svd/mean.safetensors": True,
+        "global_gradient/meta.json": True,
+        "global_gradient_svd/mean.safetensors": True,
         "medicine/pretrain/ab12/pretrain/model/model.safetensors": True,
         "medicine/pretrain/ab12/pretrain/curves.jsonl": True,
-        "long/medicine/core-grid/phase.json": True, "long/medicine/core-grid/config.yaml": True,
+        "long/medicine/core-grid/phase.json": True,
+        "long/medicine/core-grid/config.yaml": True,
         "long/medicine/core-grid/compare/trial_0/model.safetensors": False,  # a run's weights
         "medicine/pretrain/ab12/ray_train/checkpoint_0/shard.safetensors": False,
     }

@@ -77,8 +77,16 @@ def test_run_writes_report_then_eval_scores_models(tmp_path, capsys, caplog):
     assert f"direct: model saved to {report['results']['direct']['model_dir']}" in out
     assert f"S_D {report['results']['direct']['S_D']:.4f}" in out
 
-    rc = main(["eval", str(cfg_file), "--set", f"model.name_or_path={again.model.name_or_path}",
-               "--set", f"eval.models.tuned={dba['model_dir']}"])
+    rc = main(
+        [
+            "eval",
+            str(cfg_file),
+            "--set",
+            f"model.name_or_path={again.model.name_or_path}",
+            "--set",
+            f"eval.models.tuned={dba['model_dir']}",
+        ]
+    )
     assert rc == 0
     scored = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert scored["results"]["tuned"]["eval"]["dom"]["nll"] == pytest.approx(dba["eval"]["dom"]["nll"], rel=1e-4)

@@ -114,8 +114,6 @@ def test_equals_bias_corrected_adam_first_moment(tmp_path):
         model(input_ids=ids[i : i + 4], labels=ids[i : i + 4]).loss.backward()
         opt.step()
         t += 1
-    adam = {
-        n: opt.state[p]["exp_avg"] / (1 - beta1**t) for n, p in model.named_parameters()
-    }
+    adam = {n: opt.state[p]["exp_avg"] / (1 - beta1**t) for n, p in model.named_parameters()}
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert rel_error(ours, adam) < 1e-4

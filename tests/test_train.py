@@ -28,10 +28,13 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 def eval_sets(tmp_path) -> list[dict]:
     """A text set and a choice set, both of an odd size: DDP ranks get unequal shares."""
     text = write_jsonl(tmp_path / "ev_text.jsonl", make_docs(7, seed=4))
-    choice = write_jsonl(tmp_path / "ev_choice.jsonl", [
-        {"question": f"q{i} the model", "choices": ["reads text", "the cat", "x"][: 2 + i % 2], "answer": i % 2}
-        for i in range(5)
-    ])
+    choice = write_jsonl(
+        tmp_path / "ev_choice.jsonl",
+        [
+            {"question": f"q{i} the model", "choices": ["reads text", "the cat", "x"][: 2 + i % 2], "answer": i % 2}
+            for i in range(5)
+        ],
+    )
     return [
         {"name": "text", "kind": "general", "data": {"path": text, "seq_len": 32}},
         {"name": "mc", "kind": "domain", "type": "choice", "data": {"path": choice, "seq_len": 32}},

@@ -75,13 +75,20 @@ def method_groups(svd_uri: str) -> dict[str, dict[str, list[dict]]]:
             "dba-svd": [{"name": "dba-svd", "method": "dba", "set": {"global_gradient": svd_uri}}],
             "dba-no-dc": [{"name": "dba-no-dc", "method": "dba", "set": {"dba.dc": "none"}}],
             "dba-pcgrad": [{"name": "dba-pcgrad", "method": "dba", "set": {"dba.dc": "pcgrad"}}],
-            "dba-fisher": [{"name": "dba-fisher", "method": "dba",
-                            "set": {"dba.anchor": "fisher", "dba.fisher_lambda": 0.1}}],
-            "fisher": [{"name": f"fisher-{lam:g}", "method": "dba",
-                        "set": {**no_ggb, "dba.anchor": "fisher", "dba.fisher_lambda": lam}}
-                       for lam in FISHER_LAMBDAS],
-            "mixture": [{"name": f"mixture-r{r:g}", "method": "mixture", "set": {"mixture.ratio": r}}
-                        for r in MIXTURE_RATIOS],
+            "dba-fisher": [
+                {"name": "dba-fisher", "method": "dba", "set": {"dba.anchor": "fisher", "dba.fisher_lambda": 0.1}}
+            ],
+            "fisher": [
+                {
+                    "name": f"fisher-{lam:g}",
+                    "method": "dba",
+                    "set": {**no_ggb, "dba.anchor": "fisher", "dba.fisher_lambda": lam},
+                }
+                for lam in FISHER_LAMBDAS
+            ],
+            "mixture": [
+                {"name": f"mixture-r{r:g}", "method": "mixture", "set": {"mixture.ratio": r}} for r in MIXTURE_RATIOS
+            ],
         },
         "lora": {"lora": [{"name": "lora", "method": "lora"}]},
         # GGB that respects the optimizer (the boost issue): the paper's dba otherwise.
@@ -103,7 +110,9 @@ class Bench:
         train, evalset = DOMAINS[domain or "medicine"]
         text = (HERE / "base.yaml").read_text()
         text = text.replace("DOMAIN_TRAIN", train).replace("DOMAIN_EVAL", evalset)
-        text = text.replace("DOMAIN", domain or "medicine").replace("DATA", str(self.data)).replace("OUT", str(self.out))
+        text = (
+            text.replace("DOMAIN", domain or "medicine").replace("DATA", str(self.data)).replace("OUT", str(self.out))
+        )
         tree = yaml.safe_load(text)
         if steps:
             tree["train"]["max_steps"] = steps
@@ -134,7 +143,8 @@ def prepare_base(b: Bench) -> tuple[str, dict, dict]:
     curve = [r for r in read_curves(str(Path(base).parent)) if r["kind"] == "eval"]
     p = tree["pretrain"]
     info = {
-        "path": base, "parameters": sum(x.numel() for x in load_model(cfg.model).parameters()),
+        "path": base,
+        "parameters": sum(x.numel() for x in load_model(cfg.model).parameters()),
         "tokens": p["max_steps"] * p["batch_size"] * p["data"]["seq_len"],
         "eval_curve": [{"step": r["step"], "nll": r.get("wikitext/nll")} for r in curve],
         "svd_rank": hidden // 8,
@@ -146,8 +156,18 @@ def prepare_base(b: Bench) -> tuple[str, dict, dict]:
 # ---------------------------------------------------------------- phases
 
 
-def phase(b: Bench, base: str, regime: str, domain: str, name: str, specs: list[dict], lrs: list[float],
-          seeds: list[int], merge_runs: list[str] | None = None, knobs: list[float] | None = None) -> dict:
+def phase(
+    b: Bench,
+    base: str,
+    regime: str,
+    domain: str,
+    name: str,
+    specs: list[dict],
+    lrs: list[float],
+    seeds: list[int],
+    merge_runs: list[str] | None = None,
+    knobs: list[float] | None = None,
+) -> dict:
     """One `dba-ray compare` (cached by its settings) under OUT/regime/domain/name."""
     tree = b.tree(domain, REGIMES[regime])
     tree.pop("pretrain")
@@ -163,7 +183,9 @@ def phase(b: Bench, base: str, regime: str, domain: str, name: str, specs: list[
     done = Path(tree["output_dir"]) / "phase.json"
     if done.exists() and json.loads(done.read_text())["digest"] == key:
         return json.loads(done.read_text())["report"]
-    log.info("%s / %s / %s: %d specs × %d lrs × %d seeds", regime, domain, name, len(specs), max(len(lrs), 1), len(seeds))
+    log.info(
+        "%s / %s / %s: %d specs × %d lrs × %d seeds", regime, domain, name, len(specs), max(len(lrs), 1), len(seeds)
+    )
     Path(tree["output_dir"]).mkdir(parents=True, exist_ok=True)
     (Path(tree["output_dir"]) / "config.yaml").write_text(yaml.safe_dump(tree))  # for boost_diagnosis.py
     report = run_compare(Config.model_validate(tree))
@@ -189,7 +211,9 @@ def candidates(method: str, specs: list[dict], reports: list[dict]) -> list[Cand
     return out
 
 
-def grid(b: Bench, base: str, regime: str, domain: str, group: str, specs_by_method: dict[str, list[dict]]) -> list[dict]:
+def grid(
+    b: Bench, base: str, regime: str, domain: str, group: str, specs_by_method: dict[str, list[dict]]
+) -> list[dict]:
     """Seed 0 of a group's methods over their lrs, extended until every validation
     optimum is interior. Each group is its own set of phases, so adding a group later
     leaves the others' finished runs in place."""
@@ -211,7 +235,9 @@ def grid(b: Bench, base: str, regime: str, domain: str, group: str, specs_by_met
                 extra += [{**s, "set": {**s.get("set", {}), "schedule.lr": LADDER[i]}} for s in mspecs]
         if not extra:
             break
-        reports.append(phase(b, base, regime, domain, f"{group}-extend-{round_ + 1}", extra, [], [0], merge_runs, MERGE_KNOBS))
+        reports.append(
+            phase(b, base, regime, domain, f"{group}-extend-{round_ + 1}", extra, [], [0], merge_runs, MERGE_KNOBS)
+        )
     return reports
 
 
@@ -225,7 +251,18 @@ def seed_runs(b: Bench, base: str, regime: str, domain: str, group: str, choices
             merged.add(name)
     knobs = sorted({c.knob for m, c in choices.items() if m in MERGED and c.knob != 1.0})
     seeds = SEEDS[:2] if b.smoke else SEEDS
-    return phase(b, base, regime, domain, f"{group}-seeds", list(specs.values()), [], seeds, sorted(merged) or None, knobs or None)
+    return phase(
+        b,
+        base,
+        regime,
+        domain,
+        f"{group}-seeds",
+        list(specs.values()),
+        [],
+        seeds,
+        sorted(merged) or None,
+        knobs or None,
+    )
 
 
 def seed_scores(report: dict, c: Candidate) -> dict[int, dict]:
@@ -278,13 +315,27 @@ def evaluate_domain(b: Bench, base: str, regime: str, domain: str, groups: dict[
         }
     base_scores = reports[0]["base"]
     plot = b.dest / f"{regime}_{domain}_frontier.png"
-    frontier({"base": base_scores, "results": {k: v for r in reports for k, v in r["results"].items()},
-              "merges": {k: v for r in reports for k, v in (r.get("merges") or {}).items()}},
-             str(plot), title=f"{domain}, T = {REGIMES[regime]}: S_G against S_D on the test sets (seed 0)")
-    return {"base": {k: base_scores[k] for k in ("S_D", "S_G", "S", "eval")}, "methods": rows,
-            "grid": [{run: {k: r[k] for k in ("method", "lr", "S_D", "S_G", "S", "validation")}
-                      for run, r in rep["results"].items()} for rep in reports],
-            "frontier_png": plot.name}
+    frontier(
+        {
+            "base": base_scores,
+            "results": {k: v for r in reports for k, v in r["results"].items()},
+            "merges": {k: v for r in reports for k, v in (r.get("merges") or {}).items()},
+        },
+        str(plot),
+        title=f"{domain}, T = {REGIMES[regime]}: S_G against S_D on the test sets (seed 0)",
+    )
+    return {
+        "base": {k: base_scores[k] for k in ("S_D", "S_G", "S", "eval")},
+        "methods": rows,
+        "grid": [
+            {
+                run: {k: r[k] for k in ("method", "lr", "S_D", "S_G", "S", "validation")}
+                for run, r in rep["results"].items()
+            }
+            for rep in reports
+        ],
+        "frontier_png": plot.name,
+    }
 
 
 def _mean_wall(report: dict, c: Candidate) -> float:
@@ -300,8 +351,15 @@ def method_cost(method: str, c: Candidate, grid_reports: list[dict], seeds: dict
         runs = len(MIXTURE_RATIOS)
     eval_tokens = 0
     if method in MERGED:  # the merge curve of the chosen run (seed 0), forward only
-        curve = next((m for rep in grid_reports for k, m in (rep.get("merges") or {}).items()
-                      if rep["results"][k]["method"] == c.spec["name"] and rep["results"][k]["lr"] == c.lr), None)
+        curve = next(
+            (
+                m
+                for rep in grid_reports
+                for k, m in (rep.get("merges") or {}).items()
+                if rep["results"][k]["method"] == c.spec["name"] and rep["results"][k]["lr"] == c.lr
+            ),
+            None,
+        )
         eval_tokens = curve["eval_tokens"] if curve else 0
     return Cost(run["tokens"], runs, stage1["tokens"] if run["uses_global_gradient"] else 0, eval_tokens)
 
@@ -311,22 +369,30 @@ def method_cost(method: str, c: Candidate, grid_reports: list[dict], seeds: dict
 
 def markdown(results: dict) -> str:
     b = results["base"]
-    lines = [f"Base: {b['parameters']:,} parameters, pretrained on {b['tokens']:,} tokens of WikiText-2 "
-             f"(validation tenth held out); eval NLL by step: "
-             + ", ".join(f"{p['step']}: {p['nll']:.3f}" for p in b["eval_curve"] if p["nll"] is not None)
-             + f". ĝ_G SVD rank {b['svd_rank']}: relative error {b['svd_relative_error']:.3f}.", ""]
+    lines = [
+        f"Base: {b['parameters']:,} parameters, pretrained on {b['tokens']:,} tokens of WikiText-2 "
+        f"(validation tenth held out); eval NLL by step: "
+        + ", ".join(f"{p['step']}: {p['nll']:.3f}" for p in b["eval_curve"] if p["nll"] is not None)
+        + f". ĝ_G SVD rank {b['svd_rank']}: relative error {b['svd_relative_error']:.3f}.",
+        "",
+    ]
     for regime, domains in results["regimes"].items():
         lines += [f"## Regime {regime}: T = {REGIMES[regime]} domain steps", ""]
         for domain, d in domains.items():
             base = d["base"]
             sets = list(base["eval"])
-            lines += [f"### {regime} / {domain}", "",
-                      f"Base: S_D {base['S_D']:.4f}, S_G {base['S_G']:.4f}, S {base['S']:.4f}. Test scores: mean of "
-                      f"seeds {', '.join(map(str, next(iter(d['methods'].values()))['seeds']))} at each method's "
-                      "validation choice; Δ: paired difference in S, mean [95% interval]; verdict by the rule above.", "",
-                      "| method | choice (validation S) | S_D | S_G | " + " | ".join(f"{s} acc" for s in sets)
-                      + " | S | Δ S vs direct | vs direct | Δ S vs mixture | vs mixture |",
-                      "|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|---|"]
+            lines += [
+                f"### {regime} / {domain}",
+                "",
+                f"Base: S_D {base['S_D']:.4f}, S_G {base['S_G']:.4f}, S {base['S']:.4f}. Test scores: mean of "
+                f"seeds {', '.join(map(str, next(iter(d['methods'].values()))['seeds']))} at each method's "
+                "validation choice; Δ: paired difference in S, mean [95% interval]; verdict by the rule above.",
+                "",
+                "| method | choice (validation S) | S_D | S_G | "
+                + " | ".join(f"{s} acc" for s in sets)
+                + " | S | Δ S vs direct | vs direct | Δ S vs mixture | vs mixture |",
+                "|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|---|",
+            ]
             for m, r in sorted(d["methods"].items(), key=lambda x: -x[1]["S"]):
                 ch = r["choice"]
                 choice = f"{ch['spec']}, lr {ch['lr']:g}" + (f", α {ch['knob']:g}" if ch["knob"] is not None else "")
@@ -353,11 +419,14 @@ def _verdict(iv: dict) -> str:
 
 def cost_table(domains: dict) -> list[str]:
     first = next(iter(domains.values()))["methods"]
-    lines = ["Cost in trained tokens (forward + backward; Stage 1 shared by all domains, the mixture's ratio "
-             "search per domain; merge curves' evaluated tokens, forward only, apart), at the benchmark's run "
-             "length and at 10× it:", "",
-             "| method | tokens / run | runs / domain | Stage 1 | merge eval / domain | 1 domain | 4 | 10 | 1 domain, 10× T | 4, 10× | 10, 10× | wall s / run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "Cost in trained tokens (forward + backward; Stage 1 shared by all domains, the mixture's ratio "
+        "search per domain; merge curves' evaluated tokens, forward only, apart), at the benchmark's run "
+        "length and at 10× it:",
+        "",
+        "| method | tokens / run | runs / domain | Stage 1 | merge eval / domain | 1 domain | 4 | 10 | 1 domain, 10× T | 4, 10× | 10, 10× | wall s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m, r in first.items():
         c = Cost(**r["cost"])
         cells = [m, f"{c.run_tokens:,}", str(c.runs_per_domain), f"{c.stage1_tokens:,}", f"{c.eval_tokens:,}"]
@@ -371,9 +440,15 @@ def carry_state(src: Path, dst: Path) -> None:
     copy, finished phases' phase.json and config.yaml; no run weights or checkpoints)
     from ``src`` to ``dst``, leaving files ``dst`` has. A machine that does not keep
     OUT between sessions resumes from a copy kept in the repository (``--state``)."""
-    keep = ["global_gradient/*", "global_gradient_svd/*", "*/pretrain/*/pretrain/model/*",
-            "*/pretrain/*/pretrain/curves.jsonl", "*/pretrain/*/pretrain/card.json",
-            "*/*/*/phase.json", "*/*/*/config.yaml"]
+    keep = [
+        "global_gradient/*",
+        "global_gradient_svd/*",
+        "*/pretrain/*/pretrain/model/*",
+        "*/pretrain/*/pretrain/curves.jsonl",
+        "*/pretrain/*/pretrain/card.json",
+        "*/*/*/phase.json",
+        "*/*/*/config.yaml",
+    ]
     for pattern in keep:
         for f in src.glob(pattern):
             target = dst / f.relative_to(src)
@@ -404,9 +479,11 @@ def main() -> None:
     # domains behind it.
     for domain in args.domains:
         for regime in args.regimes:
-            chosen = groups if regime == "long" else {
-                g: {m: specs for m, specs in ms.items() if m in SHORT_METHODS} for g, ms in groups.items()
-            }
+            chosen = (
+                groups
+                if regime == "long"
+                else {g: {m: specs for m, specs in ms.items() if m in SHORT_METHODS} for g, ms in groups.items()}
+            )
             d = evaluate_domain(b, base, regime, domain, chosen, stage1)
             results["regimes"].setdefault(regime, {})[domain] = d
             results["wall_s"] = time.monotonic() - start

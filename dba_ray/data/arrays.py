@@ -50,9 +50,11 @@ def tokenize_train(cfg: Config) -> ray.ObjectRef:
     if cfg.train.data is None:
         raise UserError("train.data is required: the domain data to fine-tune on")
     ensure_ray(cfg.ray)
-    arrays = collect_arrays(build_sequences(
-        cfg.train.data, cfg.model, max_records=cfg.train.max_records, concurrency=cfg.ray.tokenize_concurrency
-    ))
+    arrays = collect_arrays(
+        build_sequences(
+            cfg.train.data, cfg.model, max_records=cfg.train.max_records, concurrency=cfg.ray.tokenize_concurrency
+        )
+    )
     return ray.put(arrays)
 
 

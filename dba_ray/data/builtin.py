@@ -65,8 +65,6 @@ def _code(module_name: str) -> list[str]:
     return out
 
 
-
-
 def _docs(module_name: str) -> list[str]:
     try:
         mod = importlib.import_module(module_name)
@@ -99,9 +97,7 @@ def builtin_records(name: str, text_field: str = "text") -> list[dict]:
         known = ", ".join(f"builtin:{k}[:train|:eval]" for k in CORPORA)
         raise UserError(f"unknown builtin corpus {name!r} (known: {known})")
     modules, extract = CORPORA[key]
-    records = [
-        {text_field: text, "_source": f"{name}:{mod}"} for mod in modules for text in extract(mod)
-    ]
+    records = [{text_field: text, "_source": f"{name}:{mod}"} for mod in modules for text in extract(mod)]
     if split:
         records = [r for r in records if _in_eval_split(r[text_field]) == (split == "eval")]
     return records

@@ -51,9 +51,7 @@ def _hf_records(cfg: DataConfig, tracker) -> ray.data.Dataset:
             if isinstance(hf, datasets.DatasetDict):
                 hf = hf[cfg.split]
         else:
-            hf = datasets.load_dataset(
-                name, cfg.hf_config, split=cfg.split, streaming=cfg.streaming
-            )
+            hf = datasets.load_dataset(name, cfg.hf_config, split=cfg.split, streaming=cfg.streaming)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         raise UserError(f"cannot load data set {name!r}: {str(e).splitlines()[0]}") from None
     if not cfg.streaming and len(hf) == 0:

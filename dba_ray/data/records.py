@@ -72,8 +72,7 @@ def file_format(uri: str, configured: str) -> str:
         if name.endswith(ext):
             return fmt
     raise UserError(
-        f"cannot tell the format of {uri} from its extension "
-        f"(known: {', '.join(_EXTENSIONS)}); set file_format"
+        f"cannot tell the format of {uri} from its extension (known: {', '.join(_EXTENSIONS)}); set file_format"
     )
 
 
@@ -106,11 +105,7 @@ def normalize(record: Any, cfg: DataConfig) -> dict:
     if not isinstance(messages, list) or not messages:
         raise BadRecord(f"field '{cfg.messages_field}' missing or not a non-empty list")
     for i, m in enumerate(messages):
-        if not (
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-        ):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise BadRecord(f"message {i} needs string 'role' and 'content'")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no assistant message to learn from")
@@ -130,8 +125,7 @@ def _raw_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, Any
     except (OSError, EOFError, pa.ArrowException) as e:
         reason = " ".join(str(e).split())[:200]
         raise UserError(
-            f"cannot read {uri} as {fmt}: {reason}; a truncated or corrupt file? "
-            "Replace it or remove it from the data"
+            f"cannot read {uri} as {fmt}: {reason}; a truncated or corrupt file? Replace it or remove it from the data"
         ) from None
 
 
@@ -184,7 +178,10 @@ def _file_records(uri: str, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, An
         for line in _lines(text):
             lineno += 1
             if line is None:
-                yield f"{uri}:{lineno}", BadRecord(f"line longer than {MAX_LINE_CHARS:,} characters (split it into smaller records)")
+                yield (
+                    f"{uri}:{lineno}",
+                    BadRecord(f"line longer than {MAX_LINE_CHARS:,} characters (split it into smaller records)"),
+                )
                 continue
             try:
                 line.encode("utf-8")
@@ -233,8 +230,7 @@ class _Columns:
                 where = f"in {loc} (record {json.dumps(rec, default=str)[:120]})"
             if self.cfg.on_bad_record == "fail":
                 raise UserError(
-                    f"malformed record {where}: {e} "
-                    "(set on_bad_record: skip to skip such records)"
+                    f"malformed record {where}: {e} (set on_bad_record: skip to skip such records)"
                 ) from None
             self.skipped += 1
             self.first_skip = self.first_skip or f"{loc}: {e}"
@@ -329,9 +325,7 @@ def read_choice_records(cfg: DataConfig) -> list[dict]:
                 if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
                     raise BadRecord("field 'question' missing or not a string")
                 choices = rec.get("choices")
-                if not isinstance(choices, list) or len(choices) < 2 or not all(
-                    isinstance(c, str) for c in choices
-                ):
+                if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
                     raise BadRecord("field 'choices' must be a list of at least 2 strings")
                 answer = rec.get("answer")
                 if not isinstance(answer, int) or not 0 <= answer < len(choices):

@@ -107,9 +107,7 @@ class Tokenize:
         renders a prefix of a conversation as a prefix of its tokens."""
 
         def render(msgs, gen):
-            out = self.tok.apply_chat_template(
-                msgs, tokenize=True, add_generation_prompt=gen, return_dict=True
-            )
+            out = self.tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=True)
             return list(out["input_ids"])
 
         toks = render(messages, False)
