@@ -260,23 +260,7 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
     timeline["ray_ready"] = time.time()
     check_cpu_headroom(s1.num_workers * s1.cpus_per_worker)
     tracker = new_tracker()
-    budget = None
-    if dataset is None:
-        dataset = build_sequences(
-            s1.data,
-            cfg.model,
-            max_records=s1.max_records,
-            max_tokens=s1.max_tokens,
-            tracker=tracker,
-            concurrency=cfg.ray.tokenize_concurrency,
-        )
-        description = describe_source(s1.data)
-        source = s1.data.path or s1.data.hf_dataset
-        if s1.max_tokens is not None:
-            budget = math.ceil(s1.max_tokens / s1.data.seq_len) * s1.data.seq_len
-    else:
-        description = {"dataset": "a Ray Dataset given by the caller"}
-        source = "a caller's Ray Dataset"
+    dataset, description, source, budget = _stage1_input(cfg, dataset, tracker)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -325,6 +309,24 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
     ref = tracker.take_result.remote("grad") if s1.to_object_store else None
     tracking.log_stage1(cfg, made, elapsed)
     return Stage1Result(meta=meta, uri=uri, ref=ref)
+
+
+def _stage1_input(cfg: Config, dataset: ray.data.Dataset | None, tracker) -> tuple:
+    """The rows Stage 1 streams (the caller's Dataset, or ``stage1.data`` tokenized), how
+    the artifact's meta describes them, and the token budget the progress line counts to."""
+    s1 = cfg.stage1
+    if dataset is not None:
+        return dataset, {"dataset": "a Ray Dataset given by the caller"}, "a caller's Ray Dataset", None
+    dataset = build_sequences(
+        s1.data,
+        cfg.model,
+        max_records=s1.max_records,
+        max_tokens=s1.max_tokens,
+        tracker=tracker,
+        concurrency=cfg.ray.tokenize_concurrency,
+    )
+    budget = None if s1.max_tokens is None else math.ceil(s1.max_tokens / s1.data.seq_len) * s1.data.seq_len
+    return dataset, describe_source(s1.data), s1.data.path or s1.data.hf_dataset, budget
 
 
 def _train_storage(cfg: Config) -> str:

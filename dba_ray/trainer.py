@@ -387,6 +387,31 @@ def _mix(domain: dict, general: dict, n_general: int, name: str) -> dict:
     return {k: np.concatenate([domain[k], general[k][picked]]) for k in ("input_ids", "labels")}
 
 
+def _make_trainer(
+    cfg: Config, spec: MethodSpec, plan, grad, grad_source, eval_refs: EvalData, tracker, run_dir: str, callbacks: tuple
+) -> TorchTrainer:
+    """The Ray Train trainer of one Stage 2 run: what every worker's loop is handed, and
+    the run's scaling, storage and callbacks."""
+    t = cfg.train
+    return TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "method": spec.method,
+            "total_steps": plan.total,
+            "tracker": tracker,
+            "grad_source": grad_source,
+            "train_ref": plan.train_ref,
+            "eval_refs": eval_refs.refs,
+            "eval_kinds": eval_refs.kinds,
+            "run_dir": run_dir,
+            "model_dir": storage.join(run_dir, "model"),
+        },
+        scaling_config=scaling(t.num_workers, t.cpus_per_worker, t.use_gpu, cfg.ray),
+        run_config=_run_config(cfg, spec, grad.identity, (CurvesCallback(run_dir), *callbacks)),
+    )
+
+
 def run_train(
     cfg: Config,
     method: str | MethodSpec,
@@ -425,23 +450,7 @@ def run_train(
     tracked = tracking.open_run(cfg, tracking_name or spec.name, "train", tracking_parent)
     if tracked is not None:
         callbacks = (tracking.TrackingCallback(tracked.actor), *callbacks)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={
-            "cfg": cfg.model_dump(),
-            "method": spec.method,
-            "total_steps": plan.total,
-            "tracker": tracker,
-            "grad_source": grad_source,
-            "train_ref": plan.train_ref,
-            "eval_refs": eval_refs.refs,
-            "eval_kinds": eval_refs.kinds,
-            "run_dir": run_dir,
-            "model_dir": storage.join(run_dir, "model"),
-        },
-        scaling_config=scaling(t.num_workers, t.cpus_per_worker, t.use_gpu, cfg.ray),
-        run_config=_run_config(cfg, spec, grad.identity, (CurvesCallback(run_dir), *callbacks)),
-    )
+    trainer = _make_trainer(cfg, spec, plan, grad, grad_source, eval_refs, tracker, run_dir, callbacks)
     log.info(
         "stage 2 (%s): %d steps of %d sequences on %d worker(s)",
         spec.name,

@@ -148,21 +148,7 @@ def run_tune(cfg: Config) -> dict:
     else:
         log.warning("no validation sets: selecting on eval.sets, which then overstate the best S")
     prepared = _prepare_sweep(cfg, tc.method, values)
-    scheduler = None
-    if tc.asha:
-        if cfg.train.checkpoint_every != cfg.train.eval_every:
-            # Train reports at checkpoints too; ASHA needs S in every report.
-            log.info("tune.asha: checkpointing at every evaluation (train.checkpoint_every = %d)", cfg.train.eval_every)
-            cfg.train.checkpoint_every = cfg.train.eval_every
-        scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration",
-            metric="S",
-            mode="max",
-            grace_period=tc.grace_evals,
-            reduction_factor=tc.reduction_factor,
-            max_t=10**6,
-            stop_last_trials=False,
-        )
+    scheduler = _asha(cfg) if tc.asha else None
     param_space = {"name": tc.method.name, "method": tc.method.method, "set": {**tc.method.set, **space}}
     grid = run_trials(
         cfg,
@@ -202,6 +188,24 @@ def run_tune(cfg: Config) -> dict:
     if errors:
         log.warning("%d trial(s) errored; re-run the same command to resume them", len(errors))
     return summary
+
+
+def _asha(cfg: Config) -> tune.schedulers.ASHAScheduler:
+    """ASHA over the trials' evaluations; checkpoints move to every evaluation, because
+    Train reports at checkpoints too and ASHA needs S in every report."""
+    tc = cfg.tune
+    if cfg.train.checkpoint_every != cfg.train.eval_every:
+        log.info("tune.asha: checkpointing at every evaluation (train.checkpoint_every = %d)", cfg.train.eval_every)
+        cfg.train.checkpoint_every = cfg.train.eval_every
+    return tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration",
+        metric="S",
+        mode="max",
+        grace_period=tc.grace_evals,
+        reduction_factor=tc.reduction_factor,
+        max_t=10**6,
+        stop_last_trials=False,
+    )
 
 
 def _write_summary(out: str, summary: dict, knobs: list[str]) -> None:
