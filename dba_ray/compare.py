@@ -27,7 +27,7 @@ from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.plots import frontier, training_curves
 from dba_ray.prepare import Prepared, Stage1Summary, prepare
 from dba_ray.ray_runtime import ensure_ray
-from dba_ray.report import CompareRow, Cost, MixtureFacts, build_report, write_report
+from dba_ray.report import CompareRow, Cost, MixtureFacts, build_report, run_facts, write_report
 from dba_ray.scoring import evaluate_models, score_after_training
 from dba_ray.trainer import saturation_warning
 from dba_ray.trials import TrialRow, run_trials
@@ -178,13 +178,7 @@ def run_compare(cfg: Config) -> dict:
     report = build_report(
         base,
         ordered,
-        {
-            "base_model": cfg.model.name_or_path,
-            "stage1": prepared.stage1.as_json() if prepared.stage1 else None,
-            "total_wall_s": time.monotonic() - start,
-            "cost_unit": "trained tokens (forward + backward)",
-            "merges": merges,
-        },
+        run_facts(cfg, prepared, time.monotonic() - start, merges, "trained tokens (forward + backward)"),
     )
     out = storage.absolute(cfg.output_dir)
     md = write_report(out, report)

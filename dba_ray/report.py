@@ -118,6 +118,20 @@ def _deltas(metrics: dict, base: dict) -> dict:
     }
 
 
+def run_facts(cfg, prepared, wall_s: float, merges, cost_unit: str | None = None) -> dict:
+    """The report's keys beside the results that `run` and `compare` share: the base
+    model, the Stage 1 summary, the wall time and the merge curves (compare adds its
+    cost unit)."""
+    facts = {
+        "base_model": cfg.model.name_or_path,
+        "stage1": prepared.stage1.as_json() if prepared.stage1 else None,
+        "total_wall_s": wall_s,
+    }
+    if cost_unit is not None:
+        facts["cost_unit"] = cost_unit
+    return {**facts, "merges": merges}
+
+
 def build_report(base: dict, results: dict[str, dict | RunRow | CompareRow], extra: dict) -> dict:
     """``base``: {"eval": per-set metrics, "S_D", "S_G", "S"}; ``results``: trained runs'
     rows, or (`dba-ray eval`) scores alone, by name."""

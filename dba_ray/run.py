@@ -16,7 +16,7 @@ from dba_ray.methods import config_for_run
 from dba_ray.plots import frontier
 from dba_ray.prepare import ensure_base_model, mixture_trains, needs_stage1, prepare
 from dba_ray.ray_runtime import ensure_ray
-from dba_ray.report import RunRow, build_report, merges_markdown, write_report
+from dba_ray.report import RunRow, build_report, merges_markdown, run_facts, write_report
 from dba_ray.scoring import evaluate_models, score_after_training, score_validation
 from dba_ray.trainer import run_train
 
@@ -50,12 +50,7 @@ def run_all(cfg: Config) -> dict:
     report = build_report(
         base,
         results,
-        {
-            "base_model": cfg.model.name_or_path,
-            "stage1": prepared.stage1.as_json() if prepared.stage1 else None,
-            "total_wall_s": time.monotonic() - start,
-            "merges": merges,
-        },
+        run_facts(cfg, prepared, time.monotonic() - start, merges),
     )
     out = storage.absolute(cfg.output_dir)
     md = write_report(out, report)
