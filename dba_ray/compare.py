@@ -106,6 +106,7 @@ def _row(trial: TrialRow, run: dict, cfg: Config, uses_grad: bool, n_domain: int
         scores={"S_D": trial.S_D, "S_G": trial.S_G, "S": trial.S, "eval": trial.eval},
         tokens=trial.tokens,
         steps=trial.steps,
+        resumed_at=trial.resumed_at,
         wall_s=trial.wall_s,
         peak_mem_mb=trial.peak_mem_mb,
         model_dir=trial.model_dir,

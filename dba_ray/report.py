@@ -71,6 +71,7 @@ class CompareRow:
     scores: dict  # S_D, S_G, S, eval (per set)
     tokens: int
     steps: int
+    resumed_at: int  # the checkpoint step this run continued from (0: from the start)
     wall_s: float
     peak_mem_mb: float
     model_dir: str
@@ -90,6 +91,7 @@ class CompareRow:
             **self.scores,
             "tokens": self.tokens,
             "steps": self.steps,
+            "resumed_at": self.resumed_at,
             "wall_s": self.wall_s,
             "peak_mem_mb": self.peak_mem_mb,
             "model_dir": self.model_dir,

@@ -1,5 +1,6 @@
-"""Driver loss: `dba-ray run` killed with SIGKILL mid-way, then the same command again,
-on the session's cluster (the killed driver's jobs die with it; the cluster does not)."""
+"""Driver loss: `dba-ray run`, `compare` and `tune` killed with SIGKILL mid-way, then the
+same command again, on the session's cluster (the killed driver's jobs die with it; the
+cluster does not)."""
 
 import json
 import os
@@ -18,8 +19,9 @@ from dba_ray.cli import main
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def write_run_config(tmp_path, out: str, base: str | None = None) -> str:
-    """A two-method run; with ``base``, on that run's pretrained model and ĝ_G."""
+def write_run_config(tmp_path, out: str, base: str | None = None, **sections) -> str:
+    """A two-method run; with ``base``, on that run's pretrained model and ĝ_G;
+    ``sections``: more top-level sections (compare, tune)."""
     gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(40, seed=0))
     gen_eval = write_jsonl(tmp_path / "gen_eval.jsonl", make_docs(6, seed=2))
     dom = write_jsonl(tmp_path / "dom.jsonl", [{"text": f"def f{i}(x):\n    return x + {i}"} for i in range(40)])
@@ -42,32 +44,59 @@ def write_run_config(tmp_path, out: str, base: str | None = None) -> str:
         del tree["pretrain"]
         tree["model"] = {"name_or_path": str(next((tmp_path / base).glob("pretrain/*/pretrain/model")))}
         tree["stage1"]["output"] = str(tmp_path / base / "global_gradient")
+    tree.update(sections)
     f = tmp_path / f"{out}.yaml"
     f.write_text(yaml.safe_dump(tree))
     return str(f)
 
 
-def test_killed_run_resumes_where_it_was(tmp_path, caplog):
-    ref_cfg = write_run_config(tmp_path, "uninterrupted")
-    assert main(["run", ref_cfg]) == 0
-    ref = json.loads((tmp_path / "uninterrupted" / "report.json").read_text())
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple:
+    """A `run` that nobody kills: its report is what each killed command must end with,
+    and its base model and ĝ_G are what they reuse (both finish before any kill below
+    would land; reusing them after pretraining is test_run's)."""
+    tmp = tmp_path_factory.mktemp("recovery")
+    assert main(["run", write_run_config(tmp, "uninterrupted")]) == 0
+    return tmp, json.loads((tmp / "uninterrupted" / "report.json").read_text())
 
-    # The reference's base model and ĝ_G (both finished before the kill below in any
-    # case; reusing them after pretraining is test_run's): two Train runs saved.
-    cfg = write_run_config(tmp_path, "killed", base="uninterrupted")
-    out = tmp_path / "killed"
+
+def start_killable(args: list[str], log_path) -> subprocess.Popen:
+    """``dba-ray ARGS`` as a driver of its own, joined to the session's cluster."""
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    with open(tmp_path / "killed.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "dba_ray", "run", cfg], env=env, stdout=log, stderr=log)
-    # SIGKILL once the second method has a checkpoint: the first method is finished,
-    # the second is half-way.
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "dba_ray", *args], env=env, stdout=log, stderr=log)
+
+
+def sigkill_when(driver: subprocess.Popen, log_path, ready) -> None:
     deadline = time.monotonic() + 900
-    while not list(out.glob("ray_train/train-direct-*/checkpoint_*/state.json")):
-        assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint of the second method in time"
+    while not ready():
+        assert driver.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the command never got to where the kill belongs"
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
+
+
+def checkpointed(out, method: str) -> bool:
+    """A Train checkpoint of ``method`` under ``out``, whichever command wrote it."""
+    return bool(list(out.glob(f"**/train-{method}-*/checkpoint_*/state.json")))
+
+
+def assert_same_scores(got: dict, want: dict, name: str) -> None:
+    for key in ("S_D", "S_G", "S"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), (name, key)
+    for s, metrics in want["eval"].items():
+        assert got["eval"][s] == pytest.approx(metrics, rel=1e-5), (name, s)
+
+
+def test_killed_run_resumes_where_it_was(uninterrupted, caplog):
+    tmp_path, ref = uninterrupted
+    cfg = write_run_config(tmp_path, "killed", base="uninterrupted")
+    out = tmp_path / "killed"
+    # SIGKILL once the second method has a checkpoint: the first method is finished,
+    # the second is half-way.
+    driver = start_killable(["run", cfg], tmp_path / "killed.log")
+    sigkill_when(driver, tmp_path / "killed.log", lambda: checkpointed(out / "ray_train", "direct"))
     assert not (out / "report.json").exists() and not (out / "direct" / "model").exists()
     # Workers' logs reach the console, but not Ray's line per report with every step in it.
     console = (tmp_path / "killed.log").read_text()
@@ -84,9 +113,51 @@ def test_killed_run_resumes_where_it_was(tmp_path, caplog):
     res = report["results"]
     assert res["dba"]["resumed_at"] == 8  # finished: loaded and scored, not trained again
     assert res["direct"]["resumed_at"] in (2, 4, 6)  # from its last checkpoint
-    for name, want in [("base", ref["base"]), *((n, ref["results"][n]) for n in ("dba", "direct"))]:
-        got = report["base"] if name == "base" else res[name]
-        for key in ("S_D", "S_G", "S"):
-            assert got[key] == pytest.approx(want[key], rel=1e-6), (name, key)
-        for s, metrics in want["eval"].items():
-            assert got["eval"][s] == pytest.approx(metrics, rel=1e-5), (name, s)
+    assert_same_scores(report["base"], ref["base"], "base")
+    for name in ("dba", "direct"):
+        assert_same_scores(res[name], ref["results"][name], name)
+
+
+def test_killed_compare_resumes_its_sweep(uninterrupted):
+    # compare runs its methods as Tune trials, one at a time here: killed while the
+    # second trains, the rerun restores the sweep; the first is not trained again.
+    tmp_path, ref = uninterrupted
+    cfg = write_run_config(tmp_path, "compare", base="uninterrupted", compare={"max_concurrent": 1})
+    out = tmp_path / "compare"
+    driver = start_killable(["compare", cfg], tmp_path / "compare.log")
+    sigkill_when(driver, tmp_path / "compare.log", lambda: checkpointed(out, "dba") and checkpointed(out, "direct"))
+    assert not (out / "report.json").exists()
+    ghat_meta = tmp_path / "uninterrupted" / "global_gradient" / "meta.json"
+    kept = ghat_meta.stat().st_mtime_ns
+
+    assert main(["compare", cfg]) == 0
+    assert ghat_meta.stat().st_mtime_ns == kept
+    res = json.loads((out / "report.json").read_text())["results"]
+    assert res["direct"]["resumed_at"] in (2, 4, 6)  # from its last checkpoint
+    assert res["dba"]["resumed_at"] in (0, 8)  # kept, or (if Tune had not yet saved it as done) loaded and scored
+    for name in ("dba", "direct"):  # the same trainings as `run`'s, so the same scores
+        assert_same_scores(res[name], ref["results"][name], name)
+
+
+def test_killed_tune_resumes_its_trials(uninterrupted):
+    # A sweep of dba over two lrs, one trial at a time, without ASHA: the trial at the
+    # run's own lr must end where `run`'s dba did.
+    tmp_path, ref = uninterrupted
+    sweep = {"search": {"schedule.lr": [3e-3, 1e-3]}, "max_concurrent": 1, "asha": False}
+    cfg = write_run_config(tmp_path, "tune", base="uninterrupted", tune=sweep)
+    out = tmp_path / "tune"
+    # checkpoint dirs are trials/<trial>/ray_train/<run>/checkpoint_*: killed once the second has one
+    two_trials_checkpointed = lambda: (
+        len({c.parents[2] for c in out.glob("tune/trials/*/ray_train/*/checkpoint_*")}) == 2
+    )  # noqa: E731
+    driver = start_killable(["tune", cfg], tmp_path / "tune.log")
+    sigkill_when(driver, tmp_path / "tune.log", two_trials_checkpointed)
+    assert not (out / "tune.json").exists()
+
+    assert main(["tune", cfg]) == 0
+    trials = json.loads((out / "tune.json").read_text())["trials"]
+    assert sorted(t["set"]["schedule.lr"] for t in trials) == [1e-3, 3e-3]
+    assert all(t["status"] == "done" for t in trials) and any(t["resumed_at"] in (2, 4, 6) for t in trials)
+    at_run_lr = next(t for t in trials if t["set"]["schedule.lr"] == 3e-3)
+    # No validation sets here: tune chose on eval.sets (with a warning), the scores `run` reports.
+    assert at_run_lr["S"] == pytest.approx(ref["results"]["dba"]["S"], rel=1e-6)
