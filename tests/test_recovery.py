@@ -146,10 +146,10 @@ def test_killed_tune_resumes_its_trials(uninterrupted):
     sweep = {"search": {"schedule.lr": [3e-3, 1e-3]}, "max_concurrent": 1, "asha": False}
     cfg = write_run_config(tmp_path, "tune", base="uninterrupted", tune=sweep)
     out = tmp_path / "tune"
-    # checkpoint dirs are trials/<trial>/ray_train/<run>/checkpoint_*: killed once the second has one
-    two_trials_checkpointed = lambda: (
-        len({c.parents[2] for c in out.glob("tune/trials/*/ray_train/*/checkpoint_*")}) == 2
-    )  # noqa: E731
+
+    def two_trials_checkpointed() -> bool:  # trials/<trial>/ray_train/<run>/checkpoint_*
+        return len({c.parents[2] for c in out.glob("tune/trials/*/ray_train/*/checkpoint_*")}) == 2
+
     driver = start_killable(["tune", cfg], tmp_path / "tune.log")
     sigkill_when(driver, tmp_path / "tune.log", two_trials_checkpointed)
     assert not (out / "tune.json").exists()
