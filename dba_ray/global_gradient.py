@@ -189,6 +189,18 @@ def _worker_loop(config: dict) -> None:
     _keep_result(config, cfg, sums, totals, timeline)
 
 
+class _EveryRowSplit(TrainDataConfig):
+    """Ray Train's own split is ``equal=True``, which drops up to num_workers − 1 rows so
+    that every shard has as many; ĝ_G is the mean over every row, so shards here may
+    differ by one row (Stage 1 has no per-step collective that needs them equal)."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        ds = datasets[DATASET].copy(datasets[DATASET])
+        ds.context.execution_options = self._resolve_execution_options(DATASET)
+        splits = ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+        return [{DATASET: split} for split in splits]
+
+
 def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeline: dict) -> None:
     """Rank 0: ĝ_G (and v_G) from the reduced sums, written and/or put in the object
     store; its metadata handed to the driver through the tracker."""
@@ -274,7 +286,7 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
         scaling_config=scaling(s1.num_workers, s1.cpus_per_worker, s1.use_gpu, cfg.ray),
         datasets={DATASET: dataset},
         # Ordered execution makes the token budget take the same rows every run.
-        dataset_config=TrainDataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=_EveryRowSplit(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=f"stage1-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             **storage.ray_storage(_train_storage(cfg)),
