@@ -1,5 +1,6 @@
 """Node loss, for real: a multi-node Ray cluster on this machine (tests/multinode.py), a
-worker node's raylet SIGKILLed mid-run, the job going on without it.
+worker node's raylet SIGKILLed mid-run (Stage 2) or mid-stream (Stage 1), the job going
+on without it.
 
 Drivers run as subprocesses joined to that cluster; the one-process references they
 are checked against run in this process, on the session's cluster."""
@@ -11,13 +12,18 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 from conftest import make_docs, write_jsonl
 from multinode import LocalCluster
+from test_stage1 import ordered_sequences, reference_gradients
+from test_stage1 import rel_error as stage1_rel_error
 from test_train import reference_weights, rel_error, saved_weights
 
+from dba_ray import artifact
 from dba_ray.config import load_config
+from dba_ray.global_gradient import sequence_hash
 from dba_ray.methods import config_for_run
 
 pytestmark = [
@@ -127,3 +133,59 @@ def test_stage2_survives_losing_a_node(cluster, tmp_path):
     cfg = config_for_run(load_config(str(cfg_file)), "direct")
     ref = reference_weights(cfg)
     assert rel_error(saved_weights(result["model_dir"]), ref) <= 1e-6
+
+
+def replace_lost_nodes(cluster, want: int = 3) -> None:
+    """Start worker nodes until ``want`` are alive (an earlier test may have lost one)."""
+    alive = [n for n in cluster.nodes[1:] if n.proc.poll() is None]
+    for _ in range(want - len(alive)):
+        k = len(cluster.nodes)
+        cluster.start_node(f"w{k}", f"127.0.0.{2 + k}", cpus=1, resources={SLOT: 1})
+
+
+STAGE1_DRIVER = """
+import json, logging, sys
+from dba_ray.config import load_config
+from dba_ray.global_gradient import run_global_gradient
+logging.basicConfig(level=logging.INFO)
+print("RESULT " + json.dumps(run_global_gradient(load_config(sys.argv[1])).meta))
+"""
+
+
+def test_stage1_survives_losing_a_node(cluster, tmp_path):
+    replace_lost_nodes(cluster)
+    gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(800, seed=3))
+    out = tmp_path / "out"
+    tree = {
+        "output_dir": str(out),
+        "ray": {"worker_resources": {SLOT: 1}},
+        "stage1": {"data": {"path": gen, "seq_len": 32}, "batch_size": 2, "num_workers": 2, "max_failures": 2,
+                   "progress_interval_s": 1},
+    }  # fmt: skip
+    cfg_file = tmp_path / "stage1.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree))
+    cfg = load_config(str(cfg_file))
+    artifact_dir = out / "global_gradient"
+    log_path = str(tmp_path / "driver.log")
+    with open(log_path, "w") as log:
+        driver = start_driver(cluster, ["-c", STAGE1_DRIVER, str(cfg_file)], log)
+
+    def streaming() -> bool:  # a progress line: both workers are past their first batches
+        return "INFO:dba_ray:stage1: " in open(log_path).read()
+
+    lost = kill_a_train_node(cluster, driver, log_path, streaming)
+    assert not (artifact_dir / "meta.json").exists()  # nothing written before the end
+    text = wait(driver, log_path)
+    meta = json.loads(text.split("RESULT ", 1)[1].splitlines()[0])
+    assert lost.proc.poll() is not None
+
+    # Against one process over the same rows: every row counted once, not once per attempt
+    # (the token-weighted mean does not depend on the batch size; 64 is quicker).
+    ids, labels = ordered_sequences(cfg)
+    ref_mean, _, ref_tokens = reference_gradients(cfg.model, ids, labels, 64)
+    assert meta["tokens"] == ref_tokens and meta["sequences"] == len(ids)
+    rows = zip(ids.numpy().astype(np.int32), labels.numpy().astype(np.int32))  # the pipeline's dtype
+    fingerprint = sum(sequence_hash(x, y) for x, y in rows) % 2**64
+    assert meta["data"]["fingerprint"] == format(fingerprint, "016x")
+    got = artifact.load(str(artifact_dir))
+    assert stage1_rel_error(got.mean, ref_mean) <= 1e-6
