@@ -159,25 +159,19 @@ def main() -> None:
     classes = row_classes(cfg, vocab)
     names = {"embedding": "model.embed_tokens.weight", "output": "lm_head.weight"}
     evals = tokenize_eval(cfg)
+
+    def scores_of(model_dir: str) -> dict:
+        model = load_model(cfg.model.model_copy(update={"name_or_path": model_dir}))
+        arrays = {n: ray.get(r) for n, r in evals[0].items()}
+        return score_sets(model, arrays, evals[1], cfg.eval.batch_size, "cpu")
+
     result = {
         "runs": {"dba": args.dba, "al": args.al},
         "tensors": displacement_table(theta0, dba, al, grad.mean, v_d),
         "rows": row_table(theta0, dba, al, classes, names),
         "scores": {
-            "dba": score_sets(
-                load_model(cfg.model.model_copy(update={"name_or_path": dba_dir})),
-                {n: ray.get(r) for n, r in evals[0].items()},
-                evals[1],
-                cfg.eval.batch_size,
-                "cpu",
-            ),
-            "al": score_sets(
-                load_model(cfg.model.model_copy(update={"name_or_path": al_dir})),
-                {n: ray.get(r) for n, r in evals[0].items()},
-                evals[1],
-                cfg.eval.batch_size,
-                "cpu",
-            ),
+            "dba": scores_of(dba_dir),
+            "al": scores_of(al_dir),
             **{f"dba, reset {k}": v for k, v in reset_scores(cfg, dba_dir, theta0, classes, names, v_d, evals).items()},
         },
     }
