@@ -170,8 +170,10 @@ def test_killed_tune_resumes_its_trials(uninterrupted):
     assert not (out / "tune.json").exists()
 
     assert main(["tune", cfg]) == 0
-    trials = json.loads((out / "tune.json").read_text())["trials"]
+    summary = json.loads((out / "tune.json").read_text())
+    trials = summary["trials"]
     assert sorted(t["set"]["schedule.lr"] for t in trials) == [1e-3, 3e-3]
+    assert summary["best"]["S"] == max(t["S"] for t in trials)
     assert all(t["status"] == "done" for t in trials) and any(t["resumed_at"] in (2, 4, 6) for t in trials)
     at_run_lr = next(t for t in trials if t["set"]["schedule.lr"] == 3e-3)
     # No validation sets here: tune chose on eval.sets (with a warning), the scores `run` reports.

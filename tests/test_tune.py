@@ -1,5 +1,6 @@
-"""`dba-ray tune` on the session's cluster: a 2-trial sweep that reports the best
-configuration, a sweep that is interrupted and resumed, and the refusals."""
+"""`dba-ray tune` on the session's cluster: a sweep whose trial fails, resumed, that
+reports and exports the best configuration; the refusals. (Two trials, and a sweep
+resumed after its driver was killed: test_recovery.)"""
 
 import json
 
@@ -13,34 +14,33 @@ from dba_ray.cli import main
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def write_sweep(tmp_path, **train) -> str:
+def write_sweep(tmp_path, lrs=(3e-3, 3e-4), **train) -> str:
     tree = tiny_tree(tmp_path)
     tree["train"].update({"eval_every": 2, **train})
-    tree["tune"] = {"search": {"schedule.lr": [3e-3, 3e-4]}, "grace_evals": 1}
+    tree["tune"] = {"search": {"schedule.lr": list(lrs)}, "grace_evals": 1}
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(tree))
     return str(path)
 
 
-def test_interrupted_sweep_resumes_then_reports_the_best_and_exports_it(tmp_path, capsys):
-    # Each trial's worker dies at step 3, after the evaluation and checkpoint of step 2,
+def test_failed_trial_resumes_then_the_sweep_reports_the_best_and_exports_it(tmp_path, capsys):
+    # The trial's worker dies at step 3, after the evaluation and checkpoint of step 2,
     # with no retries left: the sweep ends without a finished trial and says so.
-    cfg = write_sweep(tmp_path, max_failures=0)
+    cfg = write_sweep(tmp_path, lrs=[3e-3], max_failures=0)
     with fail_once_at_step(3):
         assert main(["tune", cfg]) == 2
     assert "re-run the same command to resume" in capsys.readouterr().err
     out = tmp_path / "out"
     first_ids = sorted(p.name for p in (out / "tune" / "trials").iterdir())
-    assert len(first_ids) == 2  # both trials ran (ASHA may have stopped one at step 2)
+    assert len(first_ids) == 1
 
-    # The same command again: the errored trials continue from step 2 and finish.
+    # The same command again: the errored trial continues from step 2 and finishes.
     assert main(["tune", cfg]) == 0
     summary = json.loads((out / "tune.json").read_text())
     trials = summary["trials"]
-    assert sorted(t["set"]["schedule.lr"] for t in trials) == [3e-4, 3e-3]
+    assert [t["set"]["schedule.lr"] for t in trials] == [3e-3]
     done = [t for t in trials if t["status"] == "done"]
     assert done and all(t["resumed_at"] == 2 for t in done)
-    assert all(t["status"] in ("done", "stopped early") for t in trials)
     assert sorted(p.name for p in (out / "tune" / "trials").iterdir()) == first_ids
 
     best = summary["best"]
