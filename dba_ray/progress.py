@@ -58,9 +58,11 @@ class Tracker:
 
 def new_tracker():
     """A Tracker on the driver's node: it holds the job's result, so it must not go
-    down with a worker node (the driver's node going down ends the command anyway)."""
+    down with a worker node (the driver's node going down ends the command anyway).
+    Hard affinity: with soft affinity Ray 2.60 placed this zero-CPU actor on worker
+    nodes (tests/test_node_loss.py saw it lost with one)."""
     here = ray.get_runtime_context().get_node_id()
-    return Tracker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+    return Tracker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def _human(n: float) -> str:

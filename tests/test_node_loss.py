@@ -26,13 +26,7 @@ from dba_ray.config import load_config
 from dba_ray.global_gradient import sequence_hash
 from dba_ray.trainer import run_train
 
-pytestmark = [
-    pytest.mark.usefixtures("ray_cluster"),
-    # Off in the default suite until timed on an idle 2-core machine: under heavy load
-    # a worker node's dashboard agent took minutes to start (the fixture retries it),
-    # which the suite's 20-minute budget cannot absorb.
-    pytest.mark.skipif(os.environ.get("DBA_RAY_MULTINODE") != "1", reason="multi-node tests: set DBA_RAY_MULTINODE=1"),
-]
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 SLOT = "dba_node"  # one per worker node: a Train worker needs one, so each gets a node of its own
 CURRENT = "/tmp/ray/ray_current_cluster"  # what a bare ray.init() on this machine joins
@@ -67,10 +61,7 @@ def test_the_cluster_refuses_a_driver_without_its_token(cluster):
 
 
 def start_driver(cluster, script: str, cfg_file, log) -> subprocess.Popen:
-    """``script`` as a driver on the head node: with several nodes on one machine a bare
-    ray.init() may attach to any of them, and a driver whose node is killed is a lost
-    driver (test_recovery's case), not a lost worker node."""
-    args = ["-c", script, str(cfg_file), cluster.nodes[0].ip]
+    args = ["-c", script, str(cfg_file)]
     return subprocess.Popen(
         [sys.executable, *args], env=cluster.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -84,8 +75,12 @@ def kill_a_train_node(cluster, driver, log_path: str, ready):
         assert driver.poll() is None, open(log_path).read()[-4000:]
         assert time.monotonic() < deadline, "the job never got to where the kill belongs"
         if ready():
-            busy = [n for n in cluster.nodes[1:] if n.proc.poll() is None and n.hosts("ray::RayTrainWorker")]
+            workers = [n for n in cluster.nodes[1:] if n.proc.poll() is None]
+            busy = [n for n in workers if n.hosts("ray::RayTrainWorker")]
             if busy:
+                # The job's Tracker (progress, and Stage 1's result on its way to the
+                # driver) lives on the driver's node, the head: never on a node that can go.
+                assert not any(n.hosts("ray::Tracker") for n in workers)
                 cluster.kill_raylet(busy[0])
                 return busy[0]
         time.sleep(0.2)
@@ -105,11 +100,9 @@ def wait(driver, log_path: str, timeout: float = 900) -> str:
 STAGE2_DRIVER = """
 import json, logging, sys
 from dataclasses import asdict
-import ray
 from dba_ray.config import load_config
 from dba_ray.trainer import run_train
 logging.basicConfig(level=logging.INFO)
-ray.init(_node_ip_address=sys.argv[2])
 print("RESULT " + json.dumps(asdict(run_train(load_config(sys.argv[1]), "direct"))))
 """
 
@@ -155,11 +148,9 @@ def replace_lost_nodes(cluster, want: int = 3) -> None:
 
 STAGE1_DRIVER = """
 import json, logging, sys
-import ray
 from dba_ray.config import load_config
 from dba_ray.global_gradient import run_global_gradient
 logging.basicConfig(level=logging.INFO)
-ray.init(_node_ip_address=sys.argv[2])
 print("RESULT " + json.dumps(run_global_gradient(load_config(sys.argv[1])).meta))
 """
 
