@@ -60,6 +60,21 @@ def test_the_cluster_refuses_a_driver_without_its_token(cluster):
     assert wrong.returncode != 0 and "AuthenticationError" in wrong.stderr
 
 
+def test_trackers_live_on_the_drivers_node(cluster):
+    # A tracker holds a job's progress and Stage 1's result on its way to the driver: it
+    # must not go down with a worker node. Six of them, so a placement that merely
+    # prefers the driver's node (soft affinity) shows.
+    probe = (
+        "import ray; from dba_ray.progress import new_tracker; ray.init(); "
+        "ts = [new_tracker() for _ in range(6)]; here = ray.get_runtime_context().get_node_id(); "
+        "print(sorted({ray.get(t.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())) == here "
+        "for t in ts}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=cluster.env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[True]"
+
+
 def start_driver(cluster, script: str, cfg_file, log) -> subprocess.Popen:
     args = ["-c", script, str(cfg_file)]
     return subprocess.Popen(
