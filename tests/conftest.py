@@ -21,6 +21,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 # One root log handler for the whole session, on the real stderr: `dba-ray`'s main()
 # calls logging.basicConfig, which would otherwise bind its handler to the captured
@@ -29,6 +31,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.__stderr__, format="%(asctime
 
 import pytest  # noqa: E402
 import ray  # noqa: E402
+import yaml  # noqa: E402
 
 from dba_ray.config import Config  # noqa: E402
 from dba_ray.trainer import FAULTS_ENV  # noqa: E402
@@ -141,3 +144,69 @@ def tiny_config(tmp_path, data_path: str | None, **stage1) -> Config:
         },
     }
     return Config.model_validate(tree)
+
+
+def write_run_config(tmp_path, out: str, base: str | None = None, **sections) -> str:
+    """The two-method `run` of ``finished_run`` (pretraining, Stage 1, dba and direct,
+    evaluation), its output in ``tmp_path/out``; with ``base``, on the pretrained model
+    and ĝ_G of the run in ``tmp_path/base``. ``sections``: more top-level sections."""
+    gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(40, seed=0))
+    gen_eval = write_jsonl(tmp_path / "gen_eval.jsonl", make_docs(6, seed=2))
+    dom = write_jsonl(tmp_path / "dom.jsonl", [{"text": f"def f{i}(x):\n    return x + {i}"} for i in range(40)])
+    dom_eval = write_jsonl(tmp_path / "dom_eval.jsonl", [{"text": "def g(y):\n    return y + 1"}] * 4)
+    mc = write_jsonl(
+        tmp_path / "mc.jsonl",
+        [{"question": "def f(x): return", "choices": ["x + 1", "the cat"], "answer": 0}] * 3,
+    )
+    tree = {
+        "output_dir": str(tmp_path / out),
+        "pretrain": {"data": {"path": gen, "seq_len": 32}, "max_steps": 3, "batch_size": 4},
+        "stage1": {"data": {"path": gen, "seq_len": 32}, "batch_size": 8},
+        "train": {
+            "data": {"path": dom, "seq_len": 32}, "batch_size": 4, "max_steps": 8, "checkpoint_every": 2,
+            "progress_interval_s": 5, "schedule": {"lr": 3e-3}, "dba": {"boost": 16},
+        },
+        "methods": ["dba", "direct"],
+        "eval": {"sets": [
+            {"name": "dom", "kind": "domain", "data": {"path": dom_eval, "seq_len": 32}},
+            {"name": "gen", "kind": "general", "data": {"path": gen_eval, "seq_len": 32}},
+            {"name": "mc", "kind": "domain", "type": "choice", "data": {"path": mc, "seq_len": 32}},
+        ]},
+    }  # fmt: skip
+    if base is not None:
+        del tree["pretrain"]
+        tree["model"] = {"name_or_path": str(next((tmp_path / base).glob("pretrain/*/pretrain/model")))}
+        tree["stage1"]["output"] = str(tmp_path / base / "global_gradient")
+    tree.update(sections)
+    f = tmp_path / f"{out}.yaml"
+    f.write_text(yaml.safe_dump(tree))
+    return str(f)
+
+
+class FinishedRun(NamedTuple):
+    folder: Path  # the run's output is folder/uninterrupted
+    cfg_file: str
+    report: dict  # read before any test could touch the folder
+    log: str  # what the run logged (dba_ray's INFO lines)
+
+
+@pytest.fixture(scope="session")
+def finished_run(ray_cluster, tmp_path_factory) -> FinishedRun:
+    """One `dba-ray run` that nobody kills, shared by the session (each is minutes of
+    Ray Train on 2 cores): test_run checks its report and reuses its base model and
+    ĝ_G; test_recovery's killed commands must end with its scores."""
+    from dba_ray.cli import main
+
+    tmp = tmp_path_factory.mktemp("finished-run")
+    cfg_file = write_run_config(tmp, "uninterrupted")
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("dba_ray")
+    logger.addHandler(handler)
+    try:
+        assert main(["run", cfg_file]) == 0
+    finally:
+        logger.removeHandler(handler)
+    report = json.loads((tmp / "uninterrupted" / "report.json").read_text())
+    return FinishedRun(tmp, cfg_file, report, "\n".join(lines))

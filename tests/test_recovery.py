@@ -11,53 +11,11 @@ import time
 
 import pytest
 import ray
-import yaml
-from conftest import make_docs, write_jsonl
+from conftest import write_run_config
 
 from dba_ray.cli import main
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def write_run_config(tmp_path, out: str, base: str | None = None, **sections) -> str:
-    """A two-method run; with ``base``, on that run's pretrained model and ĝ_G;
-    ``sections``: more top-level sections (compare, tune)."""
-    gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(40, seed=0))
-    gen_eval = write_jsonl(tmp_path / "gen_eval.jsonl", make_docs(6, seed=2))
-    dom = write_jsonl(tmp_path / "dom.jsonl", [{"text": f"def f{i}(x):\n    return x + {i}"} for i in range(40)])
-    dom_eval = write_jsonl(tmp_path / "dom_eval.jsonl", [{"text": "def g(y):\n    return y + 1"}] * 4)
-    tree = {
-        "output_dir": str(tmp_path / out),
-        "pretrain": {"data": {"path": gen, "seq_len": 32}, "max_steps": 3, "batch_size": 4},
-        "stage1": {"data": {"path": gen, "seq_len": 32}, "batch_size": 8},
-        "train": {
-            "data": {"path": dom, "seq_len": 32}, "batch_size": 4, "max_steps": 8, "checkpoint_every": 2,
-            "progress_interval_s": 5, "schedule": {"lr": 3e-3}, "dba": {"boost": 16},
-        },
-        "methods": ["dba", "direct"],
-        "eval": {"sets": [
-            {"name": "dom", "kind": "domain", "data": {"path": dom_eval, "seq_len": 32}},
-            {"name": "gen", "kind": "general", "data": {"path": gen_eval, "seq_len": 32}},
-        ]},
-    }  # fmt: skip
-    if base is not None:
-        del tree["pretrain"]
-        tree["model"] = {"name_or_path": str(next((tmp_path / base).glob("pretrain/*/pretrain/model")))}
-        tree["stage1"]["output"] = str(tmp_path / base / "global_gradient")
-    tree.update(sections)
-    f = tmp_path / f"{out}.yaml"
-    f.write_text(yaml.safe_dump(tree))
-    return str(f)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple:
-    """A `run` that nobody kills: its report is what each killed command must end with,
-    and its base model and ĝ_G are what they reuse (both finish before any kill below
-    would land; reusing them after pretraining is test_run's)."""
-    tmp = tmp_path_factory.mktemp("recovery")
-    assert main(["run", write_run_config(tmp, "uninterrupted")]) == 0
-    return tmp, json.loads((tmp / "uninterrupted" / "report.json").read_text())
 
 
 def start_killable(args: list[str], log_path) -> subprocess.Popen:
@@ -104,8 +62,8 @@ def assert_same_scores(got: dict, want: dict, name: str) -> None:
         assert got["eval"][s] == pytest.approx(metrics, rel=1e-5), (name, s)
 
 
-def test_killed_run_resumes_where_it_was(uninterrupted, caplog):
-    tmp_path, ref = uninterrupted
+def test_killed_run_resumes_where_it_was(finished_run, caplog):
+    tmp_path, ref = finished_run.folder, finished_run.report
     cfg = write_run_config(tmp_path, "killed", base="uninterrupted")
     out = tmp_path / "killed"
     # SIGKILL once the second method has a checkpoint: the first method is finished,
@@ -133,10 +91,10 @@ def test_killed_run_resumes_where_it_was(uninterrupted, caplog):
         assert_same_scores(res[name], ref["results"][name], name)
 
 
-def test_killed_compare_resumes_its_sweep(uninterrupted):
+def test_killed_compare_resumes_its_sweep(finished_run):
     # compare runs its methods as Tune trials, one at a time here: killed while the
     # second trains, the rerun restores the sweep; the first is not trained again.
-    tmp_path, ref = uninterrupted
+    tmp_path, ref = finished_run.folder, finished_run.report
     cfg = write_run_config(tmp_path, "compare", base="uninterrupted", compare={"max_concurrent": 1})
     out = tmp_path / "compare"
     driver = start_killable(["compare", cfg], tmp_path / "compare.log")
@@ -154,10 +112,10 @@ def test_killed_compare_resumes_its_sweep(uninterrupted):
         assert_same_scores(res[name], ref["results"][name], name)
 
 
-def test_killed_tune_resumes_its_trials(uninterrupted):
+def test_killed_tune_resumes_its_trials(finished_run):
     # A sweep of dba over two lrs, one trial at a time, without ASHA: the trial at the
     # run's own lr must end where `run`'s dba did.
-    tmp_path, ref = uninterrupted
+    tmp_path, ref = finished_run.folder, finished_run.report
     sweep = {"search": {"schedule.lr": [3e-3, 1e-3]}, "max_concurrent": 1, "asha": False}
     cfg = write_run_config(tmp_path, "tune", base="uninterrupted", tune=sweep)
     out = tmp_path / "tune"

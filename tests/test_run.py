@@ -3,8 +3,6 @@
 import json
 
 import pytest
-import yaml
-from conftest import make_docs, write_jsonl
 
 from dba_ray.cli import main
 from dba_ray.config import load_config
@@ -13,53 +11,25 @@ from dba_ray.prepare import ensure_base_model, ensure_global_gradient
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def test_run_writes_report_then_eval_scores_models(tmp_path, capsys, caplog):
-    caplog.set_level("INFO", logger="dba_ray")
-    gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(50, seed=0))
-    gen_eval = write_jsonl(tmp_path / "gen_eval.jsonl", make_docs(8, seed=2))
-    dom = write_jsonl(tmp_path / "dom.jsonl", [{"text": "def f(x):\n    return x + 1"}] * 40)
-    dom_eval = write_jsonl(tmp_path / "dom_eval.jsonl", [{"text": "def g(y):\n    return y + 1"}] * 4)
-    mc = write_jsonl(
-        tmp_path / "mc.jsonl",
-        [{"question": "def f(x): return", "choices": ["x + 1", "the cat"], "answer": 0}] * 3,
-    )
-    tree = {
-        "output_dir": str(tmp_path / "out"),
-        "pretrain": {"data": {"path": gen, "seq_len": 32}, "max_steps": 4, "batch_size": 4},
-        "stage1": {"data": {"path": gen, "seq_len": 32}, "batch_size": 8, "second_moment": True},
-        "train": {
-            "data": {"path": dom, "seq_len": 32},
-            "batch_size": 4,
-            "max_steps": 5,
-            "schedule": {"lr": 3e-3},
-        },
-        "eval": {
-            "sets": [
-                {"name": "dom", "kind": "domain", "data": {"path": dom_eval, "seq_len": 32}},
-                {"name": "gen", "kind": "general", "data": {"path": gen_eval, "seq_len": 32}},
-                {"name": "mc", "kind": "domain", "type": "choice", "data": {"path": mc, "seq_len": 32}},
-            ]
-        },
-    }
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(yaml.safe_dump(tree))
-    assert main(["run", str(cfg_file)]) == 0
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+def test_run_writes_report_then_eval_scores_models(finished_run, capsys, caplog):
+    # The session's finished `run` (conftest: pretraining, Stage 1, dba and direct for 8
+    # steps, three eval sets): its report, then the commands that reuse what it made.
+    cfg_file, report, run_dir = finished_run.cfg_file, finished_run.report, finished_run.folder / "uninterrupted"
     assert set(report["results"]) == {"dba", "direct"}
     for r in [report["base"], *report["results"].values()]:
         for key in ("S_D", "S_G", "S"):
             assert 0 <= r[key] <= 1
         assert r["S"] == pytest.approx(2 * r["S_D"] * r["S_G"] / (r["S_D"] + r["S_G"]))
     dba = report["results"]["dba"]
-    assert dba["tokens"] > 0 and dba["wall_s"] > 0 and dba["steps"] == 5
+    assert dba["tokens"] > 0 and dba["wall_s"] > 0 and dba["steps"] == 8
     assert dba["delta"]["dom"]["nll"] == pytest.approx(dba["eval"]["dom"]["nll"] - report["base"]["eval"]["dom"]["nll"])
     # Fine-tuning on the repeated domain line must lower its NLL.
     assert report["results"]["direct"]["delta"]["dom"]["nll"] < 0
     assert set(report["base"]["eval"]["mc"]) == {"acc"}  # choice sets: accuracy only
-    md = (tmp_path / "out" / "report.md").read_text()
+    md = (run_dir / "report.md").read_text()
     assert "| base |" in md and "| dba |" in md and "kept more general ability" in md
-    # boost 200 over 5 steps: γ_t never leaves 1, and the run says so, with the count.
-    assert any("γ_t sits at gamma_max 1 for 5 of 5 steps" in r.message for r in caplog.records)
+    # boost 16 over 8 steps: γ_t = min(1, 2·(1 − t/8)) is 1 for t = 0..4, and the run said so.
+    assert "dba: γ_t sits at gamma_max 1 for 5 of 8 steps (boost 16)" in finished_run.log
 
     # A second pipeline reuses the cached base model instead of pretraining again.
     caplog.clear()
@@ -88,5 +58,5 @@ def test_run_writes_report_then_eval_scores_models(tmp_path, capsys, caplog):
         ]
     )
     assert rc == 0
-    scored = json.loads((tmp_path / "out" / "eval.json").read_text())
+    scored = json.loads((run_dir / "eval.json").read_text())
     assert scored["results"]["tuned"]["eval"]["dom"]["nll"] == pytest.approx(dba["eval"]["dom"]["nll"], rel=1e-4)

@@ -130,12 +130,18 @@ def rel_error(a, b) -> float:
     return num / math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in b))
 
 
-def test_ddp_matches_reference_through_a_worker_failure(tmp_path):
+@pytest.fixture(scope="module")
+def global_gradient(ray_cluster, tmp_path_factory) -> str:
+    """ĝ_G of make_config's general data and model, made once for the tests that only
+    read it (a Stage 1 run is about 20 s of these 2 cores)."""
+    return run_global_gradient(make_config(tmp_path_factory.mktemp("stage1"), "stage1")).uri
+
+
+def test_ddp_matches_reference_through_a_worker_failure(tmp_path, global_gradient):
     # One run does both jobs: a worker dies after step 3, the group restarts from the
     # step-2 checkpoint, and the result must still be the one-process loop's. A resume
     # that lost the AdamW moments, the DBA state or the data position misses by >1e-3.
-    cfg = make_config(tmp_path, "faulty", max_failures=1)
-    run_global_gradient(cfg)
+    cfg = make_config(tmp_path, "faulty", max_failures=1, global_gradient=global_gradient)
     with fail_once_at_step(3):
         resumed = run_train(cfg, "dba")
     assert (tmp_path / "faulty" / "dba" / "failed_once").exists()  # it did fail
@@ -202,9 +208,8 @@ def test_mixture_general_data_is_sized_by_each_run_own_settings(tmp_path):
         assert len(general["input_ids"]) == want
 
 
-def test_guards_stop_before_or_during_training(tmp_path):
-    cfg = make_config(tmp_path, "guards", num_workers=1)
-    run_global_gradient(cfg)
+def test_guards_stop_before_or_during_training(tmp_path, global_gradient):
+    cfg = make_config(tmp_path, "guards", num_workers=1, global_gradient=global_gradient)
     other = cfg.model_copy(deep=True)
     other.model.builtin_config = {"hidden_size": 32, "intermediate_size": 64}
     with pytest.raises(UserError, match="does not match"):
