@@ -160,8 +160,10 @@ def write_run_config(tmp_path, out: str, base: str | None = None, **sections) ->
     )
     tree = {
         "output_dir": str(tmp_path / out),
-        "pretrain": {"data": {"path": gen, "seq_len": 32}, "max_steps": 3, "batch_size": 4},
-        "stage1": {"data": {"path": gen, "seq_len": 32}, "batch_size": 8},
+        # Enough pretraining that the base knows its general text (test_merge's direct
+        # run must forget some); v_G for test_merge's fisher merge.
+        "pretrain": {"data": {"path": gen, "seq_len": 32}, "max_steps": 30, "batch_size": 8},
+        "stage1": {"data": {"path": gen, "seq_len": 32}, "batch_size": 8, "second_moment": True},
         "train": {
             "data": {"path": dom, "seq_len": 32}, "batch_size": 4, "max_steps": 8, "checkpoint_every": 2,
             "progress_interval_s": 5, "schedule": {"lr": 3e-3}, "dba": {"boost": 16},
@@ -194,7 +196,8 @@ class FinishedRun(NamedTuple):
 def finished_run(ray_cluster, tmp_path_factory) -> FinishedRun:
     """One `dba-ray run` that nobody kills, shared by the session (each is minutes of
     Ray Train on 2 cores): test_run checks its report and reuses its base model and
-    ĝ_G; test_recovery's killed commands must end with its scores."""
+    ĝ_G; test_recovery's killed commands must end with its scores; test_merge trains on
+    its base model and ĝ_G."""
     from dba_ray.cli import main
 
     tmp = tmp_path_factory.mktemp("finished-run")

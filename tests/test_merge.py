@@ -99,31 +99,26 @@ def test_knobs_are_checked_for_their_mode(tmp_path, capsys):
     assert "linear merge knobs α must lie in [0, 1]" in capsys.readouterr().err
 
 
-@pytest.mark.usefixtures("ray_cluster")
-def test_merge_curves_in_run_merge_and_tune_choose_on_validation(tmp_path):
-    gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(80, seed=0))
-    gen_eval = write_jsonl(tmp_path / "gen_eval.jsonl", make_docs(8, seed=2))
+def test_merge_curves_in_run_merge_and_tune_choose_on_validation(finished_run, tmp_path):
+    # On the session's finished run's base model (pretrained on its general text) and
+    # ĝ_G with v_G (the fisher merge's general side): `direct` on its domain data.
+    tree = yaml.safe_load(Path(finished_run.cfg_file).read_text())
+    done = finished_run.folder / "uninterrupted"
     gen_val = write_jsonl(tmp_path / "gen_val.jsonl", make_docs(8, seed=3))
-    dom = write_jsonl(tmp_path / "dom.jsonl", [{"text": f"def f{i}(x):\n    return x + {i}"} for i in range(40)])
-    dom_eval = write_jsonl(tmp_path / "dom_eval.jsonl", [{"text": "def g(y):\n    return y + 1"}] * 4)
 
     def text_set(name, kind, path):
         return {"name": name, "kind": kind, "data": {"path": path, "seq_len": 32}}
 
-    tree = {
-        "output_dir": str(tmp_path / "out"),
-        "pretrain": {"data": {"path": gen, "seq_len": 32}, "max_steps": 30, "batch_size": 8},
-        "stage1": {"data": {"path": gen, "seq_len": 32}, "batch_size": 8, "second_moment": True},
-        "train": {"data": {"path": dom, "seq_len": 32}, "batch_size": 4, "max_steps": 8, "schedule": {"lr": 3e-3}},
-        "methods": ["direct"],
-        "eval": {
-            "sets": [text_set("dom", "domain", dom_eval), text_set("gen", "general", gen_eval)],
-            # Validation rewards general text only (both kinds are general text), so its
-            # choice differs from what the eval sets, where the domain gain counts, would pick.
-            "validation_sets": [text_set("vd", "domain", gen_val), text_set("vg", "general", gen_val)],
-        },
-        "merge": {"mode": "fisher", "knobs": [0, 1, 100]},
-    }
+    del tree["pretrain"]
+    tree["output_dir"] = str(tmp_path / "out")
+    tree["model"] = {"name_or_path": _base_dir(done)}
+    tree["stage1"]["output"] = str(done / "global_gradient")
+    tree["methods"] = ["direct"]
+    tree["eval"]["sets"] = tree["eval"]["sets"][:2]  # dom and gen
+    # Validation rewards general text only (both kinds are general text), so its choice
+    # differs from what the eval sets, where the domain gain counts, would pick.
+    tree["eval"]["validation_sets"] = [text_set("vd", "domain", gen_val), text_set("vg", "general", gen_val)]
+    tree["merge"] = {"mode": "fisher", "knobs": [0, 1, 100]}
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(tree))
     assert main(["run", str(cfg_file)]) == 0
@@ -157,7 +152,7 @@ def test_merge_curves_in_run_merge_and_tune_choose_on_validation(tmp_path):
     info = json.loads((exported / "merge.json").read_text())
     assert info["knob"] == chosen and info["mode"] == "linear"
     model = AutoModelForCausalLM.from_pretrained(exported)
-    theta0 = SavedTensors(_base_dir(out))
+    theta0 = SavedTensors(_base_dir(done))
     theta_t = SavedTensors(direct["model_dir"])
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), theta0[n] + chosen * (theta_t[n] - theta0[n]))
