@@ -146,10 +146,10 @@ def tiny_config(tmp_path, data_path: str | None, **stage1) -> Config:
     return Config.model_validate(tree)
 
 
-def write_run_config(tmp_path, out: str, base: str | None = None, **sections) -> str:
+def write_run_config(tmp_path, out: str, base: "FinishedRun | None" = None, **sections) -> str:
     """The two-method `run` of ``finished_run`` (pretraining, Stage 1, dba and direct,
-    evaluation), its output in ``tmp_path/out``; with ``base``, on the pretrained model
-    and ĝ_G of the run in ``tmp_path/base``. ``sections``: more top-level sections."""
+    evaluation), its output in ``tmp_path/out``; with ``base``, on that finished run's
+    pretrained model and ĝ_G. ``sections``: more top-level sections."""
     gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(40, seed=0))
     gen_eval = write_jsonl(tmp_path / "gen_eval.jsonl", make_docs(6, seed=2))
     dom = write_jsonl(tmp_path / "dom.jsonl", [{"text": f"def f{i}(x):\n    return x + {i}"} for i in range(40)])
@@ -176,9 +176,7 @@ def write_run_config(tmp_path, out: str, base: str | None = None, **sections) ->
         ]},
     }  # fmt: skip
     if base is not None:
-        del tree["pretrain"]
-        tree["model"] = {"name_or_path": str(next((tmp_path / base).glob("pretrain/*/pretrain/model")))}
-        tree["stage1"]["output"] = str(tmp_path / base / "global_gradient")
+        on_finished_base(tree, base)
     tree.update(sections)
     f = tmp_path / f"{out}.yaml"
     f.write_text(yaml.safe_dump(tree))
@@ -190,6 +188,22 @@ class FinishedRun(NamedTuple):
     cfg_file: str
     report: dict  # read before any test could touch the folder
     log: str  # what the run logged (dba_ray's INFO lines)
+
+
+def pretrained_base(run_dir: Path) -> str:
+    """The base model a `run` with a pretrain section made, under its output_dir."""
+    return str(next(Path(run_dir).glob("pretrain/*/pretrain/model")))
+
+
+def on_finished_base(tree: dict, run: FinishedRun) -> dict:
+    """``tree`` set to train on ``run``'s pretrained base model and reuse its ĝ_G: no
+    pretraining, and ``run``'s Stage 1 settings and general data (an artifact made with
+    other ones is refused, not replaced)."""
+    done = yaml.safe_load(Path(run.cfg_file).read_text())
+    tree.pop("pretrain", None)
+    tree["model"] = {"name_or_path": pretrained_base(run.folder / "uninterrupted")}
+    tree["stage1"] = {**done["stage1"], "output": str(run.folder / "uninterrupted" / "global_gradient")}
+    return tree
 
 
 @pytest.fixture(scope="session")

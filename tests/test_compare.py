@@ -8,7 +8,7 @@ import matplotlib.image
 import pytest
 import torch
 import yaml
-from conftest import make_docs, write_jsonl
+from conftest import make_docs, on_finished_base, write_jsonl
 from safetensors.torch import load_file
 
 from dba_ray.cli import main
@@ -43,8 +43,9 @@ def tiny_tree(tmp_path) -> dict:
     }
 
 
-def test_compare_every_baseline_writes_report_costs_and_plots(tmp_path):
-    tree = tiny_tree(tmp_path)
+def test_compare_every_baseline_writes_report_costs_and_plots(tmp_path, finished_run):
+    # On the session's pretrained base, reusing its ĝ_G (whose tokens DBA's cost counts).
+    tree = on_finished_base(tiny_tree(tmp_path), finished_run)
     tree["methods"] = ["dba", "mixture", "lora"]
     tree["compare"] = {"mixture_ratios": [0.25]}
     tree["train"]["mixture"] = {"ratio": 0.5}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_docs, write_jsonl
+from conftest import make_docs, on_finished_base, pretrained_base, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from dba_ray.cli import main
@@ -109,10 +109,8 @@ def test_merge_curves_in_run_merge_and_tune_choose_on_validation(finished_run, t
     def text_set(name, kind, path):
         return {"name": name, "kind": kind, "data": {"path": path, "seq_len": 32}}
 
-    del tree["pretrain"]
+    on_finished_base(tree, finished_run)
     tree["output_dir"] = str(tmp_path / "out")
-    tree["model"] = {"name_or_path": _base_dir(done)}
-    tree["stage1"]["output"] = str(done / "global_gradient")
     tree["methods"] = ["direct"]
     tree["eval"]["sets"] = tree["eval"]["sets"][:2]  # dom and gen
     # Validation rewards general text only (both kinds are general text), so its choice
@@ -152,7 +150,7 @@ def test_merge_curves_in_run_merge_and_tune_choose_on_validation(finished_run, t
     info = json.loads((exported / "merge.json").read_text())
     assert info["knob"] == chosen and info["mode"] == "linear"
     model = AutoModelForCausalLM.from_pretrained(exported)
-    theta0 = SavedTensors(_base_dir(done))
+    theta0 = SavedTensors(pretrained_base(done))
     theta_t = SavedTensors(direct["model_dir"])
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), theta0[n] + chosen * (theta_t[n] - theta0[n]))
@@ -183,7 +181,3 @@ def test_merge_curves_in_run_merge_and_tune_choose_on_validation(finished_run, t
     assert summary["best"]["set"]["merge.knob"] == chosen
     assert summary["best"]["test"]["S"] == pytest.approx(points[chosen]["test"]["S"], rel=1e-6)
     assert (out / "best" / "model" / "config.json").exists()
-
-
-def _base_dir(out: Path) -> str:
-    return str(next(out.glob("pretrain/*/pretrain/model")))

@@ -64,7 +64,7 @@ def assert_same_scores(got: dict, want: dict, name: str) -> None:
 
 def test_killed_run_resumes_where_it_was(finished_run, caplog):
     tmp_path, ref = finished_run.folder, finished_run.report
-    cfg = write_run_config(tmp_path, "killed", base="uninterrupted")
+    cfg = write_run_config(tmp_path, "killed", base=finished_run)
     out = tmp_path / "killed"
     # SIGKILL once the second method has a checkpoint: the first method is finished,
     # the second is half-way.
@@ -95,7 +95,7 @@ def test_killed_compare_resumes_its_sweep(finished_run):
     # compare runs its methods as Tune trials, one at a time here: killed while the
     # second trains, the rerun restores the sweep; the first is not trained again.
     tmp_path, ref = finished_run.folder, finished_run.report
-    cfg = write_run_config(tmp_path, "compare", base="uninterrupted", compare={"max_concurrent": 1})
+    cfg = write_run_config(tmp_path, "compare", base=finished_run, compare={"max_concurrent": 1})
     out = tmp_path / "compare"
     driver = start_killable(["compare", cfg], tmp_path / "compare.log")
     sigkill_when(driver, tmp_path / "compare.log", lambda: checkpointed(out, "dba") and checkpointed(out, "direct"))
@@ -117,7 +117,7 @@ def test_killed_tune_resumes_its_trials(finished_run):
     # run's own lr must end where `run`'s dba did.
     tmp_path, ref = finished_run.folder, finished_run.report
     sweep = {"search": {"schedule.lr": [3e-3, 1e-3]}, "max_concurrent": 1, "asha": False}
-    cfg = write_run_config(tmp_path, "tune", base="uninterrupted", tune=sweep)
+    cfg = write_run_config(tmp_path, "tune", base=finished_run, tune=sweep)
     out = tmp_path / "tune"
 
     def two_trials_checkpointed() -> bool:  # tune/trials/<trial>/ray_train/<run>/

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import fail_once_at_step
+from conftest import fail_once_at_step, on_finished_base
 from test_compare import tiny_tree
 
 from dba_ray.cli import main
@@ -14,8 +14,10 @@ from dba_ray.cli import main
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def write_sweep(tmp_path, lrs=(3e-3, 3e-4), **train) -> str:
-    tree = tiny_tree(tmp_path)
+def write_sweep(tmp_path, lrs=(3e-3, 3e-4), base=None, **train) -> str:
+    """A dba sweep of tiny_tree's run; with ``base`` (a finished run), on its base model
+    and ĝ_G."""
+    tree = tiny_tree(tmp_path) if base is None else on_finished_base(tiny_tree(tmp_path), base)
     tree["train"].update({"eval_every": 2, **train})
     tree["tune"] = {"search": {"schedule.lr": list(lrs)}, "grace_evals": 1}
     path = tmp_path / "tune.yaml"
@@ -23,10 +25,10 @@ def write_sweep(tmp_path, lrs=(3e-3, 3e-4), **train) -> str:
     return str(path)
 
 
-def test_failed_trial_resumes_then_the_sweep_reports_the_best_and_exports_it(tmp_path, capsys):
+def test_failed_trial_resumes_then_the_sweep_reports_the_best_and_exports_it(tmp_path, capsys, finished_run):
     # The trial's worker dies at step 3, after the evaluation and checkpoint of step 2,
     # with no retries left: the sweep ends without a finished trial and says so.
-    cfg = write_sweep(tmp_path, lrs=[3e-3], max_failures=0)
+    cfg = write_sweep(tmp_path, lrs=[3e-3], base=finished_run, max_failures=0)
     with fail_once_at_step(3):
         assert main(["tune", cfg]) == 2
     assert "re-run the same command to resume" in capsys.readouterr().err
