@@ -1,5 +1,6 @@
-"""Shared fixtures: one real local Ray cluster for the whole session, offline hubs, and
-a real S3 API (the moto server on 127.0.0.1) for the tests that ask for one."""
+"""Shared fixtures: one real local Ray cluster for the whole session, offline hubs, a
+real S3 API (the moto server on 127.0.0.1) for the tests that ask for one, and one
+finished `dba-ray run` whose base model and ĝ_G the tests that only consume them share."""
 
 from __future__ import annotations
 
@@ -184,10 +185,14 @@ def write_run_config(tmp_path, out: str, base: "FinishedRun | None" = None, **se
 
 
 class FinishedRun(NamedTuple):
-    folder: Path  # the run's output is folder/uninterrupted
+    folder: Path  # its data and config; the run's output is run_dir
     cfg_file: str
     report: dict  # read before any test could touch the folder
     log: str  # what the run logged (dba_ray's INFO lines)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder / "uninterrupted"
 
 
 def pretrained_base(run_dir: Path) -> str:
@@ -201,8 +206,8 @@ def on_finished_base(tree: dict, run: FinishedRun) -> dict:
     other ones is refused, not replaced)."""
     done = yaml.safe_load(Path(run.cfg_file).read_text())
     tree.pop("pretrain", None)
-    tree["model"] = {"name_or_path": pretrained_base(run.folder / "uninterrupted")}
-    tree["stage1"] = {**done["stage1"], "output": str(run.folder / "uninterrupted" / "global_gradient")}
+    tree["model"] = {"name_or_path": pretrained_base(run.run_dir)}
+    tree["stage1"] = {**done["stage1"], "output": str(run.run_dir / "global_gradient")}
     return tree
 
 
@@ -210,8 +215,8 @@ def on_finished_base(tree: dict, run: FinishedRun) -> dict:
 def finished_run(ray_cluster, tmp_path_factory) -> FinishedRun:
     """One `dba-ray run` that nobody kills, shared by the session (each is minutes of
     Ray Train on 2 cores): test_run checks its report and reuses its base model and
-    ĝ_G; test_recovery's killed commands must end with its scores; test_merge trains on
-    its base model and ĝ_G."""
+    ĝ_G; test_recovery's killed commands must end with its scores; test_merge,
+    test_compare and test_tune train on its base model and reuse its ĝ_G."""
     from dba_ray.cli import main
 
     tmp = tmp_path_factory.mktemp("finished-run")

@@ -103,7 +103,7 @@ def test_merge_curves_in_run_merge_and_tune_choose_on_validation(finished_run, t
     # On the session's finished run's base model (pretrained on its general text) and
     # ĝ_G with v_G (the fisher merge's general side): `direct` on its domain data.
     tree = yaml.safe_load(Path(finished_run.cfg_file).read_text())
-    done = finished_run.folder / "uninterrupted"
+    done = finished_run.run_dir
     gen_val = write_jsonl(tmp_path / "gen_val.jsonl", make_docs(8, seed=3))
 
     def text_set(name, kind, path):

@@ -74,7 +74,7 @@ def test_killed_run_resumes_where_it_was(finished_run, caplog):
     # Workers' logs reach the console, but not Ray's line per report with every step in it.
     console = (tmp_path / "killed.log").read_text()
     assert "RayTrainWorker" in console and "Reporting training result" not in console
-    ghat_meta = tmp_path / "uninterrupted" / "global_gradient" / "meta.json"
+    ghat_meta = finished_run.run_dir / "global_gradient" / "meta.json"
     kept = ghat_meta.stat().st_mtime_ns
 
     caplog.set_level("INFO", logger="dba_ray")
@@ -100,7 +100,7 @@ def test_killed_compare_resumes_its_sweep(finished_run):
     driver = start_killable(["compare", cfg], tmp_path / "compare.log")
     sigkill_when(driver, tmp_path / "compare.log", lambda: checkpointed(out, "dba") and checkpointed(out, "direct"))
     assert not (out / "report.json").exists()
-    ghat_meta = tmp_path / "uninterrupted" / "global_gradient" / "meta.json"
+    ghat_meta = finished_run.run_dir / "global_gradient" / "meta.json"
     kept = ghat_meta.stat().st_mtime_ns
 
     assert main(["compare", cfg]) == 0

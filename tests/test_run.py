@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 def test_run_writes_report_then_eval_scores_models(finished_run, capsys, caplog):
     # The session's finished `run` (conftest: pretraining, Stage 1, dba and direct for 8
     # steps, three eval sets): its report, then the commands that reuse what it made.
-    cfg_file, report, run_dir = finished_run.cfg_file, finished_run.report, finished_run.folder / "uninterrupted"
+    cfg_file, report, run_dir = finished_run.cfg_file, finished_run.report, finished_run.run_dir
     assert set(report["results"]) == {"dba", "direct"}
     for r in [report["base"], *report["results"].values()]:
         for key in ("S_D", "S_G", "S"):
