@@ -246,6 +246,14 @@ def _finite_keys(evals: list[dict]) -> list[str]:
     return found
 
 
+def _assert_series(got: list, expected: list[tuple[int, float]], key: str) -> None:
+    """A tracked metric's (step, value) pairs equal the expected ones: steps exactly,
+    values to float tolerance (pytest.approx takes flat sequences only since pytest 9.2)."""
+    got = [tuple(pair) for pair in got]
+    assert [s for s, _ in got] == [s for s, _ in expected], key
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected]), key
+
+
 def _check_mlflow_stage2(client, run, curves: list[dict], result: dict) -> None:
     """A Stage 2 run's per-step curves and evaluations equal curves.jsonl; its final
     scores equal its row of report.json."""
@@ -256,10 +264,10 @@ def _check_mlflow_stage2(client, run, curves: list[dict], result: dict) -> None:
         expected = [(r["step"], r[key]) for r in train if key in r]
         if expected:
             got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"train/{key}")]
-            assert sorted(got) == pytest.approx(expected), key
+            _assert_series(sorted(got), expected, key)
     for key in _finite_keys(evals):
         got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"eval/{key}")]
-        assert sorted(got) == pytest.approx([(r["step"], r[key]) for r in evals]), key
+        _assert_series(sorted(got), [(r["step"], r[key]) for r in evals], key)
     m = run.data.metrics
     for key in ("S_D", "S_G", "S"):
         assert m[f"final/{key}"] == pytest.approx(result[key])
@@ -350,10 +358,10 @@ def test_wandb_offline_runs_match_curves_and_report(pipeline):
         run, curves = runs[method], read_curves(str(out / method))
         for key in STEP_KEYS:
             expected = [(r["step"], r[key]) for r in curves if r["kind"] == "train" and key in r]
-            assert run["history"].get(f"train/{key}", []) == pytest.approx(expected), key
+            _assert_series(run["history"].get(f"train/{key}", []), expected, key)
         evals = [r for r in curves if r["kind"] == "eval"]
         for key in _finite_keys(evals):
-            assert run["history"][f"eval/{key}"] == pytest.approx([(r["step"], r[key]) for r in evals]), key
+            _assert_series(run["history"][f"eval/{key}"], [(r["step"], r[key]) for r in evals], key)
         for key in ("S_D", "S_G", "S"):
             assert run["summary"][f"final/{key}"] == pytest.approx(result[key])
         assert run["summary"]["final/eval/bench/acc"] == pytest.approx(result["eval"]["bench"]["acc"])
