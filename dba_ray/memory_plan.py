@@ -319,7 +319,7 @@ def _stage2(s: ModelShape, cfg: Config, method: str, seq_len: int, eval_sets):
     lora = method == "lora"
     adapters = s.lora_params(t.lora.r, t.lora.target_modules) if lora else 0
     act = activation_bytes(s, t.batch_size * seq_len, a, t.gradient_checkpointing, t.use_gpu)
-    eval_act = eval_activation_bytes(s, _eval_tokens(cfg, eval_sets), a, t.use_gpu) if eval_sets else 0
+    eval_act = eval_activation_bytes(s, _eval_tokens(cfg, eval_sets), b, t.use_gpu) if eval_sets else 0  # no autocast
 
     def moments(n: int, layout: str) -> list[Moment]:
         fsdp = layout == "fsdp"

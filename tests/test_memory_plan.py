@@ -169,7 +169,7 @@ def test_refused_before_any_work_unless_skipped(tmp_path, command):
     assert per > ram  # what the test is about
     expected = (
         f"dba-ray: error: memory plan: stage 1 (1 worker(s), ddp) needs {per / GiB:.1f} GiB of RAM per "
-        f"process; 1 such process(es) at once and Ray's own need {(per + GiB) / GiB:.1f} GiB, but this "
+        f"process; 1 such process(es) at once and Ray's own need {(per + 2.5 * GiB) / GiB:.1f} GiB, but this "
         f"machine has {ram / GiB:.1f} GiB: use more workers with parallel: fsdp, a smaller batch or "
         "sequence, bigger machines, or --skip-memory-check (see dba-ray plan)\n"
     )
@@ -200,4 +200,15 @@ def test_plan_prints_every_phase(tmp_path):
     assert done.stdout == EXPECTED_PLAN
 
 
-EXPECTED_PLAN = ""
+EXPECTED_PLAN = """\
+model: LlamaForCausalLM, 0.3M parameters (float32), 3 layers, hidden 96, vocab 262; FSDP units: root 0.1M, 3 blocks of up to 0.1M
+
+peak memory per process, by phase, and what it holds then:
+stage 1 (2 worker(s), ddp, CPU): 0.6 GiB of RAM per process at streaming (weights 1 MiB, gradient 1 MiB, fp32 gradient sums 1 MiB, fp32 v_G sums 1 MiB, activations 17 MiB, process 614 MiB)
+stage 2 dba (2 worker(s), fsdp, CPU): 0.6 GiB of RAM per process at forward/backward (weights 676 KiB, AdamW moments 1 MiB, ĝ_G 676 KiB, gathered units 966 KiB, gradients 676 KiB, unit gradient (reduce-scatter) 385 KiB, activations 17 MiB, process 614 MiB)
+
+smallest worker count that fits, one GPU each (0.5 GiB of it the CUDA context; —: no count fits); a node needs the host RAM per worker times the workers it holds:
+phase                          24 GiB   48 GiB   80 GiB  141 GiB  host RAM per worker
+stage 1 (ddp)                       1        1        1        1  0.6 GiB
+stage 2 dba (fsdp)                  1        1        1        1  0.6 GiB
+"""
