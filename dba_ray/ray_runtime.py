@@ -22,7 +22,7 @@ def ensure_ray(cfg: RayConfig) -> None:
     started on this machine; else start an embedded local cluster of ``cfg.num_cpus``."""
     if ray.is_initialized():
         return
-    address = cfg.address or os.environ.get("RAY_ADDRESS") or _started_here()
+    address = cluster_address(cfg)
     if address:
         # A running cluster has its own resources: ray.init refuses num_cpus when joining.
         if cfg.num_cpus is not None:
@@ -31,6 +31,16 @@ def ensure_ray(cfg: RayConfig) -> None:
     else:
         ray.init(address="local", num_cpus=cfg.num_cpus)
     log.info("Ray cluster resources: %s", ray.cluster_resources())
+
+
+def cluster_address(cfg: RayConfig) -> str | None:
+    """The running cluster a command joins; None: it starts an embedded local one."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or _started_here()
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each live node of the joined cluster (memory in bytes)."""
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
 
 
 def _started_here() -> str | None:
