@@ -202,11 +202,6 @@ class Stage1Config(_Strict):
     )
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
-    parallel: Literal["ddp", "fsdp"] = Field(
-        "ddp",
-        description="How Stage 1's workers hold the model: ddp, a whole copy each (one "
-        "all-reduce at the end); fsdp, FSDP2 shards of the weights and of the ĝ_G / v_G sums (1/N each)",
-    )
     output: Optional[str] = Field(
         None,
         description="Artifact directory (local path or s3:// / gs:// URI). Default: <output_dir>/global_gradient.",

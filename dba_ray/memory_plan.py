@@ -259,7 +259,7 @@ def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, s
     def moments(n: int, layout: str) -> list[Moment]:
         fsdp = layout == "fsdp"
         p = s.sharded(n) if fsdp else s.params
-        sums = {"fp32 gradient sums": 4 * p if separate or fsdp else 0, "fp32 v_G sums": 4 * p * second_moment}
+        sums = {"fp32 gradient sums": 4 * p if separate else 0, "fp32 v_G sums": 4 * p * second_moment}
         stream = {"weights": b * p, "gradient": b * p, **sums}
         if fsdp:
             stream["gathered units"] = b * (s.root + 2 * s.block)
