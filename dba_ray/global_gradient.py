@@ -301,6 +301,8 @@ def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeli
             "global_batches": totals.global_batches,
             "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
             "loop_seconds": totals.loop_s,
+            # Rank 0's peak device memory so far (GPU workers): what `dba-ray plan` predicts.
+            "device_peak_bytes": torch.cuda.max_memory_allocated(sums.device) if sums.device.type == "cuda" else None,
             "stage1_settings": stage1_settings(s1),
             # From the driver's start of the job: what a later run reusing ĝ_G is charged.
             "wall_s": time.time() - timeline["job_started"],
