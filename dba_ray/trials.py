@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 
+import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dba_ray import storage, tracking
+from dba_ray import console, storage, tracking
 from dba_ray.config import Config, MethodSpec
 from dba_ray.prepare import Prepared
-from dba_ray.trainer import run_train
+from dba_ray.progress import ProgressLines, new_tracker
+from dba_ray.trainer import run_train, score_summary
 
 log = logging.getLogger("dba_ray")
 
@@ -31,7 +34,8 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
     run = params.get("run", params)
     spec = MethodSpec.model_validate({**run, "set": dict(run.get("set", {}))})
     cfg = Config.model_validate(cfg_dump)
-    cfg.output_dir = storage.join(cfg.output_dir, experiment, "trials", tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    cfg.output_dir = storage.join(cfg.output_dir, experiment, "trials", trial_id)
     result = run_train(
         cfg,
         spec,
@@ -39,7 +43,8 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
         callbacks=(TuneReportCallback(),) if report_to_tune else (),
         # compare's runs have unique names; a sweep's trials share their method's name
         tracking_parent=tracking_parent,
-        tracking_name=spec.name if experiment == "compare" else f"{spec.name}-{tune.get_context().get_trial_id()}",
+        tracking_name=spec.name if experiment == "compare" else f"{spec.name}-{trial_id}",
+        tracker=new_tracker(TrialProgress.tracker_name(trial_id)),
     )
     tune.report(
         {
@@ -56,6 +61,76 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
     )
 
 
+def _label(trial, knobs: list[str]) -> str:
+    """A trial's run name, with its values of ``knobs`` (a sweep's trials share a name)."""
+    run = trial.config.get("run", trial.config)
+    values = ", ".join(f"{k}={run.get('set', {}).get(k)}" for k in knobs)
+    return f"{run['name']} ({values})" if values else run["name"]
+
+
+class TrialProgress(tune.Callback):
+    """Progress of a sweep on the driver, in `run`'s style: every ``interval_s``, a line
+    per running trial (its Stage 2 step/T, loss, ETA, read from the Tracker its run
+    reports to, named after the trial); a line per finished trial with its scores.
+    ``knobs``: the swept keys that tell trials apart in those lines."""
+
+    def __init__(self, interval_s: float, knobs: list[str]):
+        self.interval_s, self.knobs = interval_s, knobs
+        self._lines: dict[str, ProgressLines] = {}
+        self._trackers: dict[str, object] = {}
+        self._polled = 0.0
+
+    @staticmethod
+    def tracker_name(trial_id: str) -> str:
+        return f"dba-ray-progress-{trial_id}"
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        now = time.monotonic()
+        if now - self._polled < self.interval_s:
+            return
+        self._polled = now
+        running = [t for t in trials if t.status == "RUNNING" and self._tracker(t.trial_id) is not None]
+        try:  # one round trip for every running trial; a slow poll must not stall the sweep
+            snaps = ray.get([self._trackers[t.trial_id].snapshot.remote() for t in running], timeout=10)
+        except Exception:
+            self._trackers.clear()  # a restarted trial has a new tracker
+            return
+        for trial, snap in zip(running, snaps):
+            if "steps_total" not in snap:
+                continue
+            label = f"train {_label(trial, self.knobs)}"
+            lines = self._lines.setdefault(trial.trial_id, ProgressLines(label, snap["steps_total"], "steps"))
+            line = lines.next(snap, now)
+            if line:
+                log.info(line)
+
+    def _tracker(self, trial_id: str):
+        if trial_id not in self._trackers:
+            try:
+                self._trackers[trial_id] = ray.get_actor(self.tracker_name(trial_id))
+            except ValueError:  # the trial has not started its run yet
+                return None
+        return self._trackers[trial_id]
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._trackers.pop(trial.trial_id, None)
+        r = trial.last_result or {}
+        done = sum(t.status == "TERMINATED" for t in trials)
+        how = f"done in {r['run_wall_s']:.1f}s" if r.get("final") else "stopped early (ASHA)"
+        log.info(
+            "stage 2 (%s) %s: %s; %d of %d trials finished",
+            _label(trial, self.knobs),
+            how,
+            score_summary(r),
+            done,
+            len(trials),
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._trackers.pop(trial.trial_id, None)
+        log.warning("stage 2 (%s) failed; the sweep goes on (its summary counts it)", _label(trial, self.knobs))
+
+
 def run_trials(
     cfg: Config,
     param_space: dict,
@@ -63,11 +138,13 @@ def run_trials(
     *,
     name: str,
     max_concurrent: int,
+    knobs: list[str],
     scheduler=None,
     num_samples: int = 1,
     seed: int = 0,
 ) -> tune.ResultGrid:
-    """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``."""
+    """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``;
+    ``knobs``: the swept keys that tell trials apart in progress lines."""
     # Tune moves each trial into its own directory: relative paths would follow it.
     cfg = cfg.model_copy(update={"output_dir": storage.absolute(cfg.output_dir)})
     trainable = tune.with_resources(
@@ -83,6 +160,8 @@ def run_trials(
     )
     path = storage.join(cfg.output_dir, name)
     if tune.Tuner.can_restore(path):
+        # A restored experiment keeps the RunConfig it was started with (callbacks and
+        # verbosity included): that of this same code.
         log.info("resuming the sweep at %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
     else:
@@ -94,9 +173,16 @@ def run_trials(
                 num_samples=num_samples,
                 search_alg=tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
             ),
-            run_config=tune.RunConfig(name=name, **storage.ray_storage(cfg.output_dir)),
+            run_config=sweep_run_config(name, cfg.output_dir, TrialProgress(cfg.train.progress_interval_s, knobs)),
         )
     return tuner.fit()
+
+
+def sweep_run_config(name: str, output_dir: str, progress: TrialProgress) -> tune.RunConfig:
+    """A Tune experiment's RunConfig: our progress lines, Tune's table only if verbose."""
+    return tune.RunConfig(
+        name=name, **storage.ray_storage(output_dir), callbacks=[progress], verbose=console.tune_verbosity()
+    )
 
 
 @dataclass
