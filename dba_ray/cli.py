@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dba-ray: %(message)s", datefmt="%H:%M:%S")
-    console.configure(verbose=args.verbose)  # before any command imports Ray or transformers
+    # Before any command imports Ray or transformers; debugging wants every line too.
+    console.configure(verbose=args.verbose or args.debug)
     try:
         return args.func(args)
     except UserError as e:

@@ -51,7 +51,7 @@ class MergeCurve:
     points: list[MergePoint]
     chosen: float | None  # the knob with the best validation S (None: no validation sets)
     exported_to: str | None  # the chosen merge, saved with save_pretrained
-    eval_tokens: int  # tokens scored for the whole curve (forward passes only)
+    eval_tokens: int  # tokens scored for the curve's points (forward passes), its ends already scored apart
     fisher_tokens: int  # tokens of the domain-Fisher pass (forward + backward), fisher only
     wall_s: float
     domain_fisher: str | None = None  # the F_D artifact (fisher only)
@@ -262,11 +262,16 @@ def general_fisher_uri(cfg: Config) -> str:
 
 
 def merge_curves(
-    cfg: Config, models: dict[str, str], groups: EvalGroups, homes: dict[str, str] | None = None
+    cfg: Config,
+    models: dict[str, str],
+    groups: EvalGroups,
+    homes: dict[str, str] | None = None,
+    known: dict[str, dict[float, MergePoint]] | None = None,
 ) -> dict[str, MergeCurve]:
     """A merge curve per trained model (run name: model directory), the curves scored
     side by side. Each run's F_D and exported merge go to its home (default: the
-    folder holding its model)."""
+    folder holding its model). ``known``: points of a run already scored (its ends:
+    the trained model, the base), taken as they are."""
     mc: MergeConfig = cfg.merge
     ensure_ray(cfg.ray)
     knobs = mc.knob_values()
@@ -279,11 +284,15 @@ def merge_curves(
     general = general_fisher_uri(cfg) if mc.mode == "fisher" else None
     fishers = {run: _fisher_pass(cfg, d, homes[run], general) for run, d in models.items()}
     start = time.monotonic()
-    pending = {run: submit_curve(cfg, d, mc.mode, knobs, groups, fishers[run][0]) for run, d in models.items()}
+    known = {run: (known or {}).get(run, {}) for run in models}
+    todo = {run: [k for k in knobs if k not in known[run]] for run in models}
+    pending = {r: submit_curve(cfg, d, mc.mode, todo[r], groups, fishers[r][0]) for r, d in models.items() if todo[r]}
     curves = {}
     for run, model_dir in models.items():
         fisher_uris, fisher_tokens, fisher_s = fishers[run]
-        points = curve_points(knobs, pending[run])
+        new = curve_points(todo[run], pending[run]) if run in pending else []
+        scored = {**known[run], **{p.knob: p for p in new}}
+        points = [scored[k] for k in knobs]
         chosen = _choose(run, points, mc.mode) if groups.validation is not None else None
         exported = None
         if chosen is not None and mc.export:
@@ -297,7 +306,7 @@ def merge_curves(
             points,
             chosen,
             exported,
-            eval_tokens=len(points) * sum(groups.tokens.values()),
+            eval_tokens=len(todo[run]) * sum(groups.tokens.values()),
             fisher_tokens=fisher_tokens,
             wall_s=fisher_s + time.monotonic() - start,  # its F_D, then until its curve (and export) were done
             domain_fisher=fisher_uris[1] if fisher_uris else None,

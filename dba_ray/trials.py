@@ -115,7 +115,7 @@ class TrialProgress(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._trackers.pop(trial.trial_id, None)
         r = trial.last_result or {}
-        done = sum(t.status == "TERMINATED" for t in trials)
+        done = 1 + sum(t.status == "TERMINATED" for t in trials if t is not trial)  # it is still RUNNING
         how = f"done in {r['run_wall_s']:.1f}s" if r.get("final") else "stopped early (ASHA)"
         log.info(
             "stage 2 (%s) %s: %s; %d of %d trials finished",
