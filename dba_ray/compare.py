@@ -173,6 +173,7 @@ def run_compare(cfg: Config) -> dict:
         name="compare",
         max_concurrent=cfg.compare.max_concurrent,
         knobs=[],  # run names are unique
+        total=len(trial_runs),
     )
     ordered = _rows(grid, runs, resolved, needs_grad, prepared)
     _cost(ordered, prepared.stage1)

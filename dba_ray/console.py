@@ -30,6 +30,9 @@ _QUIET_ENV = {
     # Read by the driver's Ray: each worker line as it comes, without the banner Ray
     # appends to the first line it deduplicates. Few lines are left to deduplicate.
     "RAY_DEDUP_LOGS": "0",
+    # Read by Tune on the driver: its classic output, which verbose=0 silences whole
+    # (the newer one still prints a configuration box and result paths at verbose=0).
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 _verbose = False

@@ -147,13 +147,13 @@ def _score_curve(cfg_dump: dict, model_dir: str, mode: str, knobs: list, fisher_
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     curve = CurveModel(cfg, model_dir, mode, fisher_uris, device)
     sets = {name: ({n: ray.get(r) for n, r in refs.items()}, kinds) for name, (refs, kinds) in groups.items()}
-    return [
-        {
-            name: score_sets(curve.at(k), data, kinds, cfg.eval.batch_size, device)
-            for name, (data, kinds) in sets.items()
-        }
-        for k in knobs
-    ]
+    points = []
+    for knob in knobs:
+        model = curve.at(knob)
+        points.append(
+            {name: score_sets(model, data, kinds, cfg.eval.batch_size, device) for name, (data, kinds) in sets.items()}
+        )
+    return points
 
 
 @ray.remote

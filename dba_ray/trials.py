@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -72,63 +73,54 @@ class TrialProgress(tune.Callback):
     """Progress of a sweep on the driver, in `run`'s style: every ``interval_s``, a line
     per running trial (its Stage 2 step/T, loss, ETA, read from the Tracker its run
     reports to, named after the trial); a line per finished trial with its scores.
-    ``knobs``: the swept keys that tell trials apart in those lines."""
+    ``knobs``: the swept keys that tell trials apart in those lines; ``total``: how many
+    trials the sweep has. A thread polls the trackers: Tune's loop never waits on them."""
 
-    def __init__(self, interval_s: float, knobs: list[str]):
-        self.interval_s, self.knobs = interval_s, knobs
-        self._lines: dict[str, ProgressLines] = {}
-        self._trackers: dict[str, object] = {}
-        self._polled = 0.0
+    def __init__(self, interval_s: float, knobs: list[str], total: int):
+        self.interval_s, self.knobs, self.total = interval_s, knobs, total
+        self._running: dict[str, str] = {}  # trial id -> its label
 
     @staticmethod
     def tracker_name(trial_id: str) -> str:
         return f"dba-ray-progress-{trial_id}"
 
-    def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        now = time.monotonic()
-        if now - self._polled < self.interval_s:
-            return
-        self._polled = now
-        running = [t for t in trials if t.status == "RUNNING" and self._tracker(t.trial_id) is not None]
-        try:  # one round trip for every running trial; a slow poll must not stall the sweep
-            snaps = ray.get([self._trackers[t.trial_id].snapshot.remote() for t in running], timeout=10)
-        except Exception:
-            self._trackers.clear()  # a restarted trial has a new tracker
-            return
-        for trial, snap in zip(running, snaps):
-            if "steps_total" not in snap:
-                continue
-            label = f"train {_label(trial, self.knobs)}"
-            lines = self._lines.setdefault(trial.trial_id, ProgressLines(label, snap["steps_total"], "steps"))
-            line = lines.next(snap, now)
-            if line:
-                log.info(line)
+    def setup(self, **info) -> None:
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll, daemon=True).start()
 
-    def _tracker(self, trial_id: str):
-        if trial_id not in self._trackers:
-            try:
-                self._trackers[trial_id] = ray.get_actor(self.tracker_name(trial_id))
-            except ValueError:  # the trial has not started its run yet
-                return None
-        return self._trackers[trial_id]
+    def _poll(self) -> None:
+        lines: dict[str, ProgressLines] = {}
+        while not self._stop.wait(self.interval_s):
+            for trial_id, label in list(self._running.items()):
+                try:  # a trial not yet training has no tracker; a finished one no more
+                    snap = ray.get(ray.get_actor(self.tracker_name(trial_id)).snapshot.remote(), timeout=30)
+                except Exception:
+                    continue
+                if "steps_total" in snap:
+                    shown = lines.setdefault(trial_id, ProgressLines(f"train {label}", snap["steps_total"], "steps"))
+                    line = shown.next(snap, time.monotonic())
+                    if line:
+                        log.info(line)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._running[trial.trial_id] = _label(trial, self.knobs)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._trackers.pop(trial.trial_id, None)
+        label = self._running.pop(trial.trial_id, None) or _label(trial, self.knobs)
         r = trial.last_result or {}
         done = 1 + sum(t.status == "TERMINATED" for t in trials if t is not trial)  # it is still RUNNING
         how = f"done in {r['run_wall_s']:.1f}s" if r.get("final") else "stopped early (ASHA)"
-        log.info(
-            "stage 2 (%s) %s: %s; %d of %d trials finished",
-            _label(trial, self.knobs),
-            how,
-            score_summary(r),
-            done,
-            len(trials),
-        )
+        log.info("stage 2 (%s) %s: %s; %d of %d trials finished", label, how, score_summary(r), done, self.total)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._trackers.pop(trial.trial_id, None)
-        log.warning("stage 2 (%s) failed; the sweep goes on (its summary counts it)", _label(trial, self.knobs))
+        label = self._running.pop(trial.trial_id, None) or _label(trial, self.knobs)
+        log.warning("stage 2 (%s) failed; the sweep goes on (its summary counts it)", label)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._stop.set()
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks (tuner.pkl): no thread
+        return {k: v for k, v in self.__dict__.items() if k != "_stop"}
 
 
 def run_trials(
@@ -139,12 +131,14 @@ def run_trials(
     name: str,
     max_concurrent: int,
     knobs: list[str],
+    total: int,
     scheduler=None,
     num_samples: int = 1,
     seed: int = 0,
 ) -> tune.ResultGrid:
     """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``;
-    ``knobs``: the swept keys that tell trials apart in progress lines."""
+    ``knobs``: the swept keys that tell trials apart in progress lines; ``total``: the
+    number of trials."""
     # Tune moves each trial into its own directory: relative paths would follow it.
     cfg = cfg.model_copy(update={"output_dir": storage.absolute(cfg.output_dir)})
     trainable = tune.with_resources(
@@ -173,7 +167,9 @@ def run_trials(
                 num_samples=num_samples,
                 search_alg=tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
             ),
-            run_config=sweep_run_config(name, cfg.output_dir, TrialProgress(cfg.train.progress_interval_s, knobs)),
+            run_config=sweep_run_config(
+                name, cfg.output_dir, TrialProgress(cfg.train.progress_interval_s, knobs, total)
+            ),
         )
     return tuner.fit()
 

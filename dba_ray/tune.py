@@ -165,6 +165,8 @@ def run_tune(cfg: Config) -> dict:
         name="tune",
         max_concurrent=tc.max_concurrent,
         knobs=list(space),
+        total=tc.num_samples
+        * math.prod(len(v) for v in flatten(tc.search, keep=_is_domain).values() if isinstance(v, list)),
         scheduler=scheduler,
         num_samples=tc.num_samples,
         seed=tc.seed,
@@ -277,7 +279,9 @@ def run_merge_sweep(cfg: Config) -> dict:
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=tc.max_concurrent),
-        run_config=sweep_run_config("tune-merge", out, TrialProgress(cfg.train.progress_interval_s, [MERGE_KNOB])),
+        run_config=sweep_run_config(
+            "tune-merge", out, TrialProgress(cfg.train.progress_interval_s, [MERGE_KNOB], len(cfg.merge.knob_values()))
+        ),
     ).fit()
     rows = [TrialRow.of(r) for r in grid]
     done = [r for r in rows if r.status == "done"]

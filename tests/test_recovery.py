@@ -113,7 +113,8 @@ def assert_sweep_progress(console: str, first: str) -> None:
         r"S_D \d\.\d{4}, S_G \d\.\d{4}, S \d\.\d{4}; 1 of 2 trials finished$"
     )
     assert any(finished.match(line) for line in console.splitlines()), console
-    assert "Trial status" not in console and "Logical resource usage" not in console, console
+    for tunes_own in ("Trial status", "Logical resource usage", "Configuration for experiment"):
+        assert tunes_own not in console, console
 
 
 def test_killed_compare_resumes_its_sweep(finished_run):
