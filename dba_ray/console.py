@@ -13,6 +13,7 @@ needs, and the switches below silence the chatter at its source instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -36,30 +37,24 @@ _QUIET_ENV = {
 }
 
 _verbose = False
-_set_here: list[str] = []  # the variables ``configure`` set (not the user's own)
 
 
 def configure(verbose: bool) -> None:
     """Quiet (default) or verbose, for this command; before Ray or transformers load."""
     global _verbose
     _verbose = verbose
-    if verbose:
-        return
-    for key, value in _QUIET_ENV.items():
-        if key not in os.environ:  # a user's own setting wins
-            os.environ[key] = value
-            _set_here.append(key)
-
-
-def verbose() -> bool:
-    return _verbose
+    if not verbose:
+        for key, value in _QUIET_ENV.items():
+            os.environ.setdefault(key, value)  # a user's own setting wins
 
 
 def worker_env() -> dict[str, str]:
-    """The quiet switches for the job's runtime_env (workers on other nodes do not
-    inherit the driver's environment). Only those set here: a variable the user or a
-    submitted job set is theirs, and naming it again would conflict with the job's."""
-    return {key: os.environ[key] for key in _set_here}
+    """The switches as this process has them, for the job's runtime_env: workers of a
+    cluster this command joins do not inherit its environment. Not those a submitted
+    job's runtime_env sets already: Ray refuses a variable named in both."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {key: os.environ[key] for key in _QUIET_ENV if key in os.environ and key not in taken}
 
 
 def init_options(embedded: bool) -> dict:
