@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 
-from dba_ray import __version__
+from dba_ray import __version__, console
 from dba_ray.config import METHODS, MethodSpec, describe_options, load_config, options_yaml
 from dba_ray.errors import UserError
 
@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dba-ray {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show what Ray, Ray Data, Ray Train, Ray Tune and Hugging Face print "
+        "(execution plans, status tables, progress bars); default: dba-ray's own lines",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -281,11 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dba-ray: %(message)s", datefmt="%H:%M:%S")
-    if not args.debug:
-        # Ray Data logs each dataset's plan and, when a task fails, its traceback before
-        # re-raising it: a user error in the data reaches the user as our one line, a bug
-        # as its own traceback; progress is ours (--debug shows Ray Data's logs too).
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    # Before any command imports Ray or transformers; debugging wants every line too.
+    console.configure(verbose=args.verbose or args.debug)
     try:
         return args.func(args)
     except UserError as e:

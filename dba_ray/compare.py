@@ -172,6 +172,8 @@ def run_compare(cfg: Config) -> dict:
         prepared,
         name="compare",
         max_concurrent=cfg.compare.max_concurrent,
+        knobs=[],  # run names are unique
+        total=len(trial_runs),
     )
     ordered = _rows(grid, runs, resolved, needs_grad, prepared)
     _cost(ordered, prepared.stage1)

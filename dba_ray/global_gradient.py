@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from ray.data import ExecutionOptions
 from ray.train import DataConfig as TrainDataConfig
-from ray.train import FailureConfig, RunConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from dba_ray import artifact, sharding, storage, tracking
+from dba_ray import artifact, console, sharding, storage, tracking
 from dba_ray.config import Config
 from dba_ray.data import build_sequences, describe_source
 from dba_ray.data.tokenize import IGNORE
@@ -417,6 +417,7 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
             name=f"stage1-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             **storage.ray_storage(_train_storage(cfg)),
             failure_config=FailureConfig(max_failures=s1.max_failures),
+            logging_config=LoggingConfig(log_level=console.train_log_level()),
         ),
     )
     log.info("stage 1: global gradient of %s on %d worker(s)", source, s1.num_workers)

@@ -123,10 +123,14 @@ def merge_into(
     base: Mapping[str, torch.Tensor],
     knob: float,
     fisher: FisherPair | None = None,
+    trained: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Turn the trained ``model`` into the merge at ``knob``, in place, tensor by tensor
-    (``base``: θ0 by parameter name, e.g. :class:`SavedTensors` of the base model)."""
+    """Turn ``model`` into the merge at ``knob``, in place, tensor by tensor (``base``:
+    θ0 by parameter name, e.g. :class:`SavedTensors` of the base model). θ_T is
+    ``trained`` (by name) when given, so one model can take every knob of a curve in
+    turn; else the model's own weights, the trained ones."""
     for name, p in model.named_parameters():
         weights = fisher.weights(name, p.device) if fisher is not None else None
-        merged = merged_tensor(base[name].to(p.device), p.detach(), knob, weights)
+        theta_t = trained[name].to(p.device) if trained is not None else p.detach()
+        merged = merged_tensor(base[name].to(p.device), theta_t, knob, weights)
         p.copy_(merged.to(p.dtype))

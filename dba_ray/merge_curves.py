@@ -23,7 +23,7 @@ import torch
 from huggingface_hub import snapshot_download
 
 from dba_ray import artifact, storage
-from dba_ray.config import Config, MergeConfig
+from dba_ray.config import Config, MergeConfig, ModelConfig
 from dba_ray.data import describe_source
 from dba_ray.data.arrays import EvalData
 from dba_ray.errors import UserError
@@ -51,7 +51,7 @@ class MergeCurve:
     points: list[MergePoint]
     chosen: float | None  # the knob with the best validation S (None: no validation sets)
     exported_to: str | None  # the chosen merge, saved with save_pretrained
-    eval_tokens: int  # tokens scored for the whole curve (forward passes only)
+    eval_tokens: int  # tokens scored for the curve's points (forward passes), its ends already scored apart
     fisher_tokens: int  # tokens of the domain-Fisher pass (forward + backward), fisher only
     wall_s: float
     domain_fisher: str | None = None  # the F_D artifact (fisher only)
@@ -80,18 +80,23 @@ class EvalGroups:
 # ---------------------------------------------------------------- the merged model
 
 
-def base_tensors(cfg: Config, names: list[str] | None = None):
-    """θ0 by parameter name: read one tensor at a time from the base's safetensors files
-    when they hold every name, else (the builtin model, .bin weights, checkpoints saved
-    under other names) the base loaded whole."""
-    if cfg.model.name_or_path != BUILTIN_MODEL:
+def saved_tensors(model_cfg: ModelConfig, names: list[str] | None = None):
+    """A model's parameters by name: read one tensor at a time from its safetensors
+    files when they hold every name, else (the builtin model, .bin weights, checkpoints
+    saved under other names) the model loaded whole."""
+    if model_cfg.name_or_path != BUILTIN_MODEL:
         try:
-            saved = SavedTensors(_local_model_dir(cfg.model.name_or_path, cfg.model.revision))
+            saved = SavedTensors(_local_model_dir(model_cfg.name_or_path, model_cfg.revision))
             if names is None or all(n in saved for n in names):
                 return saved
         except UserError:
             pass
-    return {n: p.detach() for n, p in load_model(cfg.model).named_parameters()}
+    return {n: p.detach() for n, p in load_model(model_cfg).named_parameters()}
+
+
+def base_tensors(cfg: Config, names: list[str] | None = None):
+    """θ0 by parameter name (see ``saved_tensors``)."""
+    return saved_tensors(cfg.model, names)
 
 
 def _local_model_dir(name: str, revision: str | None) -> str:
@@ -108,27 +113,47 @@ def _fisher_tensors(uri: str):
     return SavedTensors(storage.local_copy(storage.absolute(uri), artifact.META), prefix="second_moment")
 
 
+class CurveModel:
+    """One model that takes every merge of a trained model in turn: the trained model,
+    θ0 and the Fishers are read once, and each knob's merge is written over the last."""
+
+    def __init__(self, cfg: Config, model_dir: str, mode: str, fisher_uris: tuple | None, device="cpu"):
+        trained = cfg.model.model_copy(update={"name_or_path": model_dir})
+        self.model = load_model(trained).to(device)
+        names = [n for n, _ in self.model.named_parameters()]
+        self.trained = saved_tensors(trained, names)
+        self.base = base_tensors(cfg, names)
+        self.fisher = None
+        if mode == "fisher":
+            self.fisher = FisherPair.of(_fisher_tensors(fisher_uris[0]), _fisher_tensors(fisher_uris[1]), names)
+
+    def at(self, knob: float) -> torch.nn.Module:
+        merge_into(self.model, self.base, knob, self.fisher, self.trained)
+        return self.model
+
+
 def merged_model(cfg: Config, model_dir: str, mode: str, knob: float, fisher_uris: tuple | None):
     """The trained model at ``model_dir`` merged toward the base at ``knob`` (on CPU)."""
-    model = load_model(cfg.model.model_copy(update={"name_or_path": model_dir}))
-    fisher = None
-    if mode == "fisher":
-        names = [n for n, _ in model.named_parameters()]
-        fisher = FisherPair.of(_fisher_tensors(fisher_uris[0]), _fisher_tensors(fisher_uris[1]), names)
-    merge_into(model, base_tensors(cfg, [n for n, _ in model.named_parameters()]), knob, fisher)
-    return model
+    return CurveModel(cfg, model_dir, mode, fisher_uris).at(knob)
 
 
 @ray.remote
-def _score_merge(cfg_dump: dict, model_dir: str, mode: str, knob: float, fisher_uris, groups: dict, threads: int):
+def _score_curve(cfg_dump: dict, model_dir: str, mode: str, knobs: list, fisher_uris, groups: dict, threads: int):
+    """Every knob's merge scored on ``groups``, in one task: the weights and the eval
+    data are loaded once, not once per knob (a task's start-up outweighs scoring a
+    small model)."""
     torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_dump)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = merged_model(cfg, model_dir, mode, knob, fisher_uris).to(device)
-    out = {}
-    for name, (refs, kinds) in groups.items():
-        out[name] = score_sets(model, {n: ray.get(r) for n, r in refs.items()}, kinds, cfg.eval.batch_size, device)
-    return out
+    curve = CurveModel(cfg, model_dir, mode, fisher_uris, device)
+    sets = {name: ({n: ray.get(r) for n, r in refs.items()}, kinds) for name, (refs, kinds) in groups.items()}
+    points = []
+    for knob in knobs:
+        model = curve.at(knob)
+        points.append(
+            {name: score_sets(model, data, kinds, cfg.eval.batch_size, device) for name, (data, kinds) in sets.items()}
+        )
+    return points
 
 
 @ray.remote
@@ -148,7 +173,7 @@ def _task_options(cfg: Config) -> dict:
     return {"num_cpus": t.cpus_per_worker, "num_gpus": 1 if t.use_gpu else 0}
 
 
-def score_merges(
+def submit_curve(
     cfg: Config,
     model_dir: str,
     mode: str,
@@ -156,16 +181,18 @@ def score_merges(
     groups: EvalGroups,
     fisher_uris=None,
     with_test: bool = True,
-) -> list[MergePoint]:
-    """Every knob's merge scored (as parallel Ray tasks) on the eval and validation sets."""
+) -> ray.ObjectRef:
+    """Start scoring every knob's merge on the eval and validation sets (one Ray task);
+    ``curve_points`` turns what it returns into points."""
     wanted = {"test": groups.test} if with_test else {}
     if groups.validation is not None:
         wanted["validation"] = groups.validation
-    task = _score_merge.options(**_task_options(cfg))
-    futures = [
-        task.remote(cfg.model_dump(), model_dir, mode, k, fisher_uris, wanted, cfg.train.cpus_per_worker) for k in knobs
-    ]
-    return [MergePoint(k, r.get("test"), r.get("validation")) for k, r in zip(knobs, ray.get(futures))]
+    task = _score_curve.options(**_task_options(cfg))
+    return task.remote(cfg.model_dump(), model_dir, mode, knobs, fisher_uris, wanted, cfg.train.cpus_per_worker)
+
+
+def curve_points(knobs: list[float], scored: ray.ObjectRef) -> list[MergePoint]:
+    return [MergePoint(k, r.get("test"), r.get("validation")) for k, r in zip(knobs, ray.get(scored))]
 
 
 # ---------------------------------------------------------------- F_D, the domain Fisher
@@ -235,10 +262,16 @@ def general_fisher_uri(cfg: Config) -> str:
 
 
 def merge_curves(
-    cfg: Config, models: dict[str, str], groups: EvalGroups, homes: dict[str, str] | None = None
+    cfg: Config,
+    models: dict[str, str],
+    groups: EvalGroups,
+    homes: dict[str, str] | None = None,
+    known: dict[str, dict[float, MergePoint]] | None = None,
 ) -> dict[str, MergeCurve]:
-    """A merge curve per trained model (run name: model directory). Each run's F_D and
-    exported merge go to its home (default: the folder holding its model)."""
+    """A merge curve per trained model (run name: model directory), the curves scored
+    side by side. Each run's F_D and exported merge go to its home (default: the
+    folder holding its model). ``known``: points of a run already scored (its ends:
+    the trained model, the base), taken as they are."""
     mc: MergeConfig = cfg.merge
     ensure_ray(cfg.ray)
     knobs = mc.knob_values()
@@ -247,30 +280,25 @@ def merge_curves(
             "merge: no eval.validation_sets, so no knob is chosen and nothing is exported "
             "(choosing on eval.sets would overstate the result)"
         )
+    homes = {run: (homes or {}).get(run) or os.path.dirname(d.rstrip("/")) for run, d in models.items()}
     general = general_fisher_uri(cfg) if mc.mode == "fisher" else None
+    fishers = {run: _fisher_pass(cfg, d, homes[run], general) for run, d in models.items()}
+    start = time.monotonic()
+    known = {run: (known or {}).get(run, {}) for run in models}
+    todo = {run: [k for k in knobs if k not in known[run]] for run in models}
+    pending = {r: submit_curve(cfg, d, mc.mode, todo[r], groups, fishers[r][0]) for r, d in models.items() if todo[r]}
     curves = {}
     for run, model_dir in models.items():
-        start = time.monotonic()
-        fisher_uris, fisher_tokens = None, 0
-        home = (homes or {}).get(run) or os.path.dirname(model_dir.rstrip("/"))
-        if mc.mode == "fisher":
-            fd_uri, fisher_tokens, _ = domain_fisher(cfg, model_dir, storage.join(home, "domain_fisher"))
-            fisher_uris = (general, fd_uri)
-        points = score_merges(cfg, model_dir, mc.mode, knobs, groups, fisher_uris)
-        chosen = exported = None
-        scored = [p for p in points if p.validation is not None and not math.isnan(p.validation["S"])]
-        if groups.validation is not None and not scored:
-            log.warning(
-                "merge %s: no point has a validation S (lm_eval-only validation sets?): nothing chosen or exported", run
-            )
-        if scored:
-            # Ties go to the end nearer the trained model (larger α, smaller λ).
-            chosen = max(scored, key=lambda p: (p.validation["S"], -p.knob if mc.mode == "fisher" else p.knob)).knob
-            if mc.export:
-                chosen_point = next(p for p in points if p.knob == chosen)
-                out = storage.join(home, "merged", "model")
-                exported = export_merge(cfg, run, model_dir, mc.mode, chosen, fisher_uris, chosen_point.validation, out)
-        eval_tokens = len(points) * sum(groups.tokens.values())
+        fisher_uris, fisher_tokens, fisher_s = fishers[run]
+        new = curve_points(todo[run], pending[run]) if run in pending else []
+        scored = {**known[run], **{p.knob: p for p in new}}
+        points = [scored[k] for k in knobs]
+        chosen = _choose(run, points, mc.mode) if groups.validation is not None else None
+        exported = None
+        if chosen is not None and mc.export:
+            validation = next(p for p in points if p.knob == chosen).validation
+            out = storage.join(homes[run], "merged", "model")
+            exported = export_merge(cfg, run, model_dir, mc.mode, chosen, fisher_uris, validation, out)
         curves[run] = MergeCurve(
             run,
             mc.mode,
@@ -278,13 +306,33 @@ def merge_curves(
             points,
             chosen,
             exported,
-            eval_tokens,
-            fisher_tokens,
-            time.monotonic() - start,
-            fisher_uris[1] if fisher_uris else None,
+            eval_tokens=len(todo[run]) * sum(groups.tokens.values()),
+            fisher_tokens=fisher_tokens,
+            wall_s=fisher_s + time.monotonic() - start,  # its F_D, then until its curve (and export) were done
+            domain_fisher=fisher_uris[1] if fisher_uris else None,
         )
         log.info("merge %s (%s): %s", run, mc.mode, _curve_summary(curves[run]))
     return curves
+
+
+def _fisher_pass(cfg: Config, model_dir: str, home: str, general: str | None) -> tuple[tuple | None, int, float]:
+    """(F_G and F_D URIs, F_D's tokens, its seconds) for a fisher merge; (None, 0, 0) else."""
+    if general is None:
+        return None, 0, 0.0
+    fd_uri, tokens, seconds = domain_fisher(cfg, model_dir, storage.join(home, "domain_fisher"))
+    return (general, fd_uri), tokens, seconds
+
+
+def _choose(run: str, points: list[MergePoint], mode: str) -> float | None:
+    """The knob with the best validation S; ties go to the end nearer the trained model
+    (larger α, smaller λ). None when no point has a validation S."""
+    scored = [p for p in points if p.validation is not None and not math.isnan(p.validation["S"])]
+    if not scored:
+        log.warning(
+            "merge %s: no point has a validation S (lm_eval-only validation sets?): nothing chosen or exported", run
+        )
+        return None
+    return max(scored, key=lambda p: (p.validation["S"], -p.knob if mode == "fisher" else p.knob)).knob
 
 
 def export_merge(

@@ -56,13 +56,15 @@ class Tracker:
         return self.results.pop(key, None)
 
 
-def new_tracker():
+def new_tracker(name: str | None = None):
     """A Tracker on the driver's node: it holds the job's result, so it must not go
     down with a worker node (the driver's node going down ends the command anyway).
     Hard affinity: with soft affinity Ray 2.60 placed this zero-CPU actor on worker
-    nodes (tests/test_node_loss.py saw it lost with one)."""
+    nodes (tests/test_node_loss.py saw it lost with one). ``name``: a named actor, which
+    another process of the job can find (a sweep's driver reads its trials' progress)."""
     here = ray.get_runtime_context().get_node_id()
-    return Tracker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+    placed = NodeAffinitySchedulingStrategy(here, soft=False)
+    return Tracker.options(name=name, get_if_exists=name is not None, scheduling_strategy=placed).remote()
 
 
 def _human(n: float) -> str:
@@ -99,14 +101,39 @@ def progress_line(
     return ", ".join(parts)
 
 
+class ProgressLines:
+    """Progress lines from successive snapshots of one Tracker, with rates since work
+    began, so that start-up time does not dilute the ETA."""
+
+    def __init__(self, label: str, total: float | None, unit: str = "tokens"):
+        self.label, self.total, self.unit = label, total, unit
+        self._first: tuple[float, float, float] | None = None  # (time, done, tokens) at first
+        self._shown = 0.0
+
+    def next(self, snap: dict, now: float) -> str | None:
+        """The line for ``snap`` (taken at ``now``); None before work began or when
+        nothing changed since the last line."""
+        done = snap.get(self.unit, 0)
+        if not done or done == self._shown:
+            return None
+        self._shown = done
+        tokens = snap.get("tokens", 0)
+        if self._first is None:
+            self._first = (now, done, tokens)
+        elapsed = now - self._first[0]
+        rate = (done - self._first[1]) / elapsed if elapsed > 0 else None
+        line = progress_line(self.label, done, self.total, rate, self.unit, snap.get("loss"))
+        if self.unit != "tokens" and rate is not None:
+            line += f", {_human((tokens - self._first[2]) / elapsed)} tokens/s"
+        return line
+
+
 class ProgressPrinter:
     """Context manager: print a progress line every ``interval`` seconds."""
 
     def __init__(self, tracker, label: str, total: float | None, interval: float, unit: str = "tokens"):
-        self.tracker, self.label, self.total, self.interval = tracker, label, total, interval
-        self.unit = unit
-        self._first: tuple[float, float, float] | None = None  # (time, done, tokens) at first
-        self._shown = 0.0
+        self.tracker, self.interval = tracker, interval
+        self.lines = ProgressLines(label, total, unit)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -119,20 +146,9 @@ class ProgressPrinter:
             snap = ray.get(self.tracker.snapshot.remote(), timeout=30)
         except Exception:  # a slow poll must never kill the job it watches
             return
-        done, now = snap.get(self.unit, 0), time.monotonic()
-        if not done or done == self._shown:
-            return  # still starting, or nothing new since the last line
-        self._shown = done
-        tokens = snap.get("tokens", 0)
-        if self._first is None:
-            self._first = (now, done, tokens)
-        # Rates since work began, so start-up time does not dilute the ETA.
-        elapsed = now - self._first[0]
-        rate = (done - self._first[1]) / elapsed if elapsed > 0 else None
-        line = progress_line(self.label, done, self.total, rate, self.unit, snap.get("loss"))
-        if self.unit != "tokens" and rate is not None:
-            line += f", {_human((tokens - self._first[2]) / elapsed)} tokens/s"
-        log.info(line)
+        line = self.lines.next(snap, time.monotonic())
+        if line:
+            log.info(line)
 
     def __enter__(self) -> "ProgressPrinter":
         self._thread.start()

@@ -10,7 +10,7 @@ import ray
 from ray._private.services import find_bootstrap_address
 from ray.train import ScalingConfig
 
-from dba_ray import storage
+from dba_ray import console, storage
 from dba_ray.config import RayConfig
 from dba_ray.errors import UserError
 
@@ -27,9 +27,13 @@ def ensure_ray(cfg: RayConfig) -> None:
         # A running cluster has its own resources: ray.init refuses num_cpus when joining.
         if cfg.num_cpus is not None:
             log.info("joining the Ray cluster at %s: ray.num_cpus does not apply", address)
-        ray.init(address=address)
+        ray.init(address=address, **console.init_options(embedded=False))
     else:
-        ray.init(address="local", num_cpus=cfg.num_cpus)
+        # Train's preemption watcher (an actor per run) reports nodes being drained: a
+        # cluster on this one machine has none to drain. Train hands the driver's
+        # setting to its controller.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray.init(address="local", num_cpus=cfg.num_cpus, **console.init_options(embedded=True))
     log.info("Ray cluster resources: %s", ray.cluster_resources())
 
 

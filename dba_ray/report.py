@@ -206,10 +206,12 @@ def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, wall_times: bool = True) -> str:
+    """report.md; ``wall_times`` False leaves out the one column that depends on the
+    machine (the README's copy of the quickstart's tables, benchmarks/readme_tables.py)."""
     sets = list(report["base"]["eval"])
     head = ["run", "S_D", "S_G", "S"] + [f"{s} NLL" for s in sets] + [f"{s} acc" for s in sets]
-    head += ["tokens", "wall s"]
+    head += ["tokens", "wall s"] if wall_times else ["tokens"]
     validated = "validation" in report["base"]
     if validated:  # eval.validation_sets: what choices are made on
         head += ["validation S"]
@@ -230,7 +232,9 @@ def markdown(report: dict) -> str:
             delta = f" ({run['delta'][s]['acc']:+.3f})" if run else ""
             cells.append(f"{r['eval'][s]['acc']:.3f}{delta}")
         trained = run is not None and run.get("tokens")  # `dba-ray eval` scores, trains nothing
-        cells += [f"{run['tokens']:,}" if trained else "", f"{run['wall_s']:.0f}" if trained else ""]
+        cells.append(f"{run['tokens']:,}" if trained else "")
+        if wall_times:
+            cells.append(f"{run['wall_s']:.0f}" if trained else "")
         if validated:
             cells.append(_fmt(r["validation"]["S"]))
         if costed:

@@ -12,7 +12,7 @@ from dba_ray.config import Config
 from dba_ray.data.arrays import EvalData, tokenize_eval
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets
-from dba_ray.merge_curves import EvalGroups, curves_json, merge_curves
+from dba_ray.merge_curves import EvalGroups, MergePoint, curves_json, merge_curves
 from dba_ray.model import load_model
 from dba_ray.prepare import Prepared
 from dba_ray.ray_runtime import ensure_ray
@@ -86,4 +86,17 @@ def score_after_training(cfg: Config, base: dict, results: dict[str, RunRow | Co
         return {}
     wanted = cfg.merge.methods
     models = {n: r.model_dir for n, r in results.items() if not wanted or r.method in wanted}
-    return curves_json(merge_curves(cfg, models, EvalGroups.of(prepared.eval, prepared.validation)))
+    # A curve's ends are models scored above; not with lm_eval sets, which merges skip.
+    known = {} if harness.harness_sets(cfg) else {n: _curve_ends(cfg.merge.mode, base, results[n]) for n in models}
+    return curves_json(merge_curves(cfg, models, EvalGroups.of(prepared.eval, prepared.validation), known=known))
+
+
+def _curve_ends(mode: str, base: dict, run: RunRow | CompareRow) -> dict[float, MergePoint]:
+    """The points of a run's merge curve that are models already scored: the trained
+    model (α = 1, λ = 0) and, for a linear merge, the base (α = 0)."""
+    test = ("eval", "S_D", "S_G", "S")
+    trained = 1.0 if mode == "linear" else 0.0
+    ends = {trained: MergePoint(trained, {k: run.scores[k] for k in test}, run.validation)}
+    if mode == "linear":
+        ends[0.0] = MergePoint(0.0, {k: base[k] for k in test}, base.get("validation"))
+    return ends

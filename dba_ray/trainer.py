@@ -26,11 +26,11 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution import context as train_context
 
-from dba_ray import artifact, harness, model_card, parallel, storage, tracking
+from dba_ray import artifact, console, harness, model_card, parallel, storage, tracking
 from dba_ray import checkpoint as checkpointing
 from dba_ray.config import Config, DBAConfig, MethodSpec, digest
 from dba_ray.curves import CurvesCallback
@@ -423,13 +423,16 @@ def run_train(
     callbacks: tuple = (),
     tracking_parent: tracking.TrackingParent | None = None,
     tracking_name: str | None = None,
+    tracker=None,
 ) -> TrainResult:
     """Train one method (or a named variant) on the domain data; save the model under
     ``<output_dir>/<name>/model``. ``train_ref`` / ``eval_refs`` / ``general_ref`` reuse
     data already tokenized (``Prepared.run_train_data()``); without them the run tokenizes
     its own; ``grad_source`` overrides the configured
     artifact; ``callbacks`` are extra Ray Train callbacks (Tune's reporter);
-    ``tracking_parent`` / ``tracking_name``: the group and name of its tracked run."""
+    ``tracking_parent`` / ``tracking_name``: the group and name of its tracked run;
+    ``tracker``: a Tracker whose owner shows the run's progress (a sweep's driver reads
+    its trials'), else this process prints it."""
     spec = as_spec(method)
     cfg = config_for_run(cfg, spec)
     t = cfg.train
@@ -446,7 +449,10 @@ def run_train(
     plan = _plan(cfg, spec, train_ref, general_ref)
 
     run_dir = storage.join(storage.absolute(cfg.output_dir), spec.name)
-    tracker = new_tracker()
+    printed_here = tracker is None
+    if printed_here:
+        tracker = new_tracker()
+    tracker.set.remote(steps_total=plan.total)
     tracked = tracking.open_run(cfg, tracking_name or spec.name, "train", tracking_parent)
     if tracked is not None:
         callbacks = (tracking.TrackingCallback(tracked.actor), *callbacks)
@@ -459,10 +465,11 @@ def run_train(
         t.num_workers,
     )
     start = time.monotonic()
-    returned = _fit(trainer, spec, tracker, tracked, plan.total, t.progress_interval_s)
+    progress = ProgressPrinter(tracker, f"train {spec.name}", plan.total, t.progress_interval_s, unit="steps")
+    returned = _fit(trainer, spec, tracked, progress if printed_here else nullcontext())
     wall = time.monotonic() - start
     metrics = harness.add_final_scores(cfg, returned.get("final", {}), storage.join(run_dir, "model"))
-    log.info("stage 2 (%s) done in %.1fs: %s", spec.name, wall, _summary(metrics))
+    log.info("stage 2 (%s) done in %.1fs: %s", spec.name, wall, score_summary(metrics))
     model_card.write_card(
         storage.join(run_dir, "model"),
         model_card.facts_for_run(
@@ -563,13 +570,14 @@ def _run_config(cfg: Config, spec: MethodSpec, grad_id, callbacks: tuple) -> Run
         callbacks=list(callbacks),
         failure_config=FailureConfig(max_failures=t.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        logging_config=LoggingConfig(log_level=console.train_log_level()),
     )
 
 
-def _fit(trainer: TorchTrainer, spec: MethodSpec, tracker, tracked, total: int, interval_s: float) -> dict:
-    """Run the job with progress lines; rank 0's return value. A user's error inside
-    a worker, or a loss that became NaN, ends it with one line."""
-    with ProgressPrinter(tracker, f"train {spec.name}", total, interval_s, unit="steps"):
+def _fit(trainer: TorchTrainer, spec: MethodSpec, tracked, progress) -> dict:
+    """Run the job inside ``progress`` (its progress lines); rank 0's return value. A
+    user's error inside a worker, or a loss that became NaN, ends it with one line."""
+    with progress:
         try:
             result = trainer.fit()
         except Exception as e:
@@ -613,6 +621,7 @@ def _settings_digest(cfg: Config, spec: MethodSpec, grad_id) -> str:
     return digest(keep)
 
 
-def _summary(metrics: dict) -> str:
+def score_summary(metrics: dict) -> str:
+    """e.g. ``S_D 0.5966, S_G 0.3887, S 0.4707``: the scores ``metrics`` has."""
     keys = [k for k in ("S_D", "S_G", "S") if k in metrics and not math.isnan(metrics[k])]
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) or "no eval sets"

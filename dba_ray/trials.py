@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 from dataclasses import asdict, dataclass
 
+import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dba_ray import storage, tracking
+from dba_ray import console, storage, tracking
 from dba_ray.config import Config, MethodSpec
 from dba_ray.prepare import Prepared
-from dba_ray.trainer import run_train
+from dba_ray.progress import ProgressLines, new_tracker
+from dba_ray.trainer import run_train, score_summary
 
 log = logging.getLogger("dba_ray")
 
@@ -31,7 +35,8 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
     run = params.get("run", params)
     spec = MethodSpec.model_validate({**run, "set": dict(run.get("set", {}))})
     cfg = Config.model_validate(cfg_dump)
-    cfg.output_dir = storage.join(cfg.output_dir, experiment, "trials", tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    cfg.output_dir = storage.join(cfg.output_dir, experiment, "trials", trial_id)
     result = run_train(
         cfg,
         spec,
@@ -39,7 +44,8 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
         callbacks=(TuneReportCallback(),) if report_to_tune else (),
         # compare's runs have unique names; a sweep's trials share their method's name
         tracking_parent=tracking_parent,
-        tracking_name=spec.name if experiment == "compare" else f"{spec.name}-{tune.get_context().get_trial_id()}",
+        tracking_name=spec.name if experiment == "compare" else f"{spec.name}-{trial_id}",
+        tracker=new_tracker(TrialProgress.tracker_name(trial_id)),
     )
     tune.report(
         {
@@ -56,6 +62,67 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
     )
 
 
+def _label(trial, knobs: list[str]) -> str:
+    """A trial's run name, with its values of ``knobs`` (a sweep's trials share a name)."""
+    run = trial.config.get("run", trial.config)
+    values = ", ".join(f"{k}={run.get('set', {}).get(k)}" for k in knobs)
+    return f"{run['name']} ({values})" if values else run["name"]
+
+
+class TrialProgress(tune.Callback):
+    """Progress of a sweep on the driver, in `run`'s style: every ``interval_s``, a line
+    per running trial (its Stage 2 step/T, loss, ETA, read from the Tracker its run
+    reports to, named after the trial); a line per finished trial with its scores.
+    ``knobs``: the swept keys that tell trials apart in those lines; ``total``: how many
+    trials the sweep has. A thread polls the trackers: Tune's loop never waits on them."""
+
+    def __init__(self, interval_s: float, knobs: list[str], total: int):
+        self.interval_s, self.knobs, self.total = interval_s, knobs, total
+        self._running: dict[str, str] = {}  # trial id -> its label
+
+    @staticmethod
+    def tracker_name(trial_id: str) -> str:
+        return f"dba-ray-progress-{trial_id}"
+
+    def setup(self, **info) -> None:
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def _poll(self) -> None:
+        lines: dict[str, ProgressLines] = {}
+        while not self._stop.wait(self.interval_s):
+            for trial_id, label in list(self._running.items()):
+                try:  # a trial not yet training has no tracker; a finished one no more
+                    snap = ray.get(ray.get_actor(self.tracker_name(trial_id)).snapshot.remote(), timeout=30)
+                except Exception:
+                    continue
+                if "steps_total" in snap:
+                    shown = lines.setdefault(trial_id, ProgressLines(f"train {label}", snap["steps_total"], "steps"))
+                    line = shown.next(snap, time.monotonic())
+                    if line:
+                        log.info(line)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._running[trial.trial_id] = _label(trial, self.knobs)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        label = self._running.pop(trial.trial_id, None) or _label(trial, self.knobs)
+        r = trial.last_result or {}
+        done = 1 + sum(t.status == "TERMINATED" for t in trials if t is not trial)  # it is still RUNNING
+        how = f"done in {r['run_wall_s']:.1f}s" if r.get("final") else "stopped early (ASHA)"
+        log.info("stage 2 (%s) %s: %s; %d of %d trials finished", label, how, score_summary(r), done, self.total)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        label = self._running.pop(trial.trial_id, None) or _label(trial, self.knobs)
+        log.warning("stage 2 (%s) failed; the sweep goes on (its summary counts it)", label)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._stop.set()
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks (tuner.pkl): no thread
+        return {k: v for k, v in self.__dict__.items() if k != "_stop"}
+
+
 def run_trials(
     cfg: Config,
     param_space: dict,
@@ -63,11 +130,15 @@ def run_trials(
     *,
     name: str,
     max_concurrent: int,
+    knobs: list[str],
+    total: int,
     scheduler=None,
     num_samples: int = 1,
     seed: int = 0,
 ) -> tune.ResultGrid:
-    """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``."""
+    """Run (or resume) a Tune experiment of Stage 2 trials under ``<output_dir>/<name>``;
+    ``knobs``: the swept keys that tell trials apart in progress lines; ``total``: the
+    number of trials."""
     # Tune moves each trial into its own directory: relative paths would follow it.
     cfg = cfg.model_copy(update={"output_dir": storage.absolute(cfg.output_dir)})
     trainable = tune.with_resources(
@@ -83,6 +154,8 @@ def run_trials(
     )
     path = storage.join(cfg.output_dir, name)
     if tune.Tuner.can_restore(path):
+        # A restored experiment keeps the RunConfig it was started with (callbacks and
+        # verbosity included): that of this same code.
         log.info("resuming the sweep at %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
     else:
@@ -94,9 +167,18 @@ def run_trials(
                 num_samples=num_samples,
                 search_alg=tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
             ),
-            run_config=tune.RunConfig(name=name, **storage.ray_storage(cfg.output_dir)),
+            run_config=sweep_run_config(
+                name, cfg.output_dir, TrialProgress(cfg.train.progress_interval_s, knobs, total)
+            ),
         )
     return tuner.fit()
+
+
+def sweep_run_config(name: str, output_dir: str, progress: TrialProgress) -> tune.RunConfig:
+    """A Tune experiment's RunConfig: our progress lines, Tune's table only if verbose."""
+    return tune.RunConfig(
+        name=name, **storage.ray_storage(output_dir), callbacks=[progress], verbose=console.tune_verbosity()
+    )
 
 
 @dataclass

@@ -19,12 +19,20 @@ from dba_ray.config import Config, MergeConfig, MethodSpec, flatten
 from dba_ray.data.arrays import EvalData, tokenize_eval
 from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets
-from dba_ray.merge_curves import EvalGroups, domain_fisher, export_merge, general_fisher_uri, merged_model, score_merges
+from dba_ray.merge_curves import (
+    EvalGroups,
+    curve_points,
+    domain_fisher,
+    export_merge,
+    general_fisher_uri,
+    merged_model,
+    submit_curve,
+)
 from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.prepare import Prepared, ensure_base_model, prepare
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.scoring import evaluate_models
-from dba_ray.trials import TrialRow, run_trials
+from dba_ray.trials import TrialProgress, TrialRow, run_trials, sweep_run_config
 
 log = logging.getLogger("dba_ray")
 
@@ -156,6 +164,9 @@ def run_tune(cfg: Config) -> dict:
         prepared,
         name="tune",
         max_concurrent=tc.max_concurrent,
+        knobs=list(space),
+        total=tc.num_samples
+        * math.prod(len(v) for v in flatten(tc.search, keep=_is_domain).values() if isinstance(v, list)),
         scheduler=scheduler,
         num_samples=tc.num_samples,
         seed=tc.seed,
@@ -268,7 +279,9 @@ def run_merge_sweep(cfg: Config) -> dict:
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=tc.max_concurrent),
-        run_config=tune.RunConfig(name="tune-merge", **storage.ray_storage(out)),
+        run_config=sweep_run_config(
+            "tune-merge", out, TrialProgress(cfg.train.progress_interval_s, [MERGE_KNOB], len(cfg.merge.knob_values()))
+        ),
     ).fit()
     rows = [TrialRow.of(r) for r in grid]
     done = [r for r in rows if r.status == "done"]
@@ -284,7 +297,7 @@ def run_merge_sweep(cfg: Config) -> dict:
     test = None
     if cfg.eval.sets:
         groups = EvalGroups.of(tokenize_eval(cfg))
-        test = score_merges(cfg, model_dir, cfg.merge.mode, [knob], groups, fisher_uris)[0].test
+        test = curve_points([knob], submit_curve(cfg, model_dir, cfg.merge.mode, [knob], groups, fisher_uris))[0].test
     best_dir = storage.join(out, "best", "model")
     chosen_on = best.scores()
     export_merge(cfg, tc.method.name, model_dir, cfg.merge.mode, knob, fisher_uris, chosen_on, best_dir)

@@ -4,13 +4,16 @@ cluster does not)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
+import yaml
 from conftest import write_run_config
 
 from dba_ray.cli import main
@@ -91,15 +94,39 @@ def test_killed_run_resumes_where_it_was(finished_run, caplog):
         assert_same_scores(res[name], ref["results"][name], name)
 
 
+def progress_every_second(cfg_file: str) -> str:
+    """``cfg_file`` with a progress line per running trial every second (not part of a
+    run's identity: the runs stay those of the finished run)."""
+    tree = yaml.safe_load(Path(cfg_file).read_text())
+    tree["train"]["progress_interval_s"] = 1
+    Path(cfg_file).write_text(yaml.safe_dump(tree))
+    return cfg_file
+
+
+def assert_sweep_progress(console: str, first: str) -> None:
+    """A sweep's console, killed after its first trial (``first``, as its lines name it)
+    finished: lines for running trials and that trial's scores, not Tune's status table."""
+    running = re.compile(r"\d\d:\d\d:\d\d dba-ray: train \S+( \(.*\))?: \d/8 steps \(\d+%\), loss \d+\.\d{4}")
+    assert any(running.match(line) for line in console.splitlines()), console
+    finished = re.compile(
+        rf"\d\d:\d\d:\d\d dba-ray: stage 2 \({first}\) done in \d+\.\ds: "
+        r"S_D \d\.\d{4}, S_G \d\.\d{4}, S \d\.\d{4}; 1 of 2 trials finished$"
+    )
+    assert any(finished.match(line) for line in console.splitlines()), console
+    for tunes_own in ("Trial status", "Logical resource usage", "Configuration for experiment"):
+        assert tunes_own not in console, console
+
+
 def test_killed_compare_resumes_its_sweep(finished_run):
     # compare runs its methods as Tune trials, one at a time here: killed while the
     # second trains, the rerun restores the sweep; the first is not trained again.
     tmp_path, ref = finished_run.folder, finished_run.report
     cfg = write_run_config(tmp_path, "compare", base=finished_run, compare={"max_concurrent": 1})
     out = tmp_path / "compare"
-    driver = start_killable(["compare", cfg], tmp_path / "compare.log")
+    driver = start_killable(["compare", progress_every_second(cfg)], tmp_path / "compare.log")
     sigkill_when(driver, tmp_path / "compare.log", lambda: checkpointed(out, "dba") and checkpointed(out, "direct"))
     assert not (out / "report.json").exists()
+    assert_sweep_progress((tmp_path / "compare.log").read_text(), "dba")
     ghat_meta = finished_run.run_dir / "global_gradient" / "meta.json"
     kept = ghat_meta.stat().st_mtime_ns
 
@@ -123,9 +150,10 @@ def test_killed_tune_resumes_its_trials(finished_run):
     def two_trials_checkpointed() -> bool:  # tune/trials/<trial>/ray_train/<run>/
         return len({run.parents[1] for run in registered_runs(out / "tune" / "trials", "train-*")}) == 2
 
-    driver = start_killable(["tune", cfg], tmp_path / "tune.log")
+    driver = start_killable(["tune", progress_every_second(cfg)], tmp_path / "tune.log")
     sigkill_when(driver, tmp_path / "tune.log", two_trials_checkpointed)
     assert not (out / "tune.json").exists()
+    assert_sweep_progress((tmp_path / "tune.log").read_text(), r"dba \(schedule\.lr=0\.00[13]\)")
 
     assert main(["tune", cfg]) == 0
     summary = json.loads((out / "tune.json").read_text())

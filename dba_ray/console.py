@@ -1,0 +1,92 @@
+"""What reaches the console.
+
+By default: dba-ray's own lines (progress with ETA, one line per phase's end), warnings,
+errors and the final tables. ``dba-ray --verbose`` lets through what Ray, Ray Data, Ray
+Train, Ray Tune and Hugging Face print on their own. Every switch here is one those
+libraries document; several are read when the library is imported, so the CLI calls
+``configure`` before it imports any of them.
+
+Workers' output still reaches the console (``log_to_driver`` stays on): a warning or an
+error printed in a worker (a torch warning, a lost node, an OOM kill) is one the user
+needs, and the switches below silence the chatter at its source instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+# Read at import, in the driver and in every Ray worker (passed to workers through the
+# job's runtime_env by ``worker_env``).
+_QUIET_ENV = {
+    # huggingface_hub's progress bars; transformers' own ("Loading weights") follow it.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # Ray Data's loggers: its log file only (dataset plans, INFO lines, failing tasks'
+    # tracebacks); our progress lines replace them, and a user error in the data reaches
+    # the user as dba-ray's one line.
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
+    # Read by the driver's Ray: each worker line as it comes, without the banner Ray
+    # appends to the first line it deduplicates. Few lines are left to deduplicate.
+    "RAY_DEDUP_LOGS": "0",
+    # Read by Tune on the driver: its classic output, which verbose=0 silences whole
+    # (the newer one still prints a configuration box and result paths at verbose=0).
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+_verbose = False
+
+
+def configure(verbose: bool) -> None:
+    """Quiet (default) or verbose, for this command; before Ray or transformers load."""
+    global _verbose
+    _verbose = verbose
+    if not verbose:
+        for key, value in _QUIET_ENV.items():
+            os.environ.setdefault(key, value)  # a user's own setting wins
+
+
+def worker_env() -> dict[str, str]:
+    """The switches as this process has them, for the job's runtime_env: workers of a
+    cluster this command joins do not inherit its environment. Not those a submitted
+    job's runtime_env sets already: Ray refuses a variable named in both."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {key: os.environ[key] for key in _QUIET_ENV if key in os.environ and key not in taken}
+
+
+def init_options(embedded: bool) -> dict:
+    """ray.init options: the workers' quiet switches, and for a cluster this command
+    starts (``embedded``), the address of its State API."""
+    env = worker_env()
+    options = {} if _verbose else {"logging_level": logging.WARNING}
+    if embedded:
+        # Ray Train's PlacementGroupCleaner asks the State API (the dashboard) every second
+        # whether its run's controller is alive; with other Ray instances on the machine
+        # it cannot tell which is ours and prints a ConnectionError traceback: name ours.
+        port = _free_port()
+        options["dashboard_port"] = port
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return options
+
+
+def train_log_level() -> str:
+    """Ray Train's own INFO lines (resources requested, worker group started, process
+    group set up) stay in its log files unless verbose."""
+    return "INFO" if _verbose else "WARNING"
+
+
+def tune_verbosity() -> int | None:
+    """Ray Tune's status table every 30 s: off (0) unless verbose (None: Tune's default);
+    dba_ray.trials prints each trial's progress instead."""
+    return None if _verbose else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
