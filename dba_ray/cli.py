@@ -16,11 +16,12 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 from dba_ray import __version__
 from dba_ray.config import METHODS, describe_options, load_config, options_yaml
-from dba_ray.errors import UserError
+from dba_ray.errors import UserError, find_user_error
 
 log = logging.getLogger("dba_ray")
 
@@ -51,25 +52,31 @@ def _load_config(args):
 
 
 def cmd_global_gradient(args) -> int:
+    from dba_ray import preflight
     from dba_ray.global_gradient import run_global_gradient
 
     cfg = _load_config(args)
+    preflight.check_stage1(cfg)
     result = run_global_gradient(cfg)
     print(f"global gradient written to {result.uri}")
     return 0
 
 
 def cmd_train(args) -> int:
+    from dba_ray import preflight
+    from dba_ray.methods import as_spec
     from dba_ray.prepare import ensure_base_model
     from dba_ray.trainer import run_train
 
-    # A config with a `pretrain` section trains from that (cached) base, as `run` does.
-    cfg = ensure_base_model(_load_config(args))
+    cfg = _load_config(args)
     spec = next((m for m in cfg.methods if m.name == args.method), None)
     if spec is None and args.method not in METHODS:
         names = sorted({*METHODS, *(m.name for m in cfg.methods)})
         raise UserError(f"--method {args.method}: not a method or a name in methods (choose from {', '.join(names)})")
-    result = run_train(cfg, spec or args.method)
+    spec = spec or as_spec(args.method)
+    preflight.check_train(cfg, spec)
+    # A config with a `pretrain` section trains from that (cached) base, as `run` does.
+    result = run_train(ensure_base_model(cfg), spec)
     print(f"{args.method}: model saved to {result.model_dir}")
     for key in ("S_D", "S_G", "S"):
         if key in result.metrics:
@@ -238,18 +245,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s dba-ray: %(message)s", datefmt="%H:%M:%S")
+    # Progress on stdout; warnings and errors, what a user must act on, on stderr.
+    progress, problems = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems.setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s dba-ray: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[progress, problems],
+    )
     if not args.debug:
         # Ray Data logs each dataset's plan and, when a task fails, its traceback before
         # re-raising it: a user error in the data reaches the user as our one line, a bug
         # as its own traceback; progress is ours (--debug shows Ray Data's logs too).
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+        # Ray and Ray Data set their levels when imported, from these variables (the
+        # workers of an embedded cluster inherit them).
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")
+        os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     try:
         return args.func(args)
-    except UserError as e:
-        if args.debug:
+    except Exception as e:
+        # Raised in a Ray task, actor, Train worker or Tune trial, a UserError arrives
+        # wrapped, its text carrying the remote traceback: the message is unwrapped.
+        user = find_user_error(e)
+        if user is None or args.debug:
             raise
-        print(f"dba-ray: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"dba-ray: error: {' '.join(str(user).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dba-ray: interrupted", file=sys.stderr)

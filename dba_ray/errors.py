@@ -10,6 +10,11 @@ class UserError(Exception):
     bug and keeps its traceback.
     """
 
+    def __init__(self, message: str):
+        super().__init__(message)
+        # Apart from args, which Ray Data extends with retry advice on a task's way out.
+        self.message = message
+
 
 def find_user_error(exc: BaseException) -> UserError | None:
     """Return the first UserError inside ``exc``.
@@ -27,8 +32,8 @@ def find_user_error(exc: BaseException) -> UserError | None:
         seen.add(id(e))
         if isinstance(e, UserError):
             # Ray re-raises task errors as a dual-class copy whose str() carries the
-            # remote traceback; the original message is in args.
-            return UserError(str(e.args[0]) if e.args else str(e))
+            # remote traceback; it keeps the original's attributes.
+            return UserError(e.message)
         stack.extend([e.__cause__, e.__context__])
         stack.append(getattr(e, "cause", None))
         stack.append(getattr(e, "controller_failure", None))

@@ -137,7 +137,7 @@ def run_tune(cfg: Config) -> dict:
     validation = tc.validation_sets or cfg.eval.validation_sets
     if not cfg.eval.sets and not validation:
         raise UserError("dba-ray tune needs tune.validation_sets (or eval.sets) to measure S on")
-    preflight.check(cfg, [tc.method])
+    preflight.check(cfg, [tc.method], concurrent=("tune.max_concurrent", tc.max_concurrent))
     ensure_ray(cfg.ray)
     start = time.monotonic()
     # The base model first, while eval.sets are still the sets pretraining evaluates on.
