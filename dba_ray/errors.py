@@ -39,3 +39,13 @@ def find_user_error(exc: BaseException) -> UserError | None:
         stack.append(getattr(e, "controller_failure", None))
         stack.extend((getattr(e, "worker_failures", None) or {}).values())
     return None
+
+
+def one_line(exc: BaseException) -> str:
+    """What ended a Ray task or Tune trial, in one line: the user's message inside
+    ``exc``, else its last line (Ray's text of a remote error is its whole traceback)."""
+    user = find_user_error(exc)
+    if user is not None:
+        return " ".join(user.message.split())
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
