@@ -152,8 +152,8 @@ def run_compare(cfg: Config) -> dict:
         raise UserError("dba-ray compare needs eval.sets (domain and general) to score the methods")
     runs = expand_runs(cfg)
     specs = [MethodSpec(name=r["name"], method=r["method"], set=r["set"]) for r in runs]
-    preflight.check(cfg, specs, concurrent=("compare.max_concurrent", min(cfg.compare.max_concurrent, len(specs))))
-    preflight.check_merge(cfg)
+    at_once = ("compare.max_concurrent", min(cfg.compare.max_concurrent, len(specs)))
+    preflight.check(cfg, specs, concurrent=at_once, merge=True)
     ensure_ray(cfg.ray)
     start = time.monotonic()
     resolved = {s.name: config_for_run(cfg, s) for s in specs}

@@ -125,10 +125,10 @@ def model(cfg: Config) -> int | None:
     return getattr(empty.config, "max_position_embeddings", None)
 
 
-def check(cfg: Config, specs: list[MethodSpec], concurrent: tuple[str, int] | None = None) -> None:
+def check(cfg: Config, specs: list[MethodSpec], concurrent: tuple[str, int] | None = None, merge: bool = False) -> None:
     """Refuse, with a UserError, what would fail or do harm later in `run`, `compare` or
     `tune` training ``specs``; ``concurrent``: the option that sets how many run at once,
-    and its value."""
+    and its value; ``merge``: the command also merges (check_merge)."""
     resolved = {s.name: config_for_run(cfg, s).train for s in specs}
     needs_grad = any(uses_global_gradient(t.dba) for t in resolved.values())
     # What needs v_G: the fisher anchor, and the boost applied in update space.
@@ -162,7 +162,9 @@ def check(cfg: Config, specs: list[MethodSpec], concurrent: tuple[str, int] | No
             differs = stage1_mismatch(base, artifact.ArtifactMeta.read(uri), check_shapes=known)
             if differs is not None:
                 raise refuse_replacing(uri, differs)
-    resources(cfg, specs, stage1=computes_grad, concurrent=concurrent)
+    if merge:
+        check_merge(cfg)
+    resources(cfg, specs, stage1=computes_grad, concurrent=concurrent)  # last: it may join a cluster
 
 
 def check_train(cfg: Config, spec: MethodSpec) -> None:

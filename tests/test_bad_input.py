@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -141,9 +142,10 @@ def train_data(make):
 
 
 def edit(fn):
+    """``fn`` edits the tree in place and may return extra command-line words."""
+
     def setup(tmp_path, tree):
-        fn(tmp_path, tree)
-        return tree, []
+        return tree, fn(tmp_path, tree) or []
 
     return setup
 
@@ -336,6 +338,16 @@ def _mixture_of_malformed(tmp_path, tree):
     tree["methods"] = ["mixture"]
 
 
+def _stage1_wider_than_the_cluster(tmp_path, tree):
+    # Stage 1 asks for every CPU of a 2-CPU embedded cluster: refused from the config
+    # alone, before Ray starts and before the pretrain section runs. (The cluster is
+    # embedded: ray.address goes back to unset after SAFE's.)
+    tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
+    tree["ray"] = {"num_cpus": 2}
+    tree["stage1"]["num_workers"] = 2
+    return ["--set", "ray.address=null"]
+
+
 SUBPROCESS_CASES = [
     (
         "missing-field",
@@ -386,6 +398,12 @@ SUBPROCESS_CASES = [
         + RECORD_HINT,
     ),
     (
+        "workers-larger-than-the-cluster",
+        edit(_stage1_wider_than_the_cluster),
+        "stage 1: its Train workers need 2 CPUs but the cluster has 2; leave at least one for Ray Data "
+        "(raise ray.num_cpus or lower stage1.num_workers / stage1.cpus_per_worker)",
+    ),
+    (
         "mixture-without-general",
         edit(_mixture_of_malformed),
         "train.mixture.data.path {d}/none.jsonl holds no records to use (3 malformed, skipped, the first at "
@@ -402,29 +420,28 @@ def assert_one_error_line(done: subprocess.CompletedProcess, message: str) -> No
     assert (done.returncode, done.stderr) == (2, f"dba-ray: error: {message}\n"), done.stdout[-3000:]
 
 
+@pytest.fixture(scope="module")
+def user_runs(tmp_path_factory) -> dict:
+    """Every case of SUBPROCESS_CASES run as `dba-ray run`, two at a time: each is one
+    process, mostly importing torch and Ray, so the two cores halve the wait."""
+
+    def run(case):
+        name, setup, _ = case
+        tmp_path = tmp_path_factory.mktemp(name)
+        tree, extra = setup(tmp_path, pipeline_tree(tmp_path))
+        return name, (tmp_path, run_cli("run", write_config(tmp_path, tree), *SAFE, *extra))
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(run, SUBPROCESS_CASES))
+
+
 @pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=[c[0] for c in SUBPROCESS_CASES])
-def test_bad_data_as_a_user_runs_it(tmp_path, case):
-    _, setup, message = case
-    tree, extra = setup(tmp_path, pipeline_tree(tmp_path))
-    done = run_cli("run", write_config(tmp_path, tree), *extra, *SAFE)
+def test_bad_data_as_a_user_runs_it(user_runs, case):
+    name, _, message = case
+    tmp_path, done = user_runs[name]
     assert_one_error_line(done, message.format(d=tmp_path / "data"))
     assert_nothing_loadable(tmp_path)
-
-
-def test_workers_larger_than_the_cluster_before_pretraining(tmp_path):
-    """Stage 1 asks for every CPU of a 2-CPU embedded cluster: refused from the config
-    alone, before Ray starts and before the pretrain section runs."""
-    tree = pipeline_tree(tmp_path)
-    tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
-    tree["ray"] = {"num_cpus": 2}
-    tree["stage1"]["num_workers"] = 2
-    done = run_cli("run", write_config(tmp_path, tree))
-    assert_one_error_line(
-        done,
-        "stage 1: its Train workers need 2 CPUs but the cluster has 2; leave at least one for Ray Data "
-        "(raise ray.num_cpus or lower stage1.num_workers / stage1.cpus_per_worker)",
-    )
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # nothing started: no pretraining, no Stage 1
 
 
 def test_malformed_record_deep_in_a_large_file(tmp_path, ray_cluster):
