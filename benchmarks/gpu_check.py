@@ -1,6 +1,7 @@
 """The figures a GPU machine should give, in one command: Stage 1 against a plain loop,
 the DBA step's and the fisher anchor's overhead, the Stage 2 loop against a plain loop
-with the plain loop's model FLOPs utilization, and a 1-GPU FSDP run over NCCL. Each part
+with the plain loop's model FLOPs utilization, and a 1-GPU FSDP run over NCCL (its
+Stage 1 sharded too, with rank 0's device peak set against `dba-ray plan`'s). Each part
 runs as its own process (its own Ray cluster); one JSON and a table come out.
 
     bash benchmarks/gpu_check.sh                  # one GPU, ~100M parameters, bf16
@@ -26,6 +27,10 @@ from pathlib import Path
 import yaml
 from common import sized_llama, write_text
 
+from dba_ray import artifact, memory_plan
+from dba_ray.config import load_config
+from dba_ray.model import load_empty_model
+
 HERE = Path(__file__).resolve().parent
 PARTS = ("stage1", "dba_step", "fisher_step", "stage2", "fsdp")
 
@@ -41,13 +46,13 @@ SIZES = {  # ~100M parameters on a GPU; seconds of work per part on CPU
 
 
 def fsdp_config(tmp: Path, data: str, size: dict, gpu: bool) -> Path:
-    """A DBA run under FSDP on one worker: NCCL on a GPU, gloo on CPU."""
+    """A DBA run under FSDP on one worker, Stage 1 sharded too: NCCL on a GPU, gloo on CPU."""
     tree = {
         "output_dir": str(tmp / "fsdp"),
         "ray": {"num_cpus": 4},
         "model": {"name_or_path": "builtin:tiny-llama", "builtin_config": sized_llama(size["hidden"], size["layers"])},
         "stage1": {"data": {"path": data, "seq_len": size["seq"]}, "batch_size": size["batch"], "max_tokens": 50_000,
-                   "use_gpu": gpu},
+                   "use_gpu": gpu, "parallel": "fsdp", "second_moment": True},
         "train": {"data": {"path": data, "seq_len": size["seq"]}, "batch_size": size["batch"], "max_steps": size["steps"],
                   "parallel": "fsdp", "num_workers": 1, "use_gpu": gpu, "dba": {"boost": 2}},
         "methods": ["dba"],
@@ -58,6 +63,23 @@ def fsdp_config(tmp: Path, data: str, size: dict, gpu: bool) -> Path:
     path = tmp / "fsdp.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def stage1_against_plan(tmp: Path) -> dict:
+    """The FSDP run's Stage 1: rank 0's torch.cuda.max_memory_allocated against what
+    `dba-ray plan` gives its device (less the CUDA context, which the allocator does
+    not count)."""
+    meta = json.loads((tmp / "fsdp" / "global_gradient" / "meta.json").read_text())
+    if meta.get("device_peak_bytes") is None:
+        return {}
+    cfg = load_config(str(tmp / "fsdp.yaml"))
+    shape = memory_plan.model_shape(load_empty_model(cfg.model))
+    planned = memory_plan.stage1_phase(shape, cfg, artifact.MAX_SHARD_BYTES).peak().device - memory_plan.CUDA_CONTEXT
+    return {
+        "stage1_device_peak_gib": round(meta["device_peak_bytes"] / 2**30, 3),
+        "stage1_planned_gib": round(planned / 2**30, 3),
+        "stage1_measured_over_planned": round(meta["device_peak_bytes"] / planned, 3),
+    }
 
 
 def run_part(name: str, argv: list[str], out: Path | None) -> dict:
@@ -88,6 +110,7 @@ def table(results: dict) -> str:
         ("plain loop MFU (of measured matmul rate)", "stage2", "plain_mfu_of_measured_matmul", ""),
         ("plain loop MFU (of nominal bf16 peak)", "stage2", "plain_mfu_of_nominal_peak", ""),
         ("FSDP run, 1 worker", "fsdp", "ok", ""),
+        ("its sharded Stage 1: measured / planned device peak", "fsdp", "stage1_measured_over_planned", "0.85–1.15"),
     ]
     lines = ["| figure | value | goal |", "|---|---:|---|"]
     for label, part, key, goal in rows:
@@ -127,7 +150,7 @@ def main() -> None:
             results[name] = run_part(name, argv, None)
             if "error" not in results[name]:
                 report = json.loads((tmp / "fsdp" / "report.json").read_text())
-                results[name].update(ok=True, S=report["results"]["dba"]["S"])
+                results[name].update(ok=True, S=report["results"]["dba"]["S"], **stage1_against_plan(tmp))
         else:
             out = tmp / f"{name}.json"
             results[name] = run_part(name, [*argv, "--out", str(out)], out)

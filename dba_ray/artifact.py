@@ -6,6 +6,12 @@ Layout of an artifact directory (local path or s3:// / gs:// URI)::
     second_moment-00001-of-0000N.safetensors   v_G (optional), same names
     meta.json                                  written last: its presence = complete
 
+Written by a sharded Stage 1 (``stage1.parallel: fsdp``), each rank writes its own dim-0
+rows of every tensor, ``mean_gradient-rank-RRRRR-of-WWWWW-00001-of-0000N.safetensors``
+(and ``second_moment-rank-…``); meta.json gives each such file its ``rank`` and
+``ranks``, and a reader pieces rows together across them (``dba_ray.row_blocks``), so
+a Stage 2 rank reads only its own rows, with any worker count or layout.
+
 With SVD compression a 2-D tensor ``W`` is stored as ``W.svd_us`` (m×r, U·diag(S)) and
 ``W.svd_vh`` (r×n); loading multiplies them back.
 """
@@ -28,6 +34,7 @@ from safetensors.torch import save as st_save
 
 from dba_ray import __version__, storage
 from dba_ray.errors import UserError
+from dba_ray.row_blocks import RowBlocks
 
 log = logging.getLogger("dba_ray")
 
@@ -191,6 +198,10 @@ def check_made_for(meta: ArtifactMeta, model: torch.nn.Module, model_name: str, 
         )
 
 
+def tensor_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {n: float(t.double().norm()) for n, t in tensors.items()}
+
+
 def build_meta(
     mean: dict[str, torch.Tensor],
     shapes: dict[str, list[int]],
@@ -202,8 +213,11 @@ def build_meta(
     dtype: str,
     description: str,
     has_second_moment: bool,
+    norms: dict[str, float] | None = None,
 ) -> dict:
-    norms = {n: float(t.double().norm()) for n, t in mean.items()}
+    """meta.json's content. ``norms``: each tensor's L2 norm, given when ``mean`` holds
+    only this rank's rows of each tensor (a sharded Stage 1)."""
+    norms = norms if norms is not None else tensor_norms(mean)
     return {
         "format_version": FORMAT_VERSION,
         "kind": KIND,
@@ -291,28 +305,53 @@ def save(
     save_dtype: str = "float32",
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> dict:
-    """Write the artifact atomically; return the meta written."""
-    dtype = getattr(torch, save_dtype)
-    mean = {n: t.detach().to("cpu", dtype) for n, t in grad.mean.items()}
-    meta = dict(grad.meta, save_dtype=save_dtype, compression=None, files={})
+    """Write the artifact atomically from one process holding whole tensors; return the
+    meta written."""
+    mean = _cast(grad.mean, save_dtype)
+    meta = dict(grad.meta, save_dtype=save_dtype, compression=None)
     if svd_rank is not None:
         mean, meta["compression"] = _svd_compress(mean, svd_rank)
     parts = {"mean_gradient": mean}
     if grad.second_moment is not None:
-        parts["second_moment"] = {n: t.detach().to("cpu", dtype) for n, t in grad.second_moment.items()}
+        parts["second_moment"] = _cast(grad.second_moment, save_dtype)
     with storage.atomic_directory(uri, overwrite=overwrite, marker=META) as target:
-        for prefix, tensors in parts.items():
-            for fname, group in _shards(prefix, tensors, max_shard_bytes):
-                blob = st_save(group, metadata={"kind": KIND, "part": prefix})
-                storage.write_bytes_atomic(storage.join(target, fname), blob)
-                meta["files"][fname] = {
-                    "part": prefix,
-                    "bytes": len(blob),
-                    "sha256": hashlib.sha256(blob).hexdigest(),
-                }
-        # Last: the marker that makes the artifact complete.
-        storage.write_bytes_atomic(storage.join(target, META), json.dumps(meta, indent=1).encode())
+        meta["files"] = write_parts(target, parts, max_shard_bytes=max_shard_bytes)
+        write_meta(target, meta)
     return meta
+
+
+def _cast(tensors: dict[str, torch.Tensor], save_dtype: str) -> dict[str, torch.Tensor]:
+    return {n: t.detach().to("cpu", getattr(torch, save_dtype)) for n, t in tensors.items()}
+
+
+def write_parts(
+    target: str,
+    parts: dict[str, dict[str, torch.Tensor]],
+    *,
+    save_dtype: str | None = None,
+    block: tuple[int, int] | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict[str, dict]:
+    """Write each part's tensors into files under ``target``; their meta.json entries.
+    ``block`` = (rank, world): the tensors are that rank's dim-0 rows of each tensor
+    (a sharded Stage 1; every rank writes its own files, the format of
+    ``dba_ray.row_blocks``), recorded in each file's entry."""
+    files = {}
+    for part, tensors in parts.items():
+        prefix = part if block is None else f"{part}-rank-{block[0]:05d}-of-{block[1]:05d}"
+        tensors = tensors if save_dtype is None else _cast(tensors, save_dtype)
+        for fname, group in _shards(prefix, tensors, max_shard_bytes):
+            blob = st_save(group, metadata={"kind": KIND, "part": part})
+            storage.write_bytes_atomic(storage.join(target, fname), blob)
+            files[fname] = {"part": part, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+            if block is not None:
+                files[fname]["rank"], files[fname]["ranks"] = block
+    return files
+
+
+def write_meta(target: str, meta: dict) -> None:
+    """Last: the marker that makes the artifact complete."""
+    storage.write_bytes_atomic(storage.join(target, META), json.dumps(meta, indent=1).encode())
 
 
 def read_meta(uri: str) -> dict:
@@ -350,13 +389,20 @@ def load(uri: str, *, verify: bool = False, rows: Rows | None = None) -> GlobalG
     meta = read_meta(uri)
     directory = storage.local_copy(uri, META)
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    blocks: dict[str, list[tuple[int, str]]] = {}  # part -> (rank, file) of a sharded write
     for fname, info in meta["files"].items():
         path = os.path.join(directory, fname)
         if not os.path.exists(path):
             raise UserError(f"artifact {uri} is incomplete: {fname} is missing")
         if os.path.getsize(path) != info["bytes"] or (verify and _sha256(path) != info["sha256"]):
             raise UserError(f"artifact {uri} is corrupt: {fname} does not match meta.json")
-        parts.setdefault(info["part"], {}).update(_read(path, rows or {}))
+        if "rank" in info:
+            blocks.setdefault(info["part"], []).append((info["rank"], path))
+        else:
+            parts.setdefault(info["part"], {}).update(_read(path, rows or {}))
+    for part, files in blocks.items():
+        reader = RowBlocks(files)
+        parts[part] = {name: reader.read(name, *(rows or {}).get(name, (0, None))) for name in reader.keys()}
     mean = _decompress(parts.get("mean_gradient", {}))
     missing = set(meta["parameters"]) - set(mean)
     if missing:

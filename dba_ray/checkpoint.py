@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from dba_ray.dba import local
 from dba_ray.errors import UserError
+from dba_ray.row_blocks import RowBlocks
 
 STATE = "state.json"
 
@@ -70,28 +71,6 @@ def _rows(param: torch.Tensor) -> tuple[int, int]:
     return start, start + param.to_local().shape[0]
 
 
-class _Shards:
-    """The shard files of a checkpoint, opened lazily: a read takes only the rows asked."""
-
-    def __init__(self, path: str, count: int):
-        self.files = [safe_open(os.path.join(path, shard_file(i, count)), "pt") for i in range(count)]
-
-    def read(self, key: str, start: int, stop: int) -> torch.Tensor:
-        if not self.files[0].get_slice(key).get_shape():  # 0-dim: whole in every file
-            return self.files[0].get_tensor(key)
-        pieces, offset = [], 0
-        for f in self.files:
-            part = f.get_slice(key)
-            n = part.get_shape()[0]
-            a, b = max(start, offset), min(stop, offset + n)
-            if a < b:
-                pieces.append(part[a - offset : b - offset])
-            offset += n
-        if not pieces:  # a rank with no rows of this tensor (FSDP, uneven split)
-            return self.files[0].get_slice(key)[0:0]
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
 def load(path: str, model, optimizer, rank: int, world: int) -> dict:
     """Restore the model and AdamW state into this rank's layout; returns state.json."""
     try:
@@ -103,18 +82,18 @@ def load(path: str, model, optimizer, rank: int, world: int) -> dict:
             f"checkpoint {path} is not in this dba-ray's format (an older version?): delete "
             "that run's folder under ray_train to start it again"
         ) from None
-    shards = _Shards(path, count)
-    first = shards.files[0]
+    paths = [os.path.join(path, shard_file(i, count)) for i in range(count)]
+    shards = RowBlocks(list(enumerate(paths)))
     # A rank's own RNG when the layout is unchanged; else the first shard's.
-    own = shards.files[rank] if count == world else first
-    torch.set_rng_state(own.get_tensor("__torch_rng__"))
-    if "__cuda_rng__" in own.keys() and torch.cuda.is_available():
-        torch.cuda.set_rng_state(own.get_tensor("__cuda_rng__"))
+    with safe_open(paths[rank] if count == world else paths[0], "pt") as own:
+        torch.set_rng_state(own.get_tensor("__torch_rng__"))
+        if "__cuda_rng__" in own.keys() and torch.cuda.is_available():
+            torch.cuda.set_rng_state(own.get_tensor("__cuda_rng__"))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in params.items():
             local(p).copy_(shards.read(f"model::{name}", *_rows(p)))
-    for key in first.keys():
+    for key in shards.keys():
         if not key.startswith("optim::"):
             continue
         _, name, field = key.split("::")

@@ -20,7 +20,7 @@ import os
 import sys
 
 from dba_ray import __version__
-from dba_ray.config import METHODS, describe_options, load_config, options_yaml
+from dba_ray.config import METHODS, MethodSpec, describe_options, load_config, options_yaml
 from dba_ray.errors import UserError, find_user_error
 
 log = logging.getLogger("dba_ray")
@@ -38,7 +38,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_config(args):
+def _add_memory_check_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="start even when the memory plan (dba-ray plan) does not fit the workers' memory",
+    )
+
+
+def _load_config(args, spec: MethodSpec | None = None):
+    """The config, checked before any work: writable outputs and, for the commands that
+    train, a memory plan that fits (``spec``: the method of ``train``)."""
     cfg = load_config(args.config, args.overrides)  # first: a config error needs no torch or Ray
     from dba_ray import preflight
     from dba_ray.ray_runtime import warn_if_output_in_job_dir
@@ -48,7 +58,20 @@ def _load_config(args):
         preflight.writable(cfg.stage1_output(), "stage1.output")
     else:  # every other command with a config writes under output_dir
         preflight.writable(cfg.output_dir, "output_dir")
+    if not getattr(args, "skip_memory_check", True):
+        preflight.memory(cfg, args.command, spec or _train_spec(cfg, args))
     return cfg
+
+
+def _train_spec(cfg, args) -> MethodSpec | None:
+    """The run `train --method` names: a variant in ``methods``, or a method."""
+    if args.command != "train":
+        return None
+    spec = next((m for m in cfg.methods if m.name == args.method), None)
+    if spec is None and args.method not in METHODS:
+        names = sorted({*METHODS, *(m.name for m in cfg.methods)})
+        raise UserError(f"--method {args.method}: not a method or a name in methods (choose from {', '.join(names)})")
+    return spec or MethodSpec(name=args.method, method=args.method)
 
 
 def cmd_global_gradient(args) -> int:
@@ -64,16 +87,11 @@ def cmd_global_gradient(args) -> int:
 
 def cmd_train(args) -> int:
     from dba_ray import preflight
-    from dba_ray.methods import as_spec
     from dba_ray.prepare import ensure_base_model
     from dba_ray.trainer import run_train
 
     cfg = _load_config(args)
-    spec = next((m for m in cfg.methods if m.name == args.method), None)
-    if spec is None and args.method not in METHODS:
-        names = sorted({*METHODS, *(m.name for m in cfg.methods)})
-        raise UserError(f"--method {args.method}: not a method or a name in methods (choose from {', '.join(names)})")
-    spec = spec or as_spec(args.method)
+    spec = _train_spec(cfg, args)
     preflight.check_train(cfg, spec)
     # A config with a `pretrain` section trains from that (cached) base, as `run` does.
     result = run_train(ensure_base_model(cfg), spec)
@@ -168,6 +186,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from dba_ray import memory_plan, preflight
+
+    cfg = load_config(args.config, args.overrides)
+    shape, plan = preflight.memory_phases(cfg, "plan")
+    print(memory_plan.report(cfg, shape, plan), end="")
+    return 0
+
+
 def cmd_options(args) -> int:
     print(options_yaml() if args.yaml else "\n".join(describe_options()) + "\n", end="")
     return 0
@@ -187,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Stage 1: compute the global gradient of general data at the base weights",
     )
     _add_config_args(p)
+    _add_memory_check_arg(p)
     p.set_defaults(func=cmd_global_gradient)
 
     p = sub.add_parser("train", help="Stage 2: fine-tune on the domain data with one method")
@@ -196,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="dba",
         help=f"{', '.join(METHODS)}, or the name of a variant in `methods` (default: dba)",
     )
+    _add_memory_check_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score the base model and eval.models on eval.sets")
@@ -204,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the pipeline: base model, Stage 1, Stage 2 per method, evaluation, report")
     _add_config_args(p)
+    _add_memory_check_arg(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("tune", help="Ray Tune sweep of one method's annealing knobs (ASHA on validation S)")
     _add_config_args(p)
+    _add_memory_check_arg(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser(
@@ -216,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report with costs and plots",
     )
     _add_config_args(p)
+    _add_memory_check_arg(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser(
@@ -225,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser(
+        "plan",
+        help="the memory plan: each phase's peak memory per worker, from the model's shapes "
+        "(no weights read), and the fewest workers that fit each GPU size",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="print the metadata of a global-gradient artifact")
     p.add_argument("path", help="artifact directory (local path or s3:// / gs:// URI)")

@@ -193,6 +193,13 @@ class Stage1Config(_Strict):
     max_records: Optional[int] = Field(None, ge=1, description="Record budget, applied before tokenization.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per worker.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How Stage 1's workers hold the model: ddp, a whole copy each (one "
+        "all-reduce at the end; rank 0 writes the artifact); fsdp, FSDP2 shards of the "
+        "weights and of the ĝ_G / v_G sums (1/N each; each rank writes its own rows). "
+        "ĝ_G is the same either way; so is v_G (see second_moment).",
+    )
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     output: Optional[str] = Field(
@@ -209,8 +216,13 @@ class Stage1Config(_Strict):
     )
     second_moment: bool = Field(
         False,
-        description="Also keep v_G, the mean of squared micro-batch gradients (for the "
-        "fisher anchor). One more fp32 buffer per parameter while running.",
+        description="Also keep v_G, the mean over global micro-batches of the square of "
+        "each one's mean gradient (a global micro-batch: the k-th micro-batch of every "
+        "worker, batch_size × num_workers sequences), a diagonal empirical Fisher for the "
+        "fisher anchor and merge. ddp and fsdp compute the same v_G; it depends on the "
+        "global micro-batch size. One more fp32 buffer per parameter (1/N of one under "
+        "fsdp); with more than one worker the micro-batch gradients are summed across "
+        "workers every micro-batch, as training does.",
     )
     svd_rank: Optional[int] = Field(
         None,
@@ -227,6 +239,22 @@ class Stage1Config(_Strict):
     )
     description: str = Field("", description="Free text stored in meta.json.")
     progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines on the driver.")
+
+    @model_validator(mode="after")
+    def _fits_parallel(self) -> "Stage1Config":
+        # Under fsdp no process ever holds a whole tensor; these two would need one.
+        if self.parallel == "fsdp" and self.svd_rank is not None:
+            raise ValueError(
+                "svd_rank needs each matrix whole, which no worker holds under parallel: fsdp; "
+                "use parallel: ddp to compress, or drop svd_rank"
+            )
+        if self.parallel == "fsdp" and self.to_object_store:
+            raise ValueError(
+                "to_object_store puts the whole ĝ_G in one object, which no worker holds under "
+                "parallel: fsdp; keep it on disk or cloud storage (stage1.output), which Stage 2 "
+                "reads rank by rank"
+            )
+        return self
 
 
 class DBAConfig(_Strict):

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -27,9 +28,11 @@ from ray.train import DataConfig as TrainDataConfig
 from ray.train import FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from dba_ray import artifact, storage, tracking
+from dba_ray import artifact, sharding, storage, tracking
 from dba_ray.config import Config
 from dba_ray.data import build_sequences, describe_source
+from dba_ray.data.tokenize import IGNORE
+from dba_ray.dba import local
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model, model_source
@@ -59,52 +62,97 @@ def sequence_hash(input_ids, labels) -> int:
 class _Sums:
     """One worker's running sums over its shard of the general data: fp32 gradient sums
     (and squared micro-batch gradients for v_G), tokens, loss, sequences, micro-batches,
-    the longest sequence and the order-free data fingerprint."""
+    the longest sequence and the order-free data fingerprint.
 
-    def __init__(self, model: torch.nn.Module, second_moment: bool, device: torch.device):
+    Under ``sharded`` (stage1.parallel fsdp) every buffer is this rank's dim-0 rows of
+    each parameter: FSDP2 reduce-scatters each micro-batch's gradient, summed over the
+    workers (divide factor 1), so the sums are already global and nothing is reduced at
+    the end. Workers then run in lockstep: one micro-batch each per step, a worker whose
+    shard is done running an empty one. DDP workers run in lockstep too when v_G is kept
+    on more than one worker (each micro-batch's gradient summed over workers, so v_G
+    squares the same global micro-batch gradient as under fsdp); otherwise each sums its
+    own and one all-reduce at the end joins them.
+    """
+
+    def __init__(self, model: torch.nn.Module, second_moment: bool, device: torch.device, sharded: bool):
         self.model = model
         self.params = dict(model.named_parameters())
-        params = self.params.values()
+        self.device = device
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.sharded = sharded
+        self.lockstep = sharded or (second_moment and self.world > 1)
         # fp32 weights let .grad itself hold the running sum; otherwise (bf16 weights, or
         # when each micro-batch gradient is needed for v_G) sum into fp32 buffers.
-        separate = second_moment or any(p.dtype != torch.float32 for p in params)
-        self.grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()} if separate else None
-        self.sq = (
-            {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()} if second_moment else None
-        )
-        self.device = device
+        separate = second_moment or any(p.dtype != torch.float32 for p in self.params.values())
+        self.grads = self._zeros() if separate else None
+        self.sq = self._zeros() if second_moment else None
         self.tokens = torch.zeros((), dtype=torch.float64, device=device)
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.sequences = self.batches = self.seq_len = 0
+        self.sequences = self.batches = self.steps = self.seq_len = 0
         self.data_hash = 0
 
-    def add(self, ids_np: np.ndarray, labels_np: np.ndarray) -> None:
-        """Forward and backward on one micro-batch; its gradient joins the sums."""
+    def _zeros(self) -> dict[str, torch.Tensor]:
+        """fp32 buffers the size of this rank's part of each parameter."""
+        return {n: torch.zeros_like(local(p), dtype=torch.float32) for n, p in self.params.items()}
+
+    def add(self, batch: dict | None) -> bool:
+        """Forward and backward on one micro-batch (None: this worker's shard is done);
+        its gradient joins the sums. False once there is nothing left to add: this
+        worker's shard is done, or, in lockstep, every worker's."""
+        n_local = 0 if batch is None else int((batch["labels"][:, 1:] != IGNORE).sum())
+        n_step = n_local
+        if self.lockstep:
+            step = torch.tensor([batch is not None, n_local], dtype=torch.float64, device=self.device)
+            dist.all_reduce(step)
+            if step[0] == 0:
+                return False
+            n_step = float(step[1])  # the global micro-batch's trained tokens
+            self.steps += 1
+        elif batch is None:
+            return False
+        if batch is None:  # an empty micro-batch: this worker's part of a collective step
+            ids_np = np.zeros((1, 2), dtype=np.int64)
+            labels_np = np.full((1, 2), IGNORE, dtype=np.int64)
+        else:
+            ids_np, labels_np = batch["input_ids"], batch["labels"]
+            self._count(ids_np, labels_np)
+        ids = torch.from_numpy(ids_np.astype(np.int64)).to(self.device, non_blocking=True)
+        labels = torch.from_numpy(labels_np.astype(np.int64)).to(self.device, non_blocking=True)
+        loss, _ = token_loss_sum(self.model, ids, labels)
+        loss.backward()
+        self.loss += loss.detach()
+        if self.grads is not None:
+            self._move_grads(n_step)
+        return True
+
+    def _count(self, ids_np: np.ndarray, labels_np: np.ndarray) -> None:
         self.seq_len = max(self.seq_len, ids_np.shape[1])
         for i in range(len(ids_np)):
             self.data_hash = (self.data_hash + sequence_hash(ids_np[i], labels_np[i])) & _MASK64
-        ids = torch.from_numpy(ids_np.astype(np.int64)).to(self.device, non_blocking=True)
-        labels = torch.from_numpy(labels_np.astype(np.int64)).to(self.device, non_blocking=True)
-        loss, n = token_loss_sum(self.model, ids, labels)
-        loss.backward()
-        if self.grads is not None:
-            inv_n2 = float(n.clamp(min=1)) ** -2  # squares of the micro-batch's mean gradient
-            for name, p in self.params.items():
-                g = p.grad.float()
-                self.grads[name] += g
-                if self.sq is not None:
-                    self.sq[name].addcmul_(g, g, value=inv_n2)
-                p.grad = None
-        self.tokens += n
-        self.loss += loss.detach()
+        self.tokens += int((labels_np[:, 1:] != IGNORE).sum())
         self.sequences += len(ids_np)
         self.batches += 1
 
+    def _move_grads(self, n_step: float) -> None:
+        """The micro-batch's gradient into the fp32 sums (and its square, scaled to the
+        square of the global micro-batch's mean gradient, into v_G's)."""
+        inv_n2 = max(n_step, 1.0) ** -2
+        for name, p in self.params.items():
+            g = local(p.grad).float()
+            if self.lockstep and not self.sharded:
+                dist.all_reduce(g)  # FSDP's reduce-scatter already summed it
+            self.grads[name] += g
+            if self.sq is not None:
+                self.sq[name].addcmul_(g, g, value=inv_n2)
+            p.grad = None
+
     def reduce(self, loop_s: float) -> "_Totals":
-        """All-reduce across workers (the gradient sums in place); the totals."""
+        """Join the workers' sums (the gradient sums in place, unless they already are
+        global); the totals."""
         if self.grads is None:
             self.grads = {
-                n: (p.grad if p.grad is not None else torch.zeros_like(p)).float() for n, p in self.params.items()
+                n: (local(p.grad) if p.grad is not None else torch.zeros_like(local(p))).float()
+                for n, p in self.params.items()
             }
         counts = torch.tensor(
             [float(self.tokens), float(self.loss), self.sequences, self.batches],
@@ -113,14 +161,13 @@ class _Sums:
         )
         maxima = torch.tensor([self.seq_len, loop_s], dtype=torch.float64, device=self.device)
         hashes = [self.data_hash]
-        if dist.is_available() and dist.is_initialized():
+        if self.world > 1:
             dist.all_reduce(counts)
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-            for t in self.grads.values():
-                dist.all_reduce(t)
-            for t in (self.sq or {}).values():
-                dist.all_reduce(t)
-            hashes = [None] * dist.get_world_size()
+            if not self.lockstep:
+                for t in self.grads.values():
+                    dist.all_reduce(t)
+            hashes = [None] * self.world
             dist.all_gather_object(hashes, self.data_hash)
         tokens, loss, sequences, batches = counts.tolist()
         return _Totals(
@@ -128,6 +175,7 @@ class _Sums:
             loss,
             int(sequences),
             int(batches),
+            self.steps if self.lockstep else int(batches),
             int(maxima[0]),
             float(maxima[1]),
             f"{sum(hashes) & _MASK64:016x}",
@@ -140,6 +188,7 @@ class _Totals:
     loss: float
     sequences: int
     batches: int
+    global_batches: int  # v_G's count: global micro-batches (one per worker and step)
     seq_len: int  # the longest sequence
     loop_s: float  # the slowest worker's streaming time
     fingerprint: str
@@ -152,12 +201,14 @@ def _stream(sums: _Sums, batch_size: int, tracker, timeline: dict) -> float:
     positions = reported = 0
     last_report = time.monotonic()
     first_batch_at = None
-    shard = ray.train.get_dataset_shard(DATASET)
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+    batches = iter(ray.train.get_dataset_shard(DATASET).iter_batches(batch_size=batch_size, batch_format="numpy"))
+    while True:
+        batch = next(batches, None)
         if first_batch_at is None:
             first_batch_at, timeline["first_batch"] = time.monotonic(), time.time()
-        sums.add(batch["input_ids"], batch["labels"])
-        positions += batch["input_ids"].size
+        if not sums.add(batch):
+            break
+        positions += 0 if batch is None else batch["input_ids"].size
         if time.monotonic() - last_report > 1.0:
             tracker.add.remote(tokens=positions - reported)
             reported, last_report = positions, time.monotonic()
@@ -173,20 +224,49 @@ def _worker_loop(config: dict) -> None:
     timeline = dict(config["timeline"], worker_started=time.time())
     torch.set_num_threads(s1.cpus_per_worker)
     device = ray.train.torch.get_device()
-    rank = ray.train.get_context().get_world_rank()
+    sharded = s1.parallel == "fsdp"
+    if sharded and config["output"] is not None:
+        _check_shared_output(config["output"])
 
     model = load_model(cfg.model).to(device)
+    if sharded:
+        sharding.shard_model(model, sum_gradients=True)
     timeline["model_built"] = time.time()
     model.eval()  # no dropout: the gradient of the deterministic loss at θ0
-    sums = _Sums(model, s1.second_moment, device)
+    sums = _Sums(model, s1.second_moment, device, sharded)
     loop_s = _stream(sums, s1.batch_size, tracker, timeline)
     totals = sums.reduce(loop_s)
     timeline["reduced"] = time.time()
-    if rank != 0:
-        return
     if totals.tokens == 0:
         raise UserError(f"general data {config['source']} produced no trainable tokens")
-    _keep_result(config, cfg, sums, totals, timeline)
+    if sharded or ray.train.get_context().get_world_rank() == 0:
+        _keep_result(config, cfg, sums, totals, timeline)
+
+
+def _check_shared_output(uri: str) -> None:
+    """Under fsdp every worker writes its rows into the artifact's folder: a local path
+    must be one they all see (one node, or a shared filesystem). Asked before any data
+    is read: rank 0 makes a probe folder beside it and every worker looks for it."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1 or storage.is_remote(uri):
+        return
+    rank = dist.get_rank()
+    probe = [None]
+    if rank == 0:
+        parent = os.path.dirname(uri.rstrip("/"))
+        os.makedirs(parent, exist_ok=True)
+        probe = [tempfile.mkdtemp(prefix=".dba-ray-probe-", dir=parent)]
+    dist.broadcast_object_list(probe, src=0)
+    seen = torch.tensor([float(os.path.isdir(probe[0]))], device=ray.train.torch.get_device())
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        os.rmdir(probe[0])
+    if seen.item() == 0:
+        raise UserError(
+            f"stage1.output {uri} is a local path that not every Stage 1 worker can see: under "
+            "stage1.parallel fsdp each worker writes its own rows there; use an s3:// or gs:// "
+            "URI or a filesystem every node mounts"
+        )
 
 
 class _EveryRowSplit(TrainDataConfig):
@@ -202,11 +282,12 @@ class _EveryRowSplit(TrainDataConfig):
 
 
 def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeline: dict) -> None:
-    """Rank 0: ĝ_G (and v_G) from the reduced sums, written and/or put in the object
-    store; its metadata handed to the driver through the tracker."""
+    """ĝ_G (and v_G) from the reduced sums, written (by rank 0; under fsdp by every rank,
+    its own rows) and/or put in the object store; rank 0 hands its metadata to the
+    driver through the tracker."""
     s1, tracker = cfg.stage1, config["tracker"]
     mean = {n: (t / totals.tokens).cpu() for n, t in sums.grads.items()}
-    second = {n: (t / totals.batches).cpu() for n, t in sums.sq.items()} if sums.sq is not None else None
+    second = {n: (t / totals.global_batches).cpu() for n, t in sums.sq.items()} if sums.sq is not None else None
     stats = artifact.Stats(
         tokens=int(totals.tokens),
         sequences=totals.sequences,
@@ -216,8 +297,12 @@ def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeli
         extra={
             "num_workers": s1.num_workers,
             "batch_size": s1.batch_size,
+            "parallel": s1.parallel,
+            "global_batches": totals.global_batches,
             "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
             "loop_seconds": totals.loop_s,
+            # Rank 0's peak device memory so far (GPU workers): what `dba-ray plan` predicts.
+            "device_peak_bytes": torch.cuda.max_memory_allocated(sums.device) if sums.device.type == "cuda" else None,
             "stage1_settings": stage1_settings(s1),
             # From the driver's start of the job: what a later run reusing ĝ_G is charged.
             "wall_s": time.time() - timeline["job_started"],
@@ -236,14 +321,55 @@ def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeli
         dtype=cfg.model.dtype,
         description=s1.description,
         has_second_moment=second is not None,
+        norms=_global_norms(mean, sums.device) if sums.sharded else None,
     )
-    grad = artifact.GlobalGradient(mean=mean, meta=meta, second_moment=second)
     uri = config["output"]
-    if uri is not None:
-        meta = artifact.save(uri, grad, overwrite=s1.overwrite, svd_rank=s1.svd_rank, save_dtype=s1.save_dtype)
-    if s1.to_object_store:
-        ray.get(tracker.set_result.remote("grad", grad))
-    ray.get(tracker.set_result.remote("meta", meta))
+    if sums.sharded:
+        meta = _save_rows(uri, s1, mean, second, meta)
+    else:
+        grad = artifact.GlobalGradient(mean=mean, meta=meta, second_moment=second)
+        if uri is not None:
+            meta = artifact.save(uri, grad, overwrite=s1.overwrite, svd_rank=s1.svd_rank, save_dtype=s1.save_dtype)
+        if s1.to_object_store:
+            ray.get(tracker.set_result.remote("grad", grad))
+    if ray.train.get_context().get_world_rank() == 0:
+        ray.get(tracker.set_result.remote("meta", meta))
+
+
+def _global_norms(rows: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Each tensor's L2 norm from every rank's rows of it."""
+    squares = torch.tensor([float(t.double().pow(2).sum()) for t in rows.values()], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(squares)
+    return {n: math.sqrt(v) for n, v in zip(rows, squares.tolist())}
+
+
+def _save_rows(uri: str, s1, mean: dict, second: dict | None, meta: dict) -> dict:
+    """Every rank writes its rows of ĝ_G (and v_G) into the artifact's folder; rank 0
+    opens the folder, names it to the others, and commits it with meta.json once every
+    rank's files are in."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    parts = {"mean_gradient": mean, **({"second_moment": second} if second is not None else {})}
+
+    def write(target: str) -> dict:
+        files = artifact.write_parts(target, parts, save_dtype=s1.save_dtype, block=(rank, world))
+        everyone = [files]
+        if world > 1:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, files)
+        return {name: info for ranks_files in everyone for name, info in ranks_files.items()}
+
+    if rank != 0:
+        target = [None]
+        dist.broadcast_object_list(target, src=0)
+        write(target[0])
+        return meta
+    with storage.atomic_directory(uri, overwrite=s1.overwrite, marker=artifact.META) as target:
+        if world > 1:
+            dist.broadcast_object_list([target], src=0)
+        meta = dict(meta, save_dtype=s1.save_dtype, compression=None, files=write(target))
+        artifact.write_meta(target, meta)
+    return meta
 
 
 def stage1_settings(s1) -> dict:

@@ -36,38 +36,37 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
 
 from dba_ray.errors import UserError
+from dba_ray.row_blocks import RowBlocks
 
 EPS = 1e-6
 
 
 class SavedTensors(Mapping):
     """Named tensors of the ``*.safetensors`` files in a local directory, read one at a
-    time (``prefix`` keeps files whose names start with it, e.g. ``second_moment``)."""
+    time (``prefix`` keeps files whose names start with it, e.g. ``second_moment``). A
+    sharded artifact's row blocks (``dba_ray.row_blocks``) are pieced together: sorted
+    by name, its files are in rank order."""
 
     def __init__(self, directory: str, prefix: str = ""):
         self.directory = directory
-        self._file: dict[str, str] = {}
-        for path in sorted(glob.glob(os.path.join(directory, f"{prefix}*.safetensors"))):
-            with safe_open(path, "pt") as f:
-                for name in f.keys():
-                    self._file[name] = path
-        if not self._file:
+        paths = sorted(glob.glob(os.path.join(directory, f"{prefix}*.safetensors")))
+        self._blocks = RowBlocks(list(enumerate(paths)))
+        self._names = set(self._blocks.keys())
+        if not self._names:
             raise UserError(f"no {prefix or 'model'} safetensors files in {directory}")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._file:
+        if name not in self._names:
             raise UserError(f"{self.directory} has no tensor {name!r}")
-        with safe_open(self._file[name], "pt") as f:
-            return f.get_tensor(name)
+        return self._blocks.read(name)
 
     def __iter__(self):
-        return iter(self._file)
+        return iter(self._blocks.keys())
 
     def __len__(self) -> int:
-        return len(self._file)
+        return len(self._names)
 
 
 def mean_value(tensors: Mapping[str, torch.Tensor], names) -> float:

@@ -7,6 +7,8 @@ are applied to ``train`` first, then the spec's overrides (so an ablation such a
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from pydantic import ValidationError
 
 from dba_ray.config import (
@@ -23,6 +25,12 @@ from dba_ray.errors import UserError
 
 def uses_global_gradient(d: DBAConfig) -> bool:
     return d.ggb or d.dc != "none" or d.anchor != "none"
+
+
+def needs_stage1(cfg: Config, specs: Sequence[MethodSpec]) -> bool:
+    """ĝ_G is needed by a method that uses it, and v_G by a fisher merge."""
+    merge_fisher = cfg.merge is not None and cfg.merge.mode == "fisher"
+    return merge_fisher or any(uses_global_gradient(config_for_run(cfg, spec).train.dba) for spec in specs)
 
 
 def as_spec(method: str | MethodSpec) -> MethodSpec:

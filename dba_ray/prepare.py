@@ -24,7 +24,7 @@ from dba_ray.config import Config, MethodSpec, TrainConfig
 from dba_ray.data.arrays import EvalData, general_for_mixtures, tokenize_eval, tokenize_train
 from dba_ray.errors import UserError
 from dba_ray.global_gradient import run_global_gradient
-from dba_ray.methods import config_for_run, uses_global_gradient
+from dba_ray.methods import config_for_run
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.reuse import planned_base, pretrain_plan, refuse_replacing, stage1_mismatch
 from dba_ray.trainer import run_train
@@ -84,12 +84,6 @@ def prepare(
     eval_data = tokenize_eval(cfg)
     val = tokenize_eval(cfg, cfg.eval.validation_sets) if validation and cfg.eval.validation_sets else None
     return Prepared(cfg=cfg, train=train, eval=eval_data, validation=val, general=general, stage1=grad)
-
-
-def needs_stage1(cfg: Config, specs: Sequence[MethodSpec]) -> bool:
-    """ĝ_G is needed by a method that uses it, and v_G by a fisher merge."""
-    merge_fisher = cfg.merge is not None and cfg.merge.mode == "fisher"
-    return merge_fisher or any(uses_global_gradient(config_for_run(cfg, spec).train.dba) for spec in specs)
 
 
 def mixture_trains(cfg: Config, specs: Sequence[MethodSpec]) -> list[TrainConfig]:

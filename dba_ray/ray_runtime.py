@@ -23,7 +23,7 @@ def ensure_ray(cfg: RayConfig) -> None:
     started on this machine; else start an embedded local cluster of ``cfg.num_cpus``."""
     if ray.is_initialized():
         return
-    address = _address(cfg)
+    address = cluster_address(cfg)
     if address:
         # A running cluster has its own resources: ray.init refuses num_cpus when joining.
         if cfg.num_cpus is not None:
@@ -34,16 +34,21 @@ def ensure_ray(cfg: RayConfig) -> None:
     log.info("Ray cluster resources: %s", ray.cluster_resources())
 
 
-def _address(cfg: RayConfig) -> str | None:
-    """The cluster ensure_ray joins; None when it starts an embedded one."""
+def cluster_address(cfg: RayConfig) -> str | None:
+    """The running cluster a command joins; None: it starts an embedded local one."""
     return cfg.address or os.environ.get("RAY_ADDRESS") or _started_here()
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each live node of the joined cluster (memory in bytes)."""
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
 
 
 def cluster_totals(cfg: RayConfig) -> tuple[dict[str, float], bool]:
     """(the CPUs and GPUs commands get, whether the cluster may grow). An embedded
     cluster's come from the config, before it starts; a running cluster's once joined
     (joining starts no work), and a joined one may have an autoscaler."""
-    joined = bool(_address(cfg))
+    joined = bool(cluster_address(cfg))
     if not ray.is_initialized() and not joined:
         # What ray.init detects: the CPUs this process may use, the GPUs CUDA sees.
         return {"CPU": cfg.num_cpus or len(os.sched_getaffinity(0)), "GPU": torch.cuda.device_count()}, False

@@ -12,9 +12,9 @@ from dba_ray.config import Config, MergeConfig
 from dba_ray.data.arrays import tokenize_eval
 from dba_ray.errors import UserError
 from dba_ray.merge_curves import EvalGroups, curves_json, merge_curves
-from dba_ray.methods import config_for_run
+from dba_ray.methods import config_for_run, needs_stage1
 from dba_ray.plots import frontier
-from dba_ray.prepare import ensure_base_model, mixture_trains, needs_stage1, prepare
+from dba_ray.prepare import ensure_base_model, mixture_trains, prepare
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import RunRow, build_report, merges_markdown, run_facts, write_report
 from dba_ray.scoring import evaluate_models, score_after_training, score_validation

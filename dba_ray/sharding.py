@@ -1,5 +1,6 @@
 """FSDP2 for Stage 2 (``train.parallel: fsdp``): each rank holds only its dim-0 shard
-of every parameter, gradient, AdamW moment, ĝ_G, v_G and θ0.
+of every parameter, gradient, AdamW moment, ĝ_G, v_G and θ0; and for Stage 1
+(``stage1.parallel: fsdp``), of the weights and the ĝ_G / v_G sums.
 
 ``fully_shard`` turns each parameter into a DTensor sharded on dim 0 (rows split as
 ``torch.chunk`` does); the DBA update then works on the local shards, and only its
@@ -19,15 +20,23 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, sum_gradients: bool = False) -> torch.nn.Module:
     """Shard ``model`` in place: one FSDP unit per transformer block (the classes a
     Hugging Face model lists in ``_no_split_modules``), the rest in the root unit, so
-    only one block's full weights exist at a time in forward and backward."""
+    only one block's full weights exist at a time in forward and backward.
+    ``sum_gradients``: each reduce-scatter sums the ranks' gradients instead of
+    averaging them (Stage 1 keeps sums, as a token-weighted mean needs)."""
     blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module)
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    for module in units:
+        fully_shard(module)
     fully_shard(model)
+    if sum_gradients:
+        for unit in [*units, model]:
+            # Factor 1 alone asks for a pre-multiplied sum, which Gloo lacks; forcing a
+            # plain SUM with no division gives the exact sum on every backend.
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
     return model
 
 

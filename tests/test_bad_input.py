@@ -105,7 +105,9 @@ def test_another_configs_global_gradient_is_not_replaced(tmp_path, capsys, comma
 # functions get tmp_path and the base tree (pipeline_tree) and return the config tree and
 # extra command-line words; a tree of None writes the file as the function left it.
 
-SAFE = ["--set", "ray.address=127.0.0.1:9"]  # a pre-Ray case that slipped through must not start or join a cluster
+# A pre-Ray case that slipped through must not start or join a cluster. The memory plan
+# (tested in test_memory_plan.py) joins a configured cluster first, so it is skipped here.
+SAFE = ["--skip-memory-check", "--set", "ray.address=127.0.0.1:9"]
 
 
 def _file(tmp_path, name, data: bytes) -> str:
@@ -307,7 +309,8 @@ def test_bad_input(tmp_path, capsys, case):
     _, command, setup, expected = case
     tree, extra = setup(tmp_path, pipeline_tree(tmp_path))
     cfg = write_config(tmp_path, tree) if tree is not None else str(tmp_path / "cfg.yaml")
-    assert main([command, cfg, *extra, *SAFE]) == 2
+    safe = SAFE if command != "merge" else SAFE[1:]  # merge has no memory plan
+    assert main([command, cfg, *extra, *safe]) == 2
     assert expected in error_line(capsys)
     assert_nothing_loadable(tmp_path)
 

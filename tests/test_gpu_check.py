@@ -27,6 +27,7 @@ def test_fsdp_part_config_is_valid(tmp_path):
         (tmp_path / size).mkdir()
         path = fsdp_config(tmp_path / size, str(tmp_path / "text.jsonl"), SIZES[size]["fsdp"], gpu)
         cfg = Config.model_validate(yaml.safe_load(path.read_text()))
+        assert cfg.stage1.parallel == "fsdp" and cfg.stage1.second_moment
         assert cfg.train.parallel == "fsdp" and cfg.train.use_gpu is gpu and [m.name for m in cfg.methods] == ["dba"]
 
 

@@ -7,6 +7,7 @@ import pytest
 import ray
 import torch
 from conftest import make_docs, tiny_config, write_jsonl
+from safetensors import safe_open
 
 from dba_ray import artifact
 from dba_ray.data import build_sequences
@@ -118,3 +119,44 @@ def test_equals_bias_corrected_adam_first_moment(tmp_path):
     adam = {n: opt.state[p]["exp_avg"] / (1 - beta1**t) for n, p in model.named_parameters()}
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert rel_error(ours, adam) < 1e-4
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_sharded_stage1_equals_one_process(tmp_path, workers):
+    """stage1.parallel fsdp: ĝ_G equals one process over the same rows (317 sequences in
+    micro-batches of 4: the shards are uneven and the last batches partial), each rank
+    writes only its own rows, and a reader of any layout pieces them together. With one
+    worker the global micro-batches are the source order's, so v_G equals it too (more
+    workers: tests/test_stage1_sums.py, where the grouping is known)."""
+    path = write_jsonl(tmp_path / "general.jsonl", make_docs(79))
+    cfg = tiny_config(tmp_path, path, num_workers=workers, parallel="fsdp", second_moment=True)
+    ids, labels = ordered_sequences(cfg)
+    ref_mean, ref_sq, ref_tokens = reference_gradients(cfg.model, ids, labels, 4)
+
+    result = run_global_gradient(cfg)
+    meta = result.meta
+    assert (meta["tokens"], meta["sequences"], meta["parallel"]) == (ref_tokens, 317, "fsdp")
+    blocks = sorted((info["part"], info["rank"], info["ranks"]) for info in meta["files"].values())
+    assert blocks == sorted((part, r, workers) for part in ("mean_gradient", "second_moment") for r in range(workers))
+    model = load_model(cfg.model)
+    whole = artifact.load_any(result.uri, model=model)
+    assert rel_error(whole.mean, ref_mean) < 1e-6
+    assert meta["global_norm"] == pytest.approx(
+        math.sqrt(sum(float(t.double().pow(2).sum()) for t in ref_mean.values())), rel=1e-6
+    )
+    if workers == 1:
+        assert rel_error(whole.second_moment, ref_sq) < 1e-5
+    # Every file holds one rank's rows: for each tensor, as many rows as FSDP2 gives it.
+    embed = "model.embed_tokens.weight"
+    rows = model.get_parameter(embed).shape[0]
+    per = -(-rows // workers)
+    for info_name, info in meta["files"].items():
+        if info["part"] == "mean_gradient":
+            with safe_open(f"{result.uri}/{info_name}", "pt") as f:
+                held = f.get_slice(embed).get_shape()[0]
+            assert held == max(0, min(per, rows - info["rank"] * per))
+    # A Stage 2 rank of another layout (2 FSDP ranks) reads only its rows.
+    half = -(-rows // 2)
+    second_half = artifact.load(result.uri, rows={embed: (half, rows)})
+    assert torch.equal(second_half.mean[embed], whole.mean[embed][half:])
+    assert torch.equal(second_half.second_moment[embed], whole.second_moment[embed][half:])
