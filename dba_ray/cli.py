@@ -20,7 +20,7 @@ import sys
 
 from dba_ray import __version__, console
 from dba_ray.config import METHODS, MethodSpec, describe_options, load_config, options_yaml
-from dba_ray.errors import UserError
+from dba_ray.errors import UserError, find_user_error
 
 log = logging.getLogger("dba_ray")
 
@@ -74,20 +74,24 @@ def _train_spec(cfg, args) -> MethodSpec | None:
 
 
 def cmd_global_gradient(args) -> int:
+    from dba_ray import preflight
     from dba_ray.global_gradient import run_global_gradient
 
     cfg = _load_config(args)
+    preflight.check_stage1(cfg)
     result = run_global_gradient(cfg)
     print(f"global gradient written to {result.uri}")
     return 0
 
 
 def cmd_train(args) -> int:
+    from dba_ray import preflight
     from dba_ray.prepare import ensure_base_model
     from dba_ray.trainer import run_train
 
     cfg = _load_config(args)
     spec = _train_spec(cfg, args)
+    preflight.check_train(cfg, spec)
     # A config with a `pretrain` section trains from that (cached) base, as `run` does.
     result = run_train(ensure_base_model(cfg), spec)
     print(f"{args.method}: model saved to {result.model_dir}")
@@ -286,15 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s dba-ray: %(message)s", datefmt="%H:%M:%S")
+    # Progress on stdout; warnings and errors, what a user must act on, on stderr.
+    progress, problems = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems.setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s dba-ray: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[progress, problems],
+    )
     # Before any command imports Ray or transformers; debugging wants every line too.
     console.configure(verbose=args.verbose or args.debug)
     try:
         return args.func(args)
-    except UserError as e:
-        if args.debug:
+    except Exception as e:
+        # Raised in a Ray task, actor, Train worker or Tune trial, a UserError arrives
+        # wrapped, its text carrying the remote traceback: the message is unwrapped.
+        user = find_user_error(e)
+        if user is None or args.debug:
             raise
-        print(f"dba-ray: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"dba-ray: error: {' '.join(str(user).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dba-ray: interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ from dba_ray import model_card, preflight, storage, tracking
 from dba_ray.config import Config, MethodSpec
 from dba_ray.curves import read_curves
 from dba_ray.data.order import mixture_domain_rows, mixture_general_count, planned_steps
-from dba_ray.errors import UserError
+from dba_ray.errors import UserError, one_line
 from dba_ray.methods import config_for_run, uses_global_gradient
 from dba_ray.plots import frontier, training_curves
 from dba_ray.prepare import Prepared, Stage1Summary, prepare
@@ -136,7 +136,7 @@ def _rows(grid, runs: list[dict], resolved: dict[str, Config], needs_grad: set[s
     for result in grid:
         trial = TrialRow.of(result)
         if trial.status != "done":
-            failed.append(f"{trial.name} ({result.error or trial.status})")
+            failed.append(f"{trial.name} ({one_line(result.error) if result.error else trial.status})")
             continue
         rows[trial.name] = _row(
             trial, by_name[trial.name], resolved[trial.name], trial.name in needs_grad, n_domain, general_have
@@ -152,8 +152,8 @@ def run_compare(cfg: Config) -> dict:
         raise UserError("dba-ray compare needs eval.sets (domain and general) to score the methods")
     runs = expand_runs(cfg)
     specs = [MethodSpec(name=r["name"], method=r["method"], set=r["set"]) for r in runs]
-    preflight.check(cfg, specs)
-    preflight.check_merge(cfg)
+    at_once = ("compare.max_concurrent", min(cfg.compare.max_concurrent, len(specs)))
+    preflight.check(cfg, specs, concurrent=at_once, merge=True)
     ensure_ray(cfg.ray)
     start = time.monotonic()
     resolved = {s.name: config_for_run(cfg, s) for s in specs}

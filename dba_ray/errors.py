@@ -10,6 +10,11 @@ class UserError(Exception):
     bug and keeps its traceback.
     """
 
+    def __init__(self, message: str):
+        super().__init__(message)
+        # Apart from args, which Ray Data extends with retry advice on a task's way out.
+        self.message = message
+
 
 def find_user_error(exc: BaseException) -> UserError | None:
     """Return the first UserError inside ``exc``.
@@ -27,10 +32,20 @@ def find_user_error(exc: BaseException) -> UserError | None:
         seen.add(id(e))
         if isinstance(e, UserError):
             # Ray re-raises task errors as a dual-class copy whose str() carries the
-            # remote traceback; the original message is in args.
-            return UserError(str(e.args[0]) if e.args else str(e))
+            # remote traceback; it keeps the original's attributes.
+            return UserError(e.message)
         stack.extend([e.__cause__, e.__context__])
         stack.append(getattr(e, "cause", None))
         stack.append(getattr(e, "controller_failure", None))
         stack.extend((getattr(e, "worker_failures", None) or {}).values())
     return None
+
+
+def one_line(exc: BaseException) -> str:
+    """What ended a Ray task or Tune trial, in one line: the user's message inside
+    ``exc``, else its last line (Ray's text of a remote error is its whole traceback)."""
+    user = find_user_error(exc)
+    if user is not None:
+        return " ".join(user.message.split())
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__

@@ -37,7 +37,7 @@ from dba_ray.errors import UserError, find_user_error
 from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model, model_source
 from dba_ray.progress import ProgressPrinter, new_tracker
-from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray, scaling
+from dba_ray.ray_runtime import check_fits, ensure_ray, scaling
 
 log = logging.getLogger("dba_ray")
 DATASET = "general"
@@ -396,7 +396,7 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
 
     ensure_ray(cfg.ray)
     timeline["ray_ready"] = time.time()
-    check_cpu_headroom(s1.num_workers * s1.cpus_per_worker)
+    check_fits("stage 1", "stage1", s1, cfg.ray)
     tracker = new_tracker()
     dataset, description, source, budget = _stage1_input(cfg, dataset, tracker)
     trainer = TorchTrainer(

@@ -37,6 +37,11 @@ def as_spec(method: str | MethodSpec) -> MethodSpec:
     return method if isinstance(method, MethodSpec) else MethodSpec.model_validate(method)
 
 
+def phase_name(spec: MethodSpec) -> str:
+    """How messages name the run of ``spec``."""
+    return "pretraining" if spec.method == "pretrain" else f"stage 2 ({spec.name})"
+
+
 def config_for_run(cfg: Config, method: str | MethodSpec) -> Config:
     """``cfg`` with ``train`` as this run trains (method settings, then overrides)."""
     spec = as_spec(method)

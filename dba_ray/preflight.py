@@ -15,14 +15,14 @@ import psutil
 import pyarrow.fs as pafs
 import torch
 
-from dba_ray import artifact, memory_plan, storage
+from dba_ray import artifact, harness, memory_plan, storage
 from dba_ray.config import Config, DataConfig, MethodSpec
-from dba_ray.data.records import file_format
+from dba_ray.data.records import check_file, file_format, read_choice_records
 from dba_ray.errors import UserError
 from dba_ray.merge_curves import general_fisher_uri
-from dba_ray.methods import config_for_run, uses_global_gradient
+from dba_ray.methods import config_for_run, phase_name, uses_global_gradient
 from dba_ray.model import load_empty_model
-from dba_ray.ray_runtime import cluster_address, ensure_ray, node_resources
+from dba_ray.ray_runtime import check_fits, cluster_address, cluster_totals, ensure_ray, node_resources
 from dba_ray.reuse import planned_base, pretrain_plan, refuse_replacing, stage1_mismatch
 
 log = logging.getLogger("dba_ray")
@@ -63,9 +63,10 @@ def writable(uri: str, what: str) -> None:
         ) from None
 
 
-def data_source(data: DataConfig, key: str, max_len: int | None) -> None:
+def data_source(data: DataConfig, key: str, max_len: int | None, choice: bool = False) -> None:
     """A data source that exists, holds files of a known format, and a seq_len the
-    model can take. Contents are checked while they are read."""
+    model can take; its local files' records are well formed (``choice``: those of a
+    multiple-choice set, read whole as evaluation will)."""
     if max_len is not None and data.seq_len > max_len:
         raise UserError(
             f"{key}.seq_len {data.seq_len} is longer than the model's context ({max_len} positions): lower it"
@@ -79,6 +80,33 @@ def data_source(data: DataConfig, key: str, max_len: int | None) -> None:
         raise UserError(f"{key}.path {data.path} holds no non-empty data files: point it at your data")
     for f, _ in files:
         file_format(f, data.file_format)
+    if choice:
+        read_choice_records(data)
+    elif not storage.is_remote(data.path):
+        _contents(data, key, files)
+
+
+# Local data files are read before Ray starts, whole while their sizes add up to at most
+# CHECK_BYTES (a malformed record is refused in seconds, not after Ray's start-up); of
+# the files past that, the first CHECK_RECORDS records each. The rest is checked while
+# Ray Data reads it.
+CHECK_BYTES = 16 * 2**20
+CHECK_RECORDS = 100
+
+
+def _contents(data: DataConfig, key: str, files: list[tuple[str, int]]) -> None:
+    budget, whole, kept, skipped, first = CHECK_BYTES, True, 0, 0, None
+    for f, size in files:
+        full = size <= budget
+        budget -= size if full else 0
+        whole = whole and full
+        k, s, fs = check_file(f, data, None if full else CHECK_RECORDS)
+        kept, skipped, first = kept + k, skipped + s, first or fs
+    if whole and not kept:
+        why = [f"{skipped} malformed, skipped, the first at {first}"] if skipped else []
+        why += [f"none in subset {data.subset}"] if data.subset != "all" else []
+        because = f" ({'; '.join(why)})" if why else ""
+        raise UserError(f"{key}.path {data.path} holds no records to use{because}: point it at your data")
 
 
 def model(cfg: Config) -> int | None:
@@ -100,9 +128,10 @@ def model(cfg: Config) -> int | None:
     return getattr(empty.config, "max_position_embeddings", None)
 
 
-def check(cfg: Config, specs: list[MethodSpec]) -> None:
+def check(cfg: Config, specs: list[MethodSpec], concurrent: tuple[str, int] | None = None, merge: bool = False) -> None:
     """Refuse, with a UserError, what would fail or do harm later in `run`, `compare` or
-    `tune` training ``specs``."""
+    `tune` training ``specs``; ``concurrent``: the option that sets how many run at once,
+    and its value; ``merge``: the command also merges (check_merge)."""
     resolved = {s.name: config_for_run(cfg, s).train for s in specs}
     needs_grad = any(uses_global_gradient(t.dba) for t in resolved.values())
     # What needs v_G: the fisher anchor, and the boost applied in update space.
@@ -110,29 +139,8 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
         n for n, t in resolved.items() if t.dba.anchor == "fisher" or (t.dba.ggb and t.dba.boost_mode == "update")
     ]
     mixture = [s.name for s in specs if s.method == "mixture"]
-    if cfg.train.data is None:
-        raise UserError("train.data is required: the domain data to fine-tune on")
-    if mixture and cfg.train.mixture.data is None and cfg.stage1.data is None:
-        raise UserError(f"{mixture[0]} mixes in general data: set train.mixture.data or stage1.data")
-
-    max_len = model(cfg)
-    sources = [("train.data", cfg.train.data)]
-    sources += [
-        (f"eval set {s.name!r} data", s.data)
-        for s in [*cfg.eval.sets, *cfg.eval.validation_sets, *cfg.tune.validation_sets]
-        if s.data is not None
-    ]  # lm_eval sets name harness tasks instead
-    if cfg.pretrain is not None:
-        sources.append(("pretrain.data", cfg.pretrain.data))
-    if mixture and cfg.train.mixture.data is not None:
-        sources.append(("train.mixture.data", cfg.train.mixture.data))
     computes_grad = needs_grad and cfg.train.global_gradient is None
-    if computes_grad or (mixture and cfg.train.mixture.data is None):
-        if cfg.stage1.data is None:
-            raise UserError("stage1.data is required: the general data to compute ĝ_G on")
-        sources.append(("stage1.data", cfg.stage1.data))
-    for key, data in sources:
-        data_source(data, key, max_len)
+    _data(cfg, mixture, stage1=computes_grad)
 
     if cfg.train.global_gradient is not None and needs_grad:
         meta = artifact.ArtifactMeta.read(storage.absolute(cfg.train.global_gradient))
@@ -157,6 +165,85 @@ def check(cfg: Config, specs: list[MethodSpec]) -> None:
             differs = stage1_mismatch(base, artifact.ArtifactMeta.read(uri), check_shapes=known)
             if differs is not None:
                 raise refuse_replacing(uri, differs)
+    if merge:
+        check_merge(cfg)
+    resources(cfg, specs, stage1=computes_grad, concurrent=concurrent)  # last: it may join a cluster
+
+
+def check_train(cfg: Config, spec: MethodSpec) -> None:
+    """`dba-ray train`: as ``check``, but Stage 1 is not run: the ĝ_G a method reads
+    must exist already (run_train checks that it fits the model before any worker starts)."""
+    _data(cfg, [spec.name] if spec.method == "mixture" else [], stage1=False)
+    if uses_global_gradient(config_for_run(cfg, spec).train.dba):
+        artifact.ArtifactMeta.read(storage.absolute(cfg.global_gradient_source()))
+    resources(cfg, [spec], stage1=False)
+
+
+def check_stage1(cfg: Config) -> None:
+    """`dba-ray global-gradient`: its general data and its workers."""
+    if cfg.stage1.data is None:
+        raise UserError("stage1.data is required: the general data to compute ĝ_G on")
+    data_source(cfg.stage1.data, "stage1.data", model(cfg))
+    resources(cfg, [], stage1=True)
+
+
+def _data(cfg: Config, mixture: list[str], stage1: bool) -> None:
+    """The model and every data source the command reads (``mixture``: the mixture runs
+    among its methods; ``stage1``: whether it computes ĝ_G) can be read."""
+    if cfg.train.data is None:
+        raise UserError("train.data is required: the domain data to fine-tune on")
+    if mixture and cfg.train.mixture.data is None and cfg.stage1.data is None:
+        raise UserError(f"{mixture[0]} mixes in general data: set train.mixture.data or stage1.data")
+    max_len = model(cfg)
+    harness.require_harness(cfg)
+    sources = [("train.data", cfg.train.data, False)]
+    sources += [
+        (f"eval set {s.name!r} data", s.data, s.type == "choice")
+        for s in [*cfg.eval.sets, *cfg.eval.validation_sets, *cfg.tune.validation_sets]
+        if s.data is not None
+    ]  # lm_eval sets name harness tasks instead
+    if cfg.pretrain is not None:
+        sources.append(("pretrain.data", cfg.pretrain.data, False))
+    if mixture and cfg.train.mixture.data is not None:
+        sources.append(("train.mixture.data", cfg.train.mixture.data, False))
+    if stage1 or (mixture and cfg.train.mixture.data is None):
+        if cfg.stage1.data is None:
+            raise UserError("stage1.data is required: the general data to compute ĝ_G on")
+        sources.append(("stage1.data", cfg.stage1.data, False))
+    for key, data, choice in sources:
+        data_source(data, key, max_len, choice)
+
+
+def resources(cfg: Config, specs: list[MethodSpec], stage1: bool, concurrent: tuple[str, int] | None = None) -> None:
+    """Each phase's Train workers fit the cluster (an embedded one as the config makes
+    it, a running one joined), in the order they run: pretraining (unless cached),
+    Stage 1 (``stage1``), each of ``specs``. ``concurrent`` (option, value): more runs
+    at once than the cluster holds wait for each other, which is said here."""
+    phases = []
+    if cfg.pretrain is not None:
+        pre, _, model_dir = pretrain_plan(cfg)
+        if not storage.exists(storage.join(model_dir, "config.json")):
+            phases.append(("pretraining", "train", pre.train))
+    if stage1:
+        phases.append(("stage 1", "stage1", cfg.stage1))
+    trains = [config_for_run(cfg, s).train for s in specs]
+    phases += [(phase_name(s), "train", t) for s, t in zip(specs, trains)]
+    for what, key, workers in phases:
+        check_fits(what, key, workers, cfg.ray)
+    if concurrent is None:
+        return
+    cpus = cluster_totals(cfg.ray)[0].get("CPU", 0)
+    widest = max(t.num_workers * t.cpus_per_worker for t in trains)
+    fit = int((cpus - 1) // widest)
+    if 0 < fit < concurrent[1]:
+        log.warning(
+            "%s %d: runs of up to %d CPUs each, and one CPU for Ray Data, fit %d at a time in %g CPUs; "
+            "the others wait (raise ray.num_cpus to run them at once)",
+            *concurrent,
+            widest,
+            fit,
+            cpus,
+        )
 
 
 def check_merge(cfg: Config) -> None:

@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 
 import ray
+import torch
 from ray._private.services import find_bootstrap_address
 from ray.train import ScalingConfig
 
 from dba_ray import console, storage
-from dba_ray.config import RayConfig
+from dba_ray.config import RayConfig, Stage1Config, TrainConfig
 from dba_ray.errors import UserError
 
 log = logging.getLogger("dba_ray")
@@ -45,6 +46,18 @@ def cluster_address(cfg: RayConfig) -> str | None:
 def node_resources() -> list[dict[str, float]]:
     """The resources of each live node of the joined cluster (memory in bytes)."""
     return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def cluster_totals(cfg: RayConfig) -> tuple[dict[str, float], bool]:
+    """(the CPUs and GPUs commands get, whether the cluster may grow). An embedded
+    cluster's come from the config, before it starts; a running cluster's once joined
+    (joining starts no work), and a joined one may have an autoscaler."""
+    joined = bool(cluster_address(cfg))
+    if not ray.is_initialized() and not joined:
+        # What ray.init detects: the CPUs this process may use, the GPUs CUDA sees.
+        return {"CPU": cfg.num_cpus or len(os.sched_getaffinity(0)), "GPU": torch.cuda.device_count()}, False
+    ensure_ray(cfg)
+    return ray.cluster_resources(), joined
 
 
 def _started_here() -> str | None:
@@ -82,17 +95,21 @@ def scaling(num_workers: int, cpus_per_worker: int, use_gpu: bool, cfg: RayConfi
     )
 
 
-def check_cpu_headroom(worker_cpus: int) -> None:
-    """Refuse a layout where Train workers would take every CPU from Ray Data.
-
-    Ray Data would then wait forever for a CPU to read and tokenize with. Only checked
-    on fixed-size clusters: an autoscaling one may add nodes.
-    """
-    total = ray.cluster_resources().get("CPU", 0)
-    autoscaling = bool(os.environ.get("RAY_ADDRESS")) and total == 0
-    if not autoscaling and worker_cpus >= total:
+def check_fits(what: str, key: str, workers: Stage1Config | TrainConfig, cfg: RayConfig) -> None:
+    """Refuse Train workers (``key``'s num_workers, cpus_per_worker, use_gpu) that the
+    cluster cannot hold while leaving a CPU to Ray Data, which would otherwise wait
+    forever for one to read and tokenize with. A cluster that may grow is refused only
+    what it can never give: workers on a head without CPUs or GPUs come with new nodes."""
+    totals, can_grow = cluster_totals(cfg)
+    cpus, gpus = totals.get("CPU", 0), totals.get("GPU", 0)
+    need = workers.num_workers * workers.cpus_per_worker
+    if need >= cpus and not (can_grow and cpus == 0):
         raise UserError(
-            f"Train workers need {worker_cpus} CPUs but the cluster has {total:g}; "
-            "leave at least one for Ray Data (raise ray.num_cpus or lower "
-            "num_workers / cpus_per_worker)"
+            f"{what}: its Train workers need {need} CPUs but the cluster has {cpus:g}; leave at least one "
+            f"for Ray Data (raise ray.num_cpus or lower {key}.num_workers / {key}.cpus_per_worker)"
+        )
+    if workers.use_gpu and workers.num_workers > gpus and not can_grow:
+        raise UserError(
+            f"{what}: its {workers.num_workers} Train workers need one GPU each but the cluster has {gpus:g}; "
+            f"lower {key}.num_workers, or run on a machine with more GPUs"
         )

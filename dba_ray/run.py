@@ -26,8 +26,7 @@ def run_all(cfg: Config) -> dict:
     """The whole pipeline; returns the report (also written to output_dir)."""
     if not cfg.eval.sets:
         raise UserError("dba-ray run needs eval.sets (domain and general) to score the methods")
-    preflight.check(cfg, cfg.methods)
-    preflight.check_merge(cfg)
+    preflight.check(cfg, cfg.methods, merge=True)
     ensure_ray(cfg.ray)
     start = time.monotonic()
     prepared = prepare(cfg, mixtures=mixture_trains(cfg, cfg.methods), stage1=needs_stage1(cfg, cfg.methods))

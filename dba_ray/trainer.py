@@ -41,11 +41,11 @@ from dba_ray.dba import DBA, gamma_at, lr_at
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.loss import token_loss_sum
-from dba_ray.methods import as_spec, config_for_run, uses_global_gradient
+from dba_ray.methods import as_spec, config_for_run, phase_name, uses_global_gradient
 from dba_ray.model import load_empty_model, load_model, load_tokenizer
 from dba_ray.parallel import DDP, FSDP
 from dba_ray.progress import ProgressPrinter, new_tracker
-from dba_ray.ray_runtime import check_cpu_headroom, ensure_ray, scaling
+from dba_ray.ray_runtime import check_fits, ensure_ray, scaling
 
 log = logging.getLogger("dba_ray")
 
@@ -440,7 +440,7 @@ def run_train(
         grad_source = storage.absolute(cfg.global_gradient_source())
     grad = _check_global_gradient(cfg, grad_source)
     ensure_ray(cfg.ray)
-    check_cpu_headroom(t.num_workers * t.cpus_per_worker)
+    check_fits(phase_name(spec), "train", t, cfg.ray)
     harness.require_harness(cfg)
     if train_ref is None:
         train_ref = tokenize_train(cfg)

@@ -17,7 +17,7 @@ from ray import tune
 from dba_ray import preflight, storage, tracking
 from dba_ray.config import Config, MergeConfig, MethodSpec, flatten
 from dba_ray.data.arrays import EvalData, tokenize_eval
-from dba_ray.errors import UserError
+from dba_ray.errors import UserError, one_line
 from dba_ray.evaluate import score_sets
 from dba_ray.merge_curves import (
     EvalGroups,
@@ -145,7 +145,7 @@ def run_tune(cfg: Config) -> dict:
     validation = tc.validation_sets or cfg.eval.validation_sets
     if not cfg.eval.sets and not validation:
         raise UserError("dba-ray tune needs tune.validation_sets (or eval.sets) to measure S on")
-    preflight.check(cfg, [tc.method])
+    preflight.check(cfg, [tc.method], concurrent=("tune.max_concurrent", tc.max_concurrent))
     ensure_ray(cfg.ray)
     start = time.monotonic()
     # The base model first, while eval.sets are still the sets pretraining evaluates on.
@@ -176,7 +176,7 @@ def run_tune(cfg: Config) -> dict:
     done = [r for r in rows if r.status == "done" and not math.isnan(r.S)]
     if not done:
         first = next((r.error for r in grid if r.error), None)
-        cause = f"; first error: {str(first).strip().splitlines()[-1]}" if first else ""
+        cause = f"; first error: {one_line(first)}" if first else ""
         raise UserError(f"no trial finished ({len(errors)} errored{cause}); re-run the same command to resume")
     best = max(done, key=lambda r: r.S)
     out = storage.absolute(cfg.output_dir)
@@ -286,9 +286,7 @@ def run_merge_sweep(cfg: Config) -> dict:
     rows = [TrialRow.of(r) for r in grid]
     done = [r for r in rows if r.status == "done"]
     if not done:
-        raise UserError(
-            f"no merge trial finished: {next((str(r.error) for r in grid if r.error), '?').splitlines()[-1]}"
-        )
+        raise UserError(f"no merge trial finished: {next((one_line(r.error) for r in grid if r.error), '?')}")
     done = [r for r in done if not math.isnan(r.S)] or done
     # As merge curves choose: the best validation S, ties to the end nearer the trained model.
     nearer = (lambda k: -k) if cfg.merge.mode == "fisher" else (lambda k: k)

@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import ray
 import yaml
 from conftest import make_docs, write_jsonl
 
@@ -99,12 +101,13 @@ def test_another_configs_global_gradient_is_not_replaced(tmp_path, capsys, comma
 
 # ---------------------------------------------------------------- the table
 #
-# Each case: (id, command, what to set up, a part of the expected error line, whether
-# the error comes from reading data under Ray). Setup functions get tmp_path and the
-# base tree (pipeline_tree) and return the config tree and extra command-line words;
-# a tree of None writes the file as the function left it.
+# Each case: (id, command, what to set up, a part of the expected error line). Setup
+# functions get tmp_path and the base tree (pipeline_tree) and return the config tree and
+# extra command-line words; a tree of None writes the file as the function left it.
 
-SAFE = ["--set", "ray.address=127.0.0.1:9"]  # a pre-Ray case that slipped through must not start or join a cluster
+# A pre-Ray case that slipped through must not start or join a cluster. The memory plan
+# (tested in test_memory_plan.py) joins a configured cluster first, so it is skipped here.
+SAFE = ["--skip-memory-check", "--set", "ray.address=127.0.0.1:9"]
 
 
 def _file(tmp_path, name, data: bytes) -> str:
@@ -141,9 +144,10 @@ def train_data(make):
 
 
 def edit(fn):
+    """``fn`` edits the tree in place and may return extra command-line words."""
+
     def setup(tmp_path, tree):
-        fn(tmp_path, tree)
-        return tree, []
+        return tree, fn(tmp_path, tree) or []
 
     return setup
 
@@ -201,15 +205,6 @@ def _eval_file_missing(tmp_path, tree):
     tree["eval"]["sets"][0]["data"]["path"] = str(tmp_path / "missing_eval.jsonl")
 
 
-def _mixture_without_general(tmp_path, tree):
-    # With a pretrain section: refused before pretraining starts. (Too few general
-    # sequences for the ratio is not an error: they are cycled, and the report says so.)
-    tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
-    none = write_jsonl(tmp_path / "none.jsonl", [{"body": "no text field"}] * 3)
-    tree["train"]["mixture"] = {"ratio": 0.5, "data": {"path": none, "seq_len": 32, "on_bad_record": "skip"}}
-    tree["methods"] = ["mixture"]
-
-
 def _output_under_a_file(tmp_path, tree):
     _file(tmp_path, "a_file", b"x")
     tree["output_dir"] = str(tmp_path / "a_file" / "out")
@@ -217,164 +212,261 @@ def _output_under_a_file(tmp_path, tree):
 
 CASES = [
     # configs
-    ("yaml-syntax", "run", raw_config("stage1: [unclosed\n"), "is not valid YAML", False),
-    ("top-level-list", "run", raw_config("- a\n- b\n"), "must be a mapping at the top level", False),
+    ("yaml-syntax", "run", raw_config("stage1: [unclosed\n"), "is not valid YAML"),
+    ("top-level-list", "run", raw_config("- a\n- b\n"), "must be a mapping at the top level"),
     (
         "unknown-key",
         "run",
         edit(lambda p, t: t["stage1"].update(batch_sise=4)),
         "unknown key 'stage1.batch_sise' (allowed here: data,",
-        False,
     ),
     (
         "wrong-type",
         "run",
         overrides("stage1.batch_size=four"),
         "'stage1.batch_size': Input should be a valid integer",
-        False,
     ),
     (
         "negative-size",
         "run",
         overrides("train.batch_size=-2"),
         "'train.batch_size': Input should be greater than or equal to 1",
-        False,
     ),
     (
         "absurd-seq-len",
         "run",
         overrides("train.data.seq_len=1e9"),
         "train.data.seq_len 1000000000 is longer than the model's context (2048 positions): lower it",
-        False,
     ),
     (
         "set-names-nothing",
         "run",
         overrides("train.dba.bost=20"),
         "unknown key 'train.dba.bost' (allowed here: ggb, boost,",
-        False,
     ),
-    ("set-without-value", "run", overrides("train.max_steps"), "is not of the form key.path=value", False),
-    # data
-    (
-        "binary-file",
-        "run",
-        train_data(lambda p: _file(p, "data/b.jsonl", bytes(range(255, -1, -1)) * 40)),
-        "b.jsonl:1: not valid UTF-8",
-        True,
-    ),
-    (
-        "invalid-utf8",
-        "run",
-        train_data(lambda p: _file(p, "data/u.txt", b"fine\nalso fine\nbad \xff byte\n")),
-        "u.txt:3: not valid UTF-8",
-        True,
-    ),
-    ("truncated-gz", "run", train_data(_gz_truncated), "g.jsonl.gz as jsonl: Truncated compressed stream", True),
-    (
-        "json-wrong-types",
-        "run",
-        train_data(lambda p: _file(p, "data/w.json", b'[{"text": 5}]')),
-        "w.json: record 0: field 'text' missing or not a string",
-        True,
-    ),
-    (
-        "corrupt-parquet",
-        "run",
-        train_data(lambda p: _file(p, "data/c.parquet", b"PAR1" + bytes(500))),
-        "c.parquet as parquet:",
-        True,
-    ),
-    (
-        "100mb-line",
-        "run",
-        train_data(lambda p: _file(p, "data/l.jsonl", b'{"text": "' + b"a" * 100 * 2**20 + b'"}\n')),
-        "l.jsonl:1: line longer than 16,777,216 characters (split it into smaller records)",
-        True,
-    ),
+    ("set-without-value", "run", overrides("train.max_steps"), "is not of the form key.path=value"),
+    # data (the contents of files: run as a user runs them, in SUBPROCESS_CASES)
     (
         "empty-file",
         "run",
         edit(lambda p, t: t["train"]["data"].update(path=_file(p, "data/e.jsonl", b""))),
         "e.jsonl holds no non-empty data files",
-        False,
     ),
     (
         "no-data-files",
         "run",
         edit(lambda p, t: t["stage1"]["data"].update(path=_no_data_files(p))),
         "data holds no non-empty data files",
-        False,
     ),
     (
         "unknown-extension",
         "run",
         edit(lambda p, t: t["train"]["data"].update(path=_file(p, "data/d.csv", b"a,b\n"))),
         "cannot tell the format of",
-        False,
     ),
     (
         "data-path-missing",
         "run",
         edit(lambda p, t: t["train"]["data"].update(path=str(p / "nowhere.jsonl"))),
         "train.data.path",
-        False,
     ),
-    ("eval-file-missing", "run", edit(_eval_file_missing), "eval set 'ev' data.path", False),
+    ("eval-file-missing", "run", edit(_eval_file_missing), "eval set 'ev' data.path"),
     # models
     (
         "model-missing",
         "run",
         overrides("model.name_or_path=/nonexistent/model-dir"),
         "model.name_or_path /nonexistent/model-dir does not exist",
-        False,
     ),
-    ("model-without-weights", "run", edit(_weightless_model), "has a config but no weights", False),
-    ("gradient-of-another-model", "run", edit(_other_models_gradient), "which does not match", False),
-    ("merge-v-of-another-model", "run", edit(_merge_with_other_models_v), "which does not match", False),
+    ("model-without-weights", "run", edit(_weightless_model), "has a config but no weights"),
+    ("gradient-of-another-model", "run", edit(_other_models_gradient), "which does not match"),
+    ("merge-v-of-another-model", "run", edit(_merge_with_other_models_v), "which does not match"),
     (
         "merge-before-its-base-exists",
         "merge",
         edit(_merge_before_its_base_exists),
         "the pretrained base model of this config is not in",
-        False,
     ),
     (
         "fisher-without-v",
         "run",
         edit(_fisher_without_v),
         "anchored uses the fisher anchor or boost_mode update, which need v_G: set stage1.second_moment: true",
-        False,
     ),
     (
         "fisher-artifact-without-v",
         "run",
         edit(_fisher_artifact_without_v),
         "gg_no_v has none: make it with stage1.second_moment: true",
-        False,
-    ),
-    (
-        "mixture-without-general",
-        "run",
-        edit(_mixture_without_general),
-        "none.jsonl has no sequences: point train.mixture.data (or stage1.data) at general text",
-        True,
     ),
     # storage
-    ("output-under-a-file", "run", edit(_output_under_a_file), "cannot write to output_dir", False),
+    ("output-under-a-file", "run", edit(_output_under_a_file), "cannot write to output_dir"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(tmp_path, capsys, request, case):
-    _, command, setup, expected, needs_ray = case
-    if needs_ray:
-        request.getfixturevalue("ray_cluster")
+def test_bad_input(tmp_path, capsys, case):
+    _, command, setup, expected = case
     tree, extra = setup(tmp_path, pipeline_tree(tmp_path))
     cfg = write_config(tmp_path, tree) if tree is not None else str(tmp_path / "cfg.yaml")
-    assert main([command, cfg, *extra, *([] if needs_ray else SAFE)]) == 2
+    safe = SAFE if command != "merge" else SAFE[1:]  # merge has no memory plan
+    assert main([command, cfg, *extra, *safe]) == 2
     assert expected in error_line(capsys)
     assert_nothing_loadable(tmp_path)
+
+
+# ------------------------------------------------ the table, as a user runs it
+#
+# Errors in the contents of data files, once raised inside Ray Data: each case runs the
+# CLI in a subprocess and its whole stderr must be the one line (exit code 2). Local
+# files are read before Ray starts (dba_ray/preflight.py), so these start no cluster:
+# SAFE makes one that slipped through fail. Each case: (id, setup, the expected line's
+# message, "{d}" standing for the data folder).
+
+RECORD_HINT = " (set on_bad_record: skip to skip such records)"
+
+
+def _lines_then(bad: bytes, name: str):
+    """Good JSON Lines records, then ``bad`` as line 3, then more good ones."""
+    good = b'{"text": "fine"}\n'
+    return train_data(lambda p: _file(p, f"data/{name}", good * 2 + bad + b"\n" + good * 5))
+
+
+def _mixture_of_malformed(tmp_path, tree):
+    # With a pretrain section: refused before pretraining starts. (Too few general
+    # sequences for the ratio is not an error: they are cycled, and the report says so.)
+    tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
+    none = write_jsonl(tmp_path / "data" / "none.jsonl", [{"body": "no text field"}] * 3)
+    tree["train"]["mixture"] = {"ratio": 0.5, "data": {"path": none, "seq_len": 32, "on_bad_record": "skip"}}
+    tree["methods"] = ["mixture"]
+
+
+def _stage1_wider_than_the_cluster(tmp_path, tree):
+    # Stage 1 asks for every CPU of a 2-CPU embedded cluster: refused from the config
+    # alone, before Ray starts and before the pretrain section runs. (The cluster is
+    # embedded: ray.address goes back to unset after SAFE's.)
+    tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
+    tree["ray"] = {"num_cpus": 2}
+    tree["stage1"]["num_workers"] = 2
+    return ["--set", "ray.address=null"]
+
+
+SUBPROCESS_CASES = [
+    (
+        "missing-field",
+        _lines_then(b'{"body": "no text"}', "m.jsonl"),
+        "malformed record at {d}/m.jsonl:3: field 'text' missing or not a string" + RECORD_HINT,
+    ),
+    (
+        "broken-line",
+        _lines_then(b'{"text": "cut off', "j.jsonl"),
+        "malformed record at {d}/j.jsonl:3: not valid JSON (Invalid control character at)" + RECORD_HINT,
+    ),
+    (
+        "empty-record",
+        _lines_then(b"{}", "e.jsonl"),
+        "malformed record at {d}/e.jsonl:3: field 'text' missing or not a string" + RECORD_HINT,
+    ),
+    (
+        "invalid-utf8",
+        train_data(lambda p: _file(p, "data/u.txt", b"fine\nalso fine\nbad \xff byte\n")),
+        "malformed record at {d}/u.txt:3: not valid UTF-8" + RECORD_HINT,
+    ),
+    (
+        "binary-file",
+        train_data(lambda p: _file(p, "data/b.jsonl", bytes(range(255, -1, -1)) * 40)),
+        "malformed record at {d}/b.jsonl:1: not valid UTF-8" + RECORD_HINT,
+    ),
+    (
+        "json-wrong-types",
+        train_data(lambda p: _file(p, "data/w.json", b'[{"text": 5}]')),
+        "malformed record at {d}/w.json: record 0: field 'text' missing or not a string" + RECORD_HINT,
+    ),
+    (
+        "truncated-gz",
+        train_data(_gz_truncated),
+        "cannot read {d}/g.jsonl.gz as jsonl: Truncated compressed stream; a truncated or corrupt file? "
+        "Replace it or remove it from the data",
+    ),
+    (
+        "corrupt-parquet",
+        train_data(lambda p: _file(p, "data/c.parquet", b"PAR1" + bytes(500))),
+        "cannot read {d}/c.parquet as parquet: Parquet magic bytes not found in footer. Either the file is "
+        "corrupted or this is not a parquet file.; a truncated or corrupt file? Replace it or remove it from the data",
+    ),
+    (
+        "100mb-line",
+        train_data(lambda p: _file(p, "data/l.jsonl", b'{"text": "' + b"a" * 100 * 2**20 + b'"}\n')),
+        "malformed record at {d}/l.jsonl:1: line longer than 16,777,216 characters (split it into smaller records)"
+        + RECORD_HINT,
+    ),
+    (
+        "workers-larger-than-the-cluster",
+        edit(_stage1_wider_than_the_cluster),
+        "stage 1: its Train workers need 2 CPUs but the cluster has 2; leave at least one for Ray Data "
+        "(raise ray.num_cpus or lower stage1.num_workers / stage1.cpus_per_worker)",
+    ),
+    (
+        "mixture-without-general",
+        edit(_mixture_of_malformed),
+        "train.mixture.data.path {d}/none.jsonl holds no records to use (3 malformed, skipped, the first at "
+        "{d}/none.jsonl:1: field 'text' missing or not a string): point it at your data",
+    ),
+]
+
+
+def run_cli(*words: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dba_ray", *words], capture_output=True, text=True, timeout=900)
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess, message: str) -> None:
+    assert (done.returncode, done.stderr) == (2, f"dba-ray: error: {message}\n"), done.stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def user_runs(tmp_path_factory) -> dict:
+    """Every case of SUBPROCESS_CASES run as `dba-ray run`, two at a time: each is one
+    process, mostly importing torch and Ray, so the two cores halve the wait."""
+
+    def run(case):
+        name, setup, _ = case
+        tmp_path = tmp_path_factory.mktemp(name)
+        tree, extra = setup(tmp_path, pipeline_tree(tmp_path))
+        return name, (tmp_path, run_cli("run", write_config(tmp_path, tree), *SAFE, *extra))
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(run, SUBPROCESS_CASES))
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=[c[0] for c in SUBPROCESS_CASES])
+def test_bad_data_as_a_user_runs_it(user_runs, case):
+    name, _, message = case
+    tmp_path, done = user_runs[name]
+    assert_one_error_line(done, message.format(d=tmp_path / "data"))
+    assert_nothing_loadable(tmp_path)
+    assert not (tmp_path / "out").exists()  # nothing started: no pretraining, no Stage 1
+
+
+def test_malformed_record_deep_in_a_large_file(tmp_path, ray_cluster):
+    """A file too large to read whole before Ray (its first records are fine): the bad
+    record is found by Ray Data, inside a task, and still comes out as the one line. The
+    CLI joins this session's cluster rather than starting its own."""
+    from dba_ray.preflight import CHECK_BYTES, CHECK_RECORDS
+
+    docs = [json.dumps(d) for d in make_docs(CHECK_RECORDS + 50)]
+    bad = CHECK_RECORDS + 20
+    docs[bad - 1] = json.dumps({"body": "no text"})
+    pad = json.dumps({"text": "x" * 2**16})
+    docs += [pad] * (CHECK_BYTES // 2**16 + 1)
+    tree = pipeline_tree(tmp_path)
+    tree["train"]["data"]["path"] = write_jsonl(tmp_path / "data" / "big.jsonl", docs)
+    address = ray.get_runtime_context().gcs_address
+    done = run_cli("train", write_config(tmp_path, tree), "--method", "direct", "--set", f"ray.address={address}")
+    assert_one_error_line(
+        done,
+        f"malformed record at {tmp_path / 'data' / 'big.jsonl'}:{bad}: field 'text' missing or not a string"
+        + RECORD_HINT,
+    )
 
 
 def assert_nothing_loadable(tmp_path):

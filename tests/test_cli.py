@@ -69,10 +69,10 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "e.jsonl").write_text("")
     assert main(["global-gradient", config_file(tmp_path, str(tmp_path / "empty"))]) == 2
-    assert "is empty" in error_line(capsys)
+    assert f"stage1.data.path {tmp_path / 'empty'} holds no non-empty data files" in error_line(capsys)
 
     assert main(["global-gradient", config_file(tmp_path, str(tmp_path / "missing.jsonl"))]) == 2
-    assert "data path not found" in error_line(capsys)
+    assert f"stage1.data.path {tmp_path / 'missing.jsonl'} does not exist" in error_line(capsys)
 
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not a complete global-gradient artifact" in error_line(capsys)

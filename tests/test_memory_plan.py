@@ -156,6 +156,7 @@ HUGE = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32
 def test_refused_before_any_work_unless_skipped(tmp_path, command):
     out = tmp_path / "out"
     (out / "global_gradient").mkdir(parents=True)  # so that, let through, Stage 1 refuses to replace it
+    (tmp_path / "gen.jsonl").write_text('{"text": "general text"}\n')  # readable: preflight reads it
     tree = {
         "output_dir": str(out),
         "model": {"builtin_config": HUGE},

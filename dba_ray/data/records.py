@@ -259,6 +259,19 @@ class _Columns:
         self.skipped, self.first_skip = 0, None
 
 
+def check_file(uri: str, cfg: DataConfig, max_records: int | None = None) -> tuple[int, int, str | None]:
+    """Read one file's records (its first ``max_records``, or all) exactly as ReadFiles
+    will, without Ray: a malformed one fails here (under ``on_bad_record: fail``).
+    Returns (records kept, records skipped, the first skipped one)."""
+    cols, kept = _Columns(cfg), 0
+    for n, (loc, rec) in enumerate(_raw_records(uri, file_format(uri, cfg.file_format), cfg)):
+        if n == max_records:
+            break
+        cols.add(loc, rec)
+        kept += len(cols.take()["_source"])
+    return kept, cols.skipped, cols.first_skip
+
+
 class ReadFiles:
     """Ray Data map_batches function: file names in, normalized records out.
 
