@@ -38,7 +38,10 @@ from dba_ray.row_blocks import RowBlocks
 
 log = logging.getLogger("dba_ray")
 
-FORMAT_VERSION = 1
+# 2: row blocks written by a sharded Stage 1 (version 1 readers would take one rank's
+# rows for the whole tensor); an artifact of whole tensors is still written as 1.
+FORMAT_VERSION = 2
+WHOLE_TENSORS_VERSION = 1
 KIND = "dba-ray/global-gradient"
 META = "meta.json"
 MAX_SHARD_BYTES = 2 * 1024**3
@@ -219,7 +222,7 @@ def build_meta(
     only this rank's rows of each tensor (a sharded Stage 1)."""
     norms = norms if norms is not None else tensor_norms(mean)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": WHOLE_TENSORS_VERSION,
         "kind": KIND,
         "dba_ray_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -386,21 +389,20 @@ def load(uri: str, *, verify: bool = False, rows: Rows | None = None) -> GlobalG
     (``sharding.local_rows``); a rank then holds about 1/world of the artifact.
     Parameters it does not name are read whole.
     """
-    meta = read_meta(uri)
-    directory = storage.local_copy(uri, META)
+    meta, directory = verify(uri, checksums=verify)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     blocks: dict[str, list[tuple[int, str]]] = {}  # part -> (rank, file) of a sharded write
+    world: dict[str, int] = {}  # part -> how many ranks wrote it
     for fname, info in meta["files"].items():
         path = os.path.join(directory, fname)
-        if not os.path.exists(path):
-            raise UserError(f"artifact {uri} is incomplete: {fname} is missing")
-        if os.path.getsize(path) != info["bytes"] or (verify and _sha256(path) != info["sha256"]):
-            raise UserError(f"artifact {uri} is corrupt: {fname} does not match meta.json")
         if "rank" in info:
             blocks.setdefault(info["part"], []).append((info["rank"], path))
+            world[info["part"]] = info["ranks"]
         else:
             parts.setdefault(info["part"], {}).update(_read(path, rows or {}))
     for part, files in blocks.items():
+        if {rank for rank, _ in files} != set(range(world[part])):
+            raise UserError(f"artifact {uri} is incomplete: {part} lacks the rows of some ranks")
         reader = RowBlocks(files)
         parts[part] = {name: reader.read(name, *(rows or {}).get(name, (0, None))) for name in reader.keys()}
     mean = _decompress(parts.get("mean_gradient", {}))
@@ -408,6 +410,20 @@ def load(uri: str, *, verify: bool = False, rows: Rows | None = None) -> GlobalG
     if missing:
         raise UserError(f"artifact {uri} lacks tensors: {sorted(missing)[:3]}")
     return GlobalGradient(mean=mean, meta=meta, second_moment=parts.get("second_moment"))
+
+
+def verify(uri: str, checksums: bool = True) -> tuple[dict, str]:
+    """Every file meta.json lists is there with its size (and, with ``checksums``, its
+    sha256), read file by file without building any tensor; (meta, local directory)."""
+    meta = read_meta(uri)
+    directory = storage.local_copy(uri, META)
+    for fname, info in meta["files"].items():
+        path = os.path.join(directory, fname)
+        if not os.path.exists(path):
+            raise UserError(f"artifact {uri} is incomplete: {fname} is missing")
+        if os.path.getsize(path) != info["bytes"] or (checksums and _sha256(path) != info["sha256"]):
+            raise UserError(f"artifact {uri} is corrupt: {fname} does not match meta.json")
+    return meta, directory
 
 
 def _read(path: str, rows: Rows) -> dict[str, torch.Tensor]:

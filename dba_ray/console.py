@@ -21,7 +21,7 @@ from pathlib import Path
 
 # Read at import, in the driver and in every Ray worker (passed to workers through the
 # job's runtime_env by ``worker_env``).
-_QUIET_ENV = {
+QUIET_ENV = {
     # huggingface_hub's progress bars; transformers' own ("Loading weights") follow it.
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     # Ray Data's loggers: its log file only (dataset plans, INFO lines, failing tasks'
@@ -44,7 +44,7 @@ def configure(verbose: bool) -> None:
     global _verbose
     _verbose = verbose
     if not verbose:
-        for key, value in _QUIET_ENV.items():
+        for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)  # a user's own setting wins
 
 
@@ -54,7 +54,7 @@ def worker_env() -> dict[str, str]:
     job's runtime_env sets already: Ray refuses a variable named in both."""
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
     taken = (job.get("runtime_env") or {}).get("env_vars") or {}
-    return {key: os.environ[key] for key in _QUIET_ENV if key in os.environ and key not in taken}
+    return {key: os.environ[key] for key in QUIET_ENV if key in os.environ and key not in taken}
 
 
 def init_options(embedded: bool) -> dict:

@@ -2,9 +2,11 @@
 
 A TorchTrainer whose workers stream their shard of the general data and run forward
 and backward with no optimizer: parameters never change. Each worker keeps the fp32
-sum of per-token loss gradients and its token count; one all-reduce at the end gives
-ĝ_G = Σ grads / Σ tokens, the exact token-weighted mean gradient (the limit the paper
-reaches with zero-learning-rate Adam and β1 → 1).
+sum of per-token loss gradients and its token count (under ``stage1.parallel: fsdp``
+its rows of them, summed over workers at every micro-batch; otherwise, without v_G,
+its own, joined by one all-reduce at the end), giving ĝ_G = Σ grads / Σ tokens, the
+exact token-weighted mean gradient (the limit the paper reaches with
+zero-learning-rate Adam and β1 → 1).
 """
 
 from __future__ import annotations
@@ -367,14 +369,24 @@ def _save_rows(uri: str, s1, mean: dict, second: dict | None, meta: dict) -> dic
     with storage.atomic_directory(uri, overwrite=s1.overwrite, marker=artifact.META) as target:
         if world > 1:
             dist.broadcast_object_list([target], src=0)
-        meta = dict(meta, save_dtype=s1.save_dtype, compression=None, files=write(target))
+        meta = dict(
+            meta,
+            format_version=artifact.FORMAT_VERSION,
+            save_dtype=s1.save_dtype,
+            compression=None,
+            files=write(target),
+        )
         artifact.write_meta(target, meta)
     return meta
 
 
 def stage1_settings(s1) -> dict:
-    """The Stage 1 options that change the artifact (recorded, to decide reuse)."""
-    return s1.model_dump(include={"max_tokens", "max_records", "second_moment", "svd_rank", "save_dtype"})
+    """The Stage 1 options that change the artifact (recorded, to decide reuse); with
+    v_G, the global micro-batch it squares (its noise, so its size, depends on that)."""
+    settings = s1.model_dump(include={"max_tokens", "max_records", "second_moment", "svd_rank", "save_dtype"})
+    if s1.second_moment:
+        settings["global_micro_batch"] = s1.batch_size * s1.num_workers
+    return settings
 
 
 def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None, write: bool = True) -> Stage1Result:

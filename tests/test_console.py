@@ -9,6 +9,7 @@ import sys
 import yaml
 from conftest import make_docs, write_jsonl
 
+from dba_ray import console
 from dba_ray.config import ModelConfig
 from dba_ray.model import load_model, load_tokenizer
 
@@ -16,8 +17,10 @@ from dba_ray.model import load_model, load_tokenizer
 def _dba_ray(args: list[str], cwd) -> str:
     """The whole console (stdout and stderr, interleaved) of ``dba-ray ARGS``."""
     # A user's shell: no address to join, no auth mode chosen (this session's cluster
-    # set RAY_AUTH_MODE in this process when it started).
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    # set RAY_AUTH_MODE in this process when it started), none of the quiet switches
+    # (tests that call main() in this process set them here).
+    drop = {"RAY_ADDRESS", "RAY_AUTH_MODE", *console.QUIET_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     done = subprocess.run(
         [sys.executable, "-m", "dba_ray", *args],
         cwd=cwd,

@@ -136,6 +136,8 @@ def test_sharded_stage1_equals_one_process(tmp_path, workers):
     result = run_global_gradient(cfg)
     meta = result.meta
     assert (meta["tokens"], meta["sequences"], meta["parallel"]) == (ref_tokens, 317, "fsdp")
+    # Row blocks are format 2: a reader of format 1 would take one rank's rows as a tensor.
+    assert meta["format_version"] == 2 and meta["stage1_settings"]["global_micro_batch"] == 4 * workers
     blocks = sorted((info["part"], info["rank"], info["ranks"]) for info in meta["files"].values())
     assert blocks == sorted((part, r, workers) for part in ("mean_gradient", "second_moment") for r in range(workers))
     model = load_model(cfg.model)
