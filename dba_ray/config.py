@@ -198,7 +198,8 @@ class Stage1Config(_Strict):
         description="How Stage 1's workers hold the model: ddp, a whole copy each (one "
         "all-reduce at the end; rank 0 writes the artifact); fsdp, FSDP2 shards of the "
         "weights and of the ĝ_G / v_G sums (1/N each; each rank writes its own rows). "
-        "ĝ_G is the same either way; so is v_G (see second_moment).",
+        "ĝ_G and v_G are the same either way (see second_moment), up to rounding: "
+        "under fsdp a bf16 model's micro-batch gradients are summed across workers in bf16.",
     )
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
