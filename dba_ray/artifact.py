@@ -389,7 +389,7 @@ def load(uri: str, *, verify: bool = False, rows: Rows | None = None) -> GlobalG
     (``sharding.local_rows``); a rank then holds about 1/world of the artifact.
     Parameters it does not name are read whole.
     """
-    meta, directory = verify(uri, checksums=verify)
+    meta, directory = check_files(uri, checksums=verify)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     blocks: dict[str, list[tuple[int, str]]] = {}  # part -> (rank, file) of a sharded write
     world: dict[str, int] = {}  # part -> how many ranks wrote it
@@ -412,7 +412,7 @@ def load(uri: str, *, verify: bool = False, rows: Rows | None = None) -> GlobalG
     return GlobalGradient(mean=mean, meta=meta, second_moment=parts.get("second_moment"))
 
 
-def verify(uri: str, checksums: bool = True) -> tuple[dict, str]:
+def check_files(uri: str, checksums: bool = True) -> tuple[dict, str]:
     """Every file meta.json lists is there with its size (and, with ``checksums``, its
     sha256), read file by file without building any tensor; (meta, local directory)."""
     meta = read_meta(uri)

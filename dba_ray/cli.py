@@ -142,7 +142,7 @@ def _bytes(n: int) -> str:
 def cmd_inspect(args) -> int:
     from dba_ray import artifact
 
-    meta = artifact.verify(args.path)[0] if args.verify else artifact.read_meta(args.path)
+    meta = artifact.check_files(args.path)[0] if args.verify else artifact.read_meta(args.path)
     if args.json:
         print(json.dumps(meta, indent=1))
         return 0
