@@ -197,6 +197,42 @@ def cmd_options(args) -> int:
     return 0
 
 
+# The commands that read a config: name, help, what runs it, and whether the memory
+# plan is checked before it starts (`--skip-memory-check` then exists).
+_CONFIG_COMMANDS = [
+    (
+        "global-gradient",
+        "Stage 1: compute the global gradient of general data at the base weights",
+        cmd_global_gradient,
+        True,
+    ),
+    ("train", "Stage 2: fine-tune on the domain data with one method", cmd_train, True),
+    ("eval", "score the base model and eval.models on eval.sets", cmd_eval, False),
+    ("run", "the pipeline: base model, Stage 1, Stage 2 per method, evaluation, report", cmd_pipeline, True),
+    ("tune", "Ray Tune sweep of one method's annealing knobs (ASHA on validation S)", cmd_pipeline, True),
+    (
+        "compare",
+        "every method (× lrs × seeds) and the mixture ratio search on one base and one ĝ_G; report with costs and plots",
+        cmd_pipeline,
+        True,
+    ),
+    (
+        "merge",
+        "merge finished runs back toward the base (merge section): a curve of operating points per run, "
+        "scored, the knob chosen on eval.validation_sets and exported",
+        cmd_pipeline,
+        False,
+    ),
+    (
+        "plan",
+        "the memory plan: each phase's peak memory per worker, from the model's shapes (no weights read), "
+        "and the fewest workers that fit each GPU size",
+        cmd_plan,
+        False,
+    ),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dba-ray",
@@ -211,63 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(execution plans, status tables, progress bars); default: dba-ray's own lines",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser(
-        "global-gradient",
-        help="Stage 1: compute the global gradient of general data at the base weights",
-    )
-    _add_config_args(p)
-    _add_memory_check_arg(p)
-    p.set_defaults(func=cmd_global_gradient)
-
-    p = sub.add_parser("train", help="Stage 2: fine-tune on the domain data with one method")
-    _add_config_args(p)
-    p.add_argument(
+    for name, help_, func, memory_check in _CONFIG_COMMANDS:
+        p = sub.add_parser(name, help=help_)
+        _add_config_args(p)
+        if memory_check:
+            _add_memory_check_arg(p)
+        p.set_defaults(func=func)
+    sub.choices["train"].add_argument(
         "--method",
         default="dba",
         help=f"{', '.join(METHODS)}, or the name of a variant in `methods` (default: dba)",
     )
-    _add_memory_check_arg(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="score the base model and eval.models on eval.sets")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("run", help="the pipeline: base model, Stage 1, Stage 2 per method, evaluation, report")
-    _add_config_args(p)
-    _add_memory_check_arg(p)
-    p.set_defaults(func=cmd_pipeline)
-
-    p = sub.add_parser("tune", help="Ray Tune sweep of one method's annealing knobs (ASHA on validation S)")
-    _add_config_args(p)
-    _add_memory_check_arg(p)
-    p.set_defaults(func=cmd_pipeline)
-
-    p = sub.add_parser(
-        "compare",
-        help="every method (× lrs × seeds) and the mixture ratio search on one base and one ĝ_G; "
-        "report with costs and plots",
-    )
-    _add_config_args(p)
-    _add_memory_check_arg(p)
-    p.set_defaults(func=cmd_pipeline)
-
-    p = sub.add_parser(
-        "merge",
-        help="merge finished runs back toward the base (merge section): a curve of operating "
-        "points per run, scored, the knob chosen on eval.validation_sets and exported",
-    )
-    _add_config_args(p)
-    p.set_defaults(func=cmd_pipeline)
-
-    p = sub.add_parser(
-        "plan",
-        help="the memory plan: each phase's peak memory per worker, from the model's shapes "
-        "(no weights read), and the fewest workers that fit each GPU size",
-    )
-    _add_config_args(p)
-    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="print the metadata of a global-gradient artifact")
     p.add_argument("path", help="artifact directory (local path or s3:// / gs:// URI)")
