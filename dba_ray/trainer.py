@@ -470,20 +470,8 @@ def run_train(
     wall = time.monotonic() - start
     metrics = harness.add_final_scores(cfg, returned.get("final", {}), storage.join(run_dir, "model"))
     log.info("stage 2 (%s) done in %.1fs: %s", spec.name, wall, score_summary(metrics))
-    model_card.write_card(
-        storage.join(run_dir, "model"),
-        model_card.facts_for_run(
-            cfg, spec, grad.meta, grad_source if grad.used else None, metrics, plan.total, plan.tokens
-        ),
-    )
     peak = returned.get("peak_mem_mb", float("nan"))
-    if tracked is not None:
-        tracked.summary(
-            tracking.final_values(
-                {**metrics, "wall_s": wall, "tokens": plan.tokens, "steps": plan.total, "peak_mem_mb": peak}
-            )
-        )
-        tracked.finish()
+    _record(cfg, spec, plan, grad, grad_source, run_dir, metrics, wall, peak, tracked)
     return TrainResult(
         run_name=spec.name,
         model_dir=storage.join(run_dir, "model"),
@@ -494,6 +482,24 @@ def run_train(
         peak_mem_mb=peak,
         resumed_at=returned.get("resumed_at", 0),
     )
+
+
+def _record(cfg, spec, plan, grad, grad_source, run_dir: str, metrics: dict, wall: float, peak: float, tracked) -> None:
+    """What a finished run leaves besides its model: the model card, and its tracked
+    run's final values."""
+    model_card.write_card(
+        storage.join(run_dir, "model"),
+        model_card.facts_for_run(
+            cfg, spec, grad.meta, grad_source if grad.used else None, metrics, plan.total, plan.tokens
+        ),
+    )
+    if tracked is not None:
+        tracked.summary(
+            tracking.final_values(
+                {**metrics, "wall_s": wall, "tokens": plan.tokens, "steps": plan.total, "peak_mem_mb": peak}
+            )
+        )
+        tracked.finish()
 
 
 @dataclass
