@@ -73,5 +73,5 @@ def coverage_warning(run: str, moved: np.ndarray | None, vocab: int, domain: np.
         f"{run}: {n_untouched:,} of the {n_moved:,} input-embedding rows ĝ_G moves "
         f"({n_untouched / n_moved:.1%}) belong to tokens the domain data never uses; under "
         "boost_mode: gradient AdamW steps each of them by a full lr along ĝ_G every step, "
-        "which costs general ability: consider dba.boost_mode: masked or update (README, Which one to use)"
+        "which costs general ability: consider dba.boost_mode: masked or update (README, The vocabulary warning)"
     )
