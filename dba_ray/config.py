@@ -290,7 +290,9 @@ class DBAConfig(_Strict):
         "(v_G from Stage 1; clipped to ±1 per weight), at most γ_t·c_t·lr_t and less where "
         "the general gradient is noise; c_t is DC's, as for gradient. masked: in g_B, but ĝ_G clipped "
         "per weight to ±|g_D| of the step, so it can tilt a weight the domain data moves "
-        "and never moves one on its own.",
+        "and never moves one on its own. Under gradient, a run warns before its first step when "
+        "5% or more of the input-embedding rows ĝ_G moves belong to tokens its domain data "
+        "never uses (README, The vocabulary warning).",
     )
     dc: Literal["norm", "cosine", "pcgrad", "none"] = Field(
         "norm",
