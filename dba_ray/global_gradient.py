@@ -341,9 +341,10 @@ def _worker_loop(config: dict) -> None:
     if sharded and config["output"] is not None:
         _check_shared_output(config["output"])
 
-    model = load_model(cfg.model).to(device)
     if sharded:
-        sharding.shard_model(model, sum_gradients=True)
+        model, rows_only = sharding.load_sharded(cfg.model, device, sum_gradients=True)
+    else:
+        model, rows_only = load_model(cfg.model).to(device), False
     timeline["model_built"] = time.time()
     model.eval()  # no dropout: the gradient of the deterministic loss at θ0
     sums = _Sums(model, s1.second_moment, device, sharded, checkpointing=s1.checkpoint_every_tokens is not None)
@@ -354,7 +355,7 @@ def _worker_loop(config: dict) -> None:
     if totals.tokens == 0:
         raise UserError(f"general data {config['source']} produced no trainable tokens")
     if sharded or ray.train.get_context().get_world_rank() == 0:
-        _keep_result(config, cfg, sums, totals, timeline)
+        _keep_result(config, cfg, sums, totals, timeline, rows_only)
 
 
 def _check_shared_output(uri: str) -> None:
@@ -395,7 +396,7 @@ class _EveryRowSplit(TrainDataConfig):
         return [{DATASET: split} for split in splits]
 
 
-def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeline: dict) -> None:
+def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeline: dict, rows_only: bool) -> None:
     """ĝ_G (and v_G) from the reduced sums, written (by rank 0; under fsdp by every rank,
     its own rows) and/or put in the object store; rank 0 hands its metadata to the
     driver through the tracker."""
@@ -414,6 +415,9 @@ def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeli
             "parallel": s1.parallel,
             "global_batches": totals.global_batches,
             "resumed_at_tokens": sums.resumed_at,
+            # How each worker got its weights: only its rows from the files, or the whole
+            # model first (the builtin model, or weights not in safetensors).
+            "weights_read": "own rows" if rows_only else "whole model",
             "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
             "loop_seconds": totals.loop_s,
             # Rank 0's peak device memory so far (GPU workers): what `dba-ray plan` predicts.

@@ -19,6 +19,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+from dba_ray.config import ModelConfig
+from dba_ray.model import load_empty_model, load_model, weight_files
+from dba_ray.row_blocks import RowBlocks
+
 
 def shard_model(model: torch.nn.Module, sum_gradients: bool = False) -> torch.nn.Module:
     """Shard ``model`` in place: one FSDP unit per transformer block (the classes a
@@ -38,6 +42,35 @@ def shard_model(model: torch.nn.Module, sum_gradients: bool = False) -> torch.nn
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def load_sharded(cfg: ModelConfig, device: torch.device, sum_gradients: bool = False) -> tuple[torch.nn.Module, bool]:
+    """The model sharded as ``shard_model`` does, on ``device``; and whether each rank
+    read only its own rows of the weights. It does for a model saved as safetensors
+    whose only buffers are rotary frequencies (Llama, Qwen2, Mistral and kin): built
+    on the meta device, sharded, then each rank reads its rows from the files, so no
+    rank ever holds the whole model (at 70B, 140 GB in bf16 per worker). Otherwise the
+    whole model is loaded first and then sharded (a transient full copy)."""
+    files = weight_files(cfg)
+    model = load_empty_model(cfg).to(getattr(torch, cfg.dtype))
+    rotary = [m for m in model.modules() if "RotaryEmbedding" in type(m).__name__ and hasattr(m, "original_inv_freq")]
+    rebuilt = {id(b) for m in rotary for b in m.buffers()}
+    readable = files and all(id(b) in rebuilt for b in model.buffers())
+    if readable:
+        blocks = RowBlocks(list(enumerate(files)))
+        readable = set(dict(model.named_parameters())) <= set(blocks.keys())
+    if not readable:
+        return shard_model(load_model(cfg).to(device), sum_gradients), False
+    shard_model(model, sum_gradients)
+    model.to_empty(device=device)
+    for module in rotary:  # non-persistent buffers: computed from the config, not read
+        model._init_weights(module)
+    rows = local_rows(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            mine = param.to_local() if isinstance(param, DTensor) else param
+            mine.copy_(blocks.read(name, *rows.get(name, (0, None))))
+    return model, True
 
 
 def local_rows(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
