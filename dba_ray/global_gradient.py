@@ -98,6 +98,7 @@ class _Sums:
         separate = second_moment or any(p.dtype != torch.float32 for p in self.params.values())
         self.grads = self._zeros() if separate else None
         self.sq = self._zeros() if second_moment else None
+        self.buckets = _buckets(self.params)
         self.tokens = torch.zeros((), dtype=torch.float64, device=device)
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.sequences = self.batches = self.steps = self.seq_len = 0
@@ -156,14 +157,15 @@ class _Sums:
         """The micro-batch's gradient into the fp32 sums (and its square, scaled to the
         square of the global micro-batch's mean gradient, into v_G's)."""
         inv_n2 = max(n_step, 1.0) ** -2
-        for name, p in self.params.items():
-            g = local(p.grad).float()
-            if self.sum_each_step:
-                dist.all_reduce(g)  # (under fsdp the reduce-scatter summed it)
-            self.grads[name] += g
-            if self.sq is not None:
-                self.sq[name].addcmul_(g, g, value=inv_n2)
-            p.grad = None
+        for names in self.buckets:
+            grads = [local(self.params[n].grad).float() for n in names]
+            if self.sum_each_step:  # (under fsdp the reduce-scatter summed them)
+                grads = _summed_over_workers(grads)
+            for name, g in zip(names, grads):
+                self.grads[name] += g
+                if self.sq is not None:
+                    self.sq[name].addcmul_(g, g, value=inv_n2)
+                self.params[name].grad = None
 
     def sum_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors holding the running gradient sums (this rank's rows under fsdp):
@@ -263,6 +265,35 @@ class _Sums:
         self.loss.fill_(c.get("loss", 0.0))
         self.sequences, self.batches = c.get("sequences", 0), c.get("batches", 0)
         self.data_hash = int(c.get("data_hash", 0))
+
+
+# Gradients summed over ddp workers in one all-reduce per bucket of about this many
+# bytes (fp32): a few calls per micro-batch instead of one per tensor, for one bucket's
+# copy of extra memory (a larger tensor is a bucket of its own, reduced in place).
+BUCKET_BYTES = 64 * 2**20
+
+
+def _buckets(params: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Parameter names in consecutive groups of at most BUCKET_BYTES of fp32."""
+    out, size = [[]], 0
+    for name, p in params.items():
+        n = 4 * local(p).numel()
+        if out[-1] and size + n > BUCKET_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += n
+    return out
+
+
+def _summed_over_workers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` summed over the workers: one all-reduce of their flat copy."""
+    if len(tensors) == 1:
+        dist.all_reduce(tensors[0])
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 @dataclass
