@@ -148,6 +148,14 @@ def weight_files(cfg: ModelConfig) -> list[str]:
     return sorted(str(p) for p in Path(folder).glob("*.safetensors"))
 
 
+def shape_only(cfg: ModelConfig) -> bool:
+    """A local folder with a model's config and no weight files: a shape to plan for."""
+    folder = Path(cfg.name_or_path)
+    if storage.is_remote(cfg.name_or_path) or not (folder / "config.json").is_file():
+        return False
+    return not any(p.name.endswith(_WEIGHTS) for p in folder.iterdir())
+
+
 def model_source(cfg: ModelConfig) -> dict:
     """How the base model was named, for artifact metadata."""
     src = {"name_or_path": cfg.name_or_path, "revision": cfg.revision}

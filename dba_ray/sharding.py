@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from dba_ray.config import ModelConfig
-from dba_ray.model import load_empty_model, load_model, weight_files
+from dba_ray.model import load_empty_model, load_model, shape_only, weight_files
 from dba_ray.row_blocks import RowBlocks
 
 
@@ -67,8 +67,20 @@ def load_sharded(cfg: ModelConfig, device: torch.device, sum_gradients: bool = F
 
 
 def reads_own_rows(cfg: ModelConfig) -> bool:
-    """Whether ``load_sharded`` reads only each rank's rows of this model."""
-    return _row_source(cfg, load_empty_model(cfg)) is not None
+    """Whether ``load_sharded`` reads only each rank's rows of this model. A folder
+    holding a config and no weights at all (a shape to plan for, examples/shapes) is
+    taken to be saved as safetensors, as ``save_pretrained`` does."""
+    model = load_empty_model(cfg)
+    if shape_only(cfg):
+        return _rebuildable(model)
+    return _row_source(cfg, model) is not None
+
+
+def _rebuildable(model: torch.nn.Module) -> bool:
+    """Whether the only buffers are rotary frequencies, which transformers recomputes
+    from the config (Llama, Qwen2, Mistral and kin)."""
+    rebuilt = {id(b) for m in _rotary(model) for b in m.buffers()}
+    return all(id(b) in rebuilt for b in model.buffers())
 
 
 def _rotary(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -77,11 +89,9 @@ def _rotary(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _row_source(cfg: ModelConfig, model: torch.nn.Module) -> RowBlocks | None:
     """The model's safetensors files, to read row ranges of every parameter from; None
-    unless every parameter is in them and the only buffers are rotary frequencies
-    (Llama, Qwen2, Mistral and kin), which transformers recomputes from the config."""
+    unless every parameter is in them and its buffers are ``_rebuildable``."""
     files = weight_files(cfg)
-    rebuilt = {id(b) for m in _rotary(model) for b in m.buffers()}
-    if not files or not all(id(b) in rebuilt for b in model.buffers()):
+    if not files or not _rebuildable(model):
         return None
     source = RowBlocks(list(enumerate(files)))
     return source if set(dict(model.named_parameters())) <= set(source.keys()) else None
