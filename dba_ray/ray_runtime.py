@@ -32,12 +32,8 @@ def ensure_ray(cfg: RayConfig) -> None:
     else:
         # Train's preemption watcher (an actor per run) reports nodes being drained: a
         # cluster on this one machine has none to drain. Train hands the driver's
-        # setting to its controller. Metrics (Train's per-run metric callbacks, Ray's
-        # collection) feed a Prometheus that an embedded cluster has none of; the
-        # cluster's processes, Tune's trial actors included, inherit all three.
+        # setting to its controller.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-        os.environ.setdefault("RAY_enable_metrics_collection", "0")
         ray.init(address="local", num_cpus=cfg.num_cpus, **console.init_options(embedded=True))
     log.info("Ray cluster resources: %s", ray.cluster_resources())
 
