@@ -140,16 +140,11 @@ def check(cfg: Config, specs: list[MethodSpec], concurrent: tuple[str, int] | No
     ]
     mixture = [s.name for s in specs if s.method == "mixture"]
     computes_grad = needs_grad and cfg.train.global_gradient is None
+    eval_kinds(cfg)
     _data(cfg, mixture, stage1=computes_grad)
 
     if cfg.train.global_gradient is not None and needs_grad:
-        meta = artifact.ArtifactMeta.read(storage.absolute(cfg.train.global_gradient))
-        artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
-        if fisher and not meta.has_second_moment:
-            raise UserError(
-                f"{fisher[0]} uses the fisher anchor or boost_mode update, which need v_G, but "
-                f"{cfg.train.global_gradient} has none: make it with stage1.second_moment: true"
-            )
+        _global_gradient(cfg, cfg.train.global_gradient, fisher)
     elif fisher and not cfg.stage1.second_moment:
         raise UserError(
             f"{fisher[0]} uses the fisher anchor or boost_mode update, which need v_G: set stage1.second_moment: true"
@@ -157,6 +152,8 @@ def check(cfg: Config, specs: list[MethodSpec], concurrent: tuple[str, int] | No
 
     writable(cfg.output_dir, "output_dir")
     if computes_grad:
+        # Stage 1 writes there after pretraining: an unwritable place would fail only then.
+        writable(cfg.stage1_output(), "stage1.output")
         uri = storage.absolute(cfg.stage1_output())
         if not cfg.stage1.overwrite and storage.exists(storage.join(uri, artifact.META)):
             base = planned_base(cfg)
@@ -174,9 +171,44 @@ def check_train(cfg: Config, spec: MethodSpec) -> None:
     """`dba-ray train`: as ``check``, but Stage 1 is not run: the ĝ_G a method reads
     must exist already (run_train checks that it fits the model before any worker starts)."""
     _data(cfg, [spec.name] if spec.method == "mixture" else [], stage1=False)
-    if uses_global_gradient(config_for_run(cfg, spec).train.dba):
-        artifact.ArtifactMeta.read(storage.absolute(cfg.global_gradient_source()))
+    d = config_for_run(cfg, spec).train.dba
+    if uses_global_gradient(d):
+        fisher = d.anchor == "fisher" or (d.ggb and d.boost_mode == "update")
+        _global_gradient(cfg, cfg.global_gradient_source(), [spec.name] if fisher else [])
     resources(cfg, [spec], stage1=False)
+
+
+def _global_gradient(cfg: Config, uri: str, fisher: list[str]) -> None:
+    """The ĝ_G at ``uri`` exists, was made for this model's architecture (a pretrain
+    section keeps the architecture of ``model``, so this holds before pretraining), and
+    has v_G when ``fisher`` (runs that need it) is not empty."""
+    meta = artifact.ArtifactMeta.read(storage.absolute(uri))
+    artifact.check_fingerprint(meta, load_empty_model(cfg.model), cfg.model.name_or_path)
+    if fisher and not meta.has_second_moment:
+        raise UserError(
+            f"{fisher[0]} uses the fisher anchor or boost_mode update, which need v_G, but "
+            f"{uri} has none: make it with stage1.second_moment: true"
+        )
+
+
+def eval_kinds(cfg: Config) -> None:
+    """Every list of eval sets that S is computed on holds a set of each kind: without a
+    domain or a general one, S = HM(S_D, S_G) is NaN in every report, and every choice
+    made on it (a merge knob, a sweep's best trial) is arbitrary."""
+    lists = [
+        ("eval.sets", cfg.eval.sets),
+        ("eval.validation_sets", cfg.eval.validation_sets),
+        ("tune.validation_sets", cfg.tune.validation_sets),
+    ]
+    for key, sets in lists:
+        kinds = {s.kind for s in sets}
+        missing = [k for k in ("domain", "general") if sets and k not in kinds]
+        if missing:
+            names = ", ".join(s.name for s in sets)
+            raise UserError(
+                f"{key} has no {missing[0]} set (it holds {names}, all {kinds.pop()}): S = HM(S_D, S_G) "
+                f"needs at least one set of each kind; add one with kind: {missing[0]}"
+            )
 
 
 def check_stage1(cfg: Config) -> None:

@@ -65,6 +65,7 @@ def run_merge(cfg: Config) -> dict:
     model under output_dir), scored and chosen like those of `run`; merge.json / merge.md."""
     if not cfg.eval.sets:
         raise UserError("dba-ray merge needs eval.sets (domain and general) to score the merges")
+    preflight.eval_kinds(cfg)
     cfg = cfg.model_copy(update={"merge": cfg.merge or MergeConfig()})
     cfg = ensure_base_model(cfg, may_pretrain=False)
     ensure_ray(cfg.ray)

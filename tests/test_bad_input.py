@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import ray
@@ -66,11 +67,17 @@ def pipeline_tree(tmp_path) -> dict:
     gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(30, seed=0))
     dom = write_jsonl(tmp_path / "dom.jsonl", make_docs(30, seed=1))
     ev = write_jsonl(tmp_path / "ev.jsonl", make_docs(4, seed=2))
+    dv = write_jsonl(tmp_path / "dv.jsonl", make_docs(4, seed=3))
     return {
         "output_dir": str(tmp_path / "out"),
         "stage1": {"data": {"path": gen, "seq_len": 32}, "output": str(tmp_path / "shared_gg")},
         "train": {"data": {"path": dom, "seq_len": 32}, "max_steps": 2, "batch_size": 2},
-        "eval": {"sets": [{"name": "ev", "kind": "general", "data": {"path": ev, "seq_len": 32}}]},
+        "eval": {
+            "sets": [
+                {"name": "ev", "kind": "general", "data": {"path": ev, "seq_len": 32}},
+                {"name": "dv", "kind": "domain", "data": {"path": dv, "seq_len": 32}},
+            ]
+        },
     }
 
 
@@ -320,8 +327,9 @@ def test_bad_input(tmp_path, capsys, case):
 # Errors in the contents of data files, once raised inside Ray Data: each case runs the
 # CLI in a subprocess and its whole stderr must be the one line (exit code 2). Local
 # files are read before Ray starts (dba_ray/preflight.py), so these start no cluster:
-# SAFE makes one that slipped through fail. Each case: (id, setup, the expected line's
-# message, "{d}" standing for the data folder).
+# SAFE makes one that slipped through fail. Each case: (id, command, setup, the expected
+# line's message, "{d}" standing for the data folder). The cases with a pretrain section
+# are refused before pretraining.
 
 RECORD_HINT = " (set on_bad_record: skip to skip such records)"
 
@@ -351,66 +359,136 @@ def _stage1_wider_than_the_cluster(tmp_path, tree):
     return ["--set", "ray.address=null"]
 
 
+def _with_pretrain(tree):
+    tree["pretrain"] = {"data": {"path": tree["stage1"]["data"]["path"], "seq_len": 32}, "max_steps": 2}
+
+
+def _eval_sets_of_one_kind(tmp_path, tree):
+    _with_pretrain(tree)
+    tree["eval"]["sets"] = tree["eval"]["sets"][:1]
+
+
+def _validation_sets_of_one_kind(tmp_path, tree):
+    _with_pretrain(tree)
+    tree["eval"]["validation_sets"] = [
+        {**s, "name": f"{s['name']}-val", "kind": "domain"} for s in tree["eval"]["sets"]
+    ]
+
+
+def _stage1_output_under_a_file(tmp_path, tree):
+    _with_pretrain(tree)
+    tree["stage1"]["output"] = str(Path(_file(tmp_path, "data/a_file", b"x")) / "gg")
+
+
+def _train_on_another_models_gradient(tmp_path, tree):
+    # `train` with a pretrain section: refused before pretraining, not after it.
+    _with_pretrain(tree)
+    _other_models_gradient(tmp_path, tree)
+    return ["--method", "dba"]
+
+
 SUBPROCESS_CASES = [
     (
         "missing-field",
+        "run",
         _lines_then(b'{"body": "no text"}', "m.jsonl"),
         "malformed record at {d}/m.jsonl:3: field 'text' missing or not a string" + RECORD_HINT,
     ),
     (
         "broken-line",
+        "run",
         _lines_then(b'{"text": "cut off', "j.jsonl"),
         "malformed record at {d}/j.jsonl:3: not valid JSON (Invalid control character at)" + RECORD_HINT,
     ),
     (
         "empty-record",
+        "run",
         _lines_then(b"{}", "e.jsonl"),
         "malformed record at {d}/e.jsonl:3: field 'text' missing or not a string" + RECORD_HINT,
     ),
     (
         "invalid-utf8",
+        "run",
         train_data(lambda p: _file(p, "data/u.txt", b"fine\nalso fine\nbad \xff byte\n")),
         "malformed record at {d}/u.txt:3: not valid UTF-8" + RECORD_HINT,
     ),
     (
         "binary-file",
+        "run",
         train_data(lambda p: _file(p, "data/b.jsonl", bytes(range(255, -1, -1)) * 40)),
         "malformed record at {d}/b.jsonl:1: not valid UTF-8" + RECORD_HINT,
     ),
     (
         "json-wrong-types",
+        "run",
         train_data(lambda p: _file(p, "data/w.json", b'[{"text": 5}]')),
         "malformed record at {d}/w.json: record 0: field 'text' missing or not a string" + RECORD_HINT,
     ),
     (
         "truncated-gz",
+        "run",
         train_data(_gz_truncated),
         "cannot read {d}/g.jsonl.gz as jsonl: Truncated compressed stream; a truncated or corrupt file? "
         "Replace it or remove it from the data",
     ),
     (
         "corrupt-parquet",
+        "run",
         train_data(lambda p: _file(p, "data/c.parquet", b"PAR1" + bytes(500))),
         "cannot read {d}/c.parquet as parquet: Parquet magic bytes not found in footer. Either the file is "
         "corrupted or this is not a parquet file.; a truncated or corrupt file? Replace it or remove it from the data",
     ),
     (
         "100mb-line",
+        "run",
         train_data(lambda p: _file(p, "data/l.jsonl", b'{"text": "' + b"a" * 100 * 2**20 + b'"}\n')),
         "malformed record at {d}/l.jsonl:1: line longer than 16,777,216 characters (split it into smaller records)"
         + RECORD_HINT,
     ),
     (
         "workers-larger-than-the-cluster",
+        "run",
         edit(_stage1_wider_than_the_cluster),
         "stage 1: its Train workers need 2 CPUs but the cluster has 2; leave at least one for Ray Data "
         "(raise ray.num_cpus or lower stage1.num_workers / stage1.cpus_per_worker)",
     ),
     (
         "mixture-without-general",
+        "run",
         edit(_mixture_of_malformed),
         "train.mixture.data.path {d}/none.jsonl holds no records to use (3 malformed, skipped, the first at "
         "{d}/none.jsonl:1: field 'text' missing or not a string): point it at your data",
+    ),
+    # what the config and the artifacts tell, before pretraining
+    (
+        "eval-sets-of-one-kind",
+        "run",
+        edit(_eval_sets_of_one_kind),
+        "eval.sets has no domain set (it holds ev, all general): S = HM(S_D, S_G) needs at least one set "
+        "of each kind; add one with kind: domain",
+    ),
+    (
+        "validation-sets-of-one-kind",
+        "run",
+        edit(_validation_sets_of_one_kind),
+        "eval.validation_sets has no general set (it holds ev-val, dv-val, all domain): S = HM(S_D, S_G) "
+        "needs at least one set of each kind; add one with kind: general",
+    ),
+    (
+        "stage1-output-under-a-file",
+        "run",
+        edit(_stage1_output_under_a_file),
+        "cannot write to stage1.output {d}/a_file/gg: {d}/a_file is a file; check that it exists and that "
+        "you may write there (credentials, permissions), or choose another",
+    ),
+    (
+        "train-on-another-models-gradient",
+        "train",
+        edit(_train_on_another_models_gradient),
+        "global gradient was computed for model 'builtin:tiny-llama' (fingerprint 26693563d5eb079b), which "
+        "does not match 'builtin:tiny-llama' (fingerprint 71236058bfab334a); first difference "
+        "model.embed_tokens.weight: [262, 32] vs [262, 64]: compute ĝ_G for this model (dba-ray "
+        "global-gradient) or point to the artifact made for it",
     ),
 ]
 
@@ -425,14 +503,14 @@ def assert_one_error_line(done: subprocess.CompletedProcess, message: str) -> No
 
 @pytest.fixture(scope="module")
 def user_runs(tmp_path_factory) -> dict:
-    """Every case of SUBPROCESS_CASES run as `dba-ray run`, two at a time: each is one
+    """Every case of SUBPROCESS_CASES run as the user would, two at a time: each is one
     process, mostly importing torch and Ray, so the two cores halve the wait."""
 
     def run(case):
-        name, setup, _ = case
+        name, command, setup, _ = case
         tmp_path = tmp_path_factory.mktemp(name)
         tree, extra = setup(tmp_path, pipeline_tree(tmp_path))
-        return name, (tmp_path, run_cli("run", write_config(tmp_path, tree), *SAFE, *extra))
+        return name, (tmp_path, run_cli(command, write_config(tmp_path, tree), *SAFE, *extra))
 
     with ThreadPoolExecutor(2) as pool:
         return dict(pool.map(run, SUBPROCESS_CASES))
@@ -440,7 +518,7 @@ def user_runs(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=[c[0] for c in SUBPROCESS_CASES])
 def test_bad_data_as_a_user_runs_it(user_runs, case):
-    name, _, message = case
+    name, _, _, message = case
     tmp_path, done = user_runs[name]
     assert_one_error_line(done, message.format(d=tmp_path / "data"))
     assert_nothing_loadable(tmp_path)

@@ -1,6 +1,7 @@
 """The Ray Data pipeline on real files, on the session's local Ray cluster."""
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +10,7 @@ import pytest
 from conftest import make_docs, write_jsonl
 
 from dba_ray.config import DataConfig, ModelConfig
-from dba_ray.data import build_sequences
+from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.data.records import ReadFiles
 from dba_ray.data.tokenize import IGNORE, instruction_prompt
 from dba_ray.errors import UserError, find_user_error
@@ -128,6 +129,26 @@ def test_budgets_and_deterministic_shuffle(tmp_path):
     # Capping the tokenizing tasks (ray.tokenize_concurrency) changes nothing but speed.
     capped, _ = rows(shuffled, max_records=20, concurrency=1)
     assert np.array_equal(capped, a)
+
+
+def test_collected_rows_keep_source_order_whichever_task_finishes_first():
+    """The tokenized data (pretraining's, the domain's) comes out in source order, so two
+    runs train on the same batches: a Dataset copies the DataContext when it is made, and
+    an order set on the current one afterwards never reached it (the quickstart's first
+    pretraining loss differed between two runs)."""
+    import ray.data
+
+    def first_block_slow(batch: dict) -> dict:  # defined here: Ray's workers cannot import this module
+        if batch["id"][0] == 0:
+            time.sleep(2)
+        ids = np.repeat(batch["id"][:, None], 4, axis=1).astype(np.int32)
+        return {"input_ids": ids, "labels": ids}
+
+    def blocks():
+        return ray.data.range(4, override_num_blocks=4).map_batches(first_block_slow, batch_size=None)
+
+    assert collect_arrays(blocks())["input_ids"][:, 0].tolist() == [0, 1, 2, 3]
+    assert collect_arrays(blocks(), limit=2)["input_ids"][:, 0].tolist() == [0, 1]
 
 
 def test_malformed_record_names_file_and_line(tmp_path):

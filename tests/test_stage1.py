@@ -10,7 +10,7 @@ from conftest import make_docs, tiny_config, write_jsonl
 from safetensors import safe_open
 
 from dba_ray import artifact
-from dba_ray.data import build_sequences
+from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.model import load_model
 
@@ -19,16 +19,8 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 def ordered_sequences(cfg):
     """The exact rows Stage 1 sees, in the order one worker sees them."""
-    ctx = ray.data.DataContext.get_current()
-    old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
-        rows = build_sequences(cfg.stage1.data, cfg.model).take_all()
-    finally:
-        ctx.execution_options.preserve_order = old
-    return (
-        torch.tensor(np.stack([r["input_ids"] for r in rows]), dtype=torch.long),
-        torch.tensor(np.stack([r["labels"] for r in rows]), dtype=torch.long),
-    )
+    arrays = collect_arrays(build_sequences(cfg.stage1.data, cfg.model))
+    return (torch.from_numpy(arrays["input_ids"]).long(), torch.from_numpy(arrays["labels"]).long())
 
 
 def reference_gradients(model_cfg, ids, labels, batch_size):

@@ -111,14 +111,13 @@ def build_sequences(
 def collect_arrays(ds: ray.data.Dataset, limit: int | None = None) -> dict[str, np.ndarray]:
     """Run a sequence Dataset in order and return its ``input_ids`` / ``labels`` as two
     [N, seq_len] int32 arrays (for data small enough to hold: domain and eval sets)."""
-    ctx = ray.data.DataContext.get_current()
-    old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
-        if limit is not None:
-            ds = ds.limit(limit)
-        parts = list(ds.iter_batches(batch_size=4096, batch_format="numpy"))
-    finally:
-        ctx.execution_options.preserve_order = old
+    # On the Dataset's own context: a Dataset copies the current DataContext when it is
+    # created, so setting the current one now would not reach it (and the rows would come
+    # in whichever order the tokenizing tasks finish).
+    ds.context.execution_options.preserve_order = True
+    if limit is not None:
+        ds = ds.limit(limit)
+    parts = list(ds.iter_batches(batch_size=4096, batch_format="numpy"))
     if not parts:
         return {"input_ids": np.zeros((0, 0), np.int32), "labels": np.zeros((0, 0), np.int32)}
     return {k: np.concatenate([p[k] for p in parts]) for k in ("input_ids", "labels")}
