@@ -44,7 +44,7 @@ def texts(path: Path, subset: str = "all") -> Iterator[str]:
                 yield rec["text"]
 
 
-def train_tokenizer(train_jsonl: Path, out: Path) -> PreTrainedTokenizerFast:
+def train_tokenizer(train_jsonl: Path, out: Path, vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     """Train the BPE on ``train_jsonl`` and save it to ``out`` (reused when present).
     The pre-tokenizer adds no prefix space (as GPT-2's), so decoding gives the text back."""
     if (out / "tokenizer.json").exists():
@@ -53,7 +53,7 @@ def train_tokenizer(train_jsonl: Path, out: Path) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         min_frequency=2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[EOS, PAD],
@@ -65,8 +65,9 @@ def train_tokenizer(train_jsonl: Path, out: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def write_model_dir(tok: PreTrainedTokenizerFast, out: Path) -> Path:
-    """The base model before pretraining: config, tokenizer and seed-0 weights."""
+def write_model_dir(tok: PreTrainedTokenizerFast, out: Path, arch: dict | None = None) -> Path:
+    """The base model before pretraining: config, tokenizer and seed-0 weights (``arch``:
+    a smaller shape for the smoke setting)."""
     if (out / "config.json").exists():
         return out
     config = LlamaConfig(
@@ -74,13 +75,13 @@ def write_model_dir(tok: PreTrainedTokenizerFast, out: Path) -> Path:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **ARCH,
+        **(arch or ARCH),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     n = sum(p.numel() for p in model.parameters())
-    if len(tok) == VOCAB and n != PARAMETERS:
+    if arch is None and n != PARAMETERS:
         raise SystemExit(f"the model has {n:,} parameters, PROTOCOL3 §1 says {PARAMETERS:,}")
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))

@@ -1,0 +1,102 @@
+"""The quality benchmark's third protocol (PROTOCOL3.md): a real vocabulary, two domains.
+
+    python benchmarks/quality/data3.py              # the general corpus, once
+    python benchmarks/quality/run.py ../shared/data --protocol 3 --out /work/quality3-out \\
+        --state benchmarks/quality/state3
+    python benchmarks/quality/run.py ../shared/data --protocol 3 --smoke   # minutes, under /tmp only
+
+Stages, in §8's order, each cached so that a rerun resumes: the tokenizer and its row
+counts; the timing gate (its projection decides §8's drops); pretraining and the
+flatness check; Stage 1 (ĝ_G and v_G); per domain, seed 0's grids, merge curves and
+extensions on the validation sets, the choices, and seeds 1–3 at every choice on the
+test sets, per record. results3.json holds what the tables and the paired bootstrap
+(protocol.py, §4) read: every test set's per-record [NLL sum, correct, tokens] for the
+base and for each method, seed and set (``paired_records`` picks a method's and a
+reference's). The smoke setting (tiny vocabulary, model and grids, 4 steps) checks the
+whole path and writes only under its --out, never into state3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import base3
+import grid3
+from carry import carry_state
+
+HERE = Path(__file__).parent
+OUT = Path("/work/quality3-out")
+SMOKE_OUT = Path("/tmp/quality3-smoke")
+GENERAL3 = [Path("general3"), Path("/work/quality3-data/general3")]  # in DATA first (§1)
+# What a rerun resumes from (state3): tokenizer, base and curves, ĝ_G / v_G, the gate and
+# every finished phase's phase.json with its per-record sums; no run weights.
+KEEP = [
+    "tokenizer/*",
+    "model0/*",
+    "vocab.json",
+    "timing.json",
+    "pretrain/*/pretrain/model/*",
+    "pretrain/*/pretrain/curves.jsonl",
+    "pretrain/*/pretrain/card.json",
+    "global_gradient/*",
+    "*/*/phase.json",
+]
+log = logging.getLogger("quality")
+
+
+def general3(data: Path) -> Path:
+    for candidate in GENERAL3:
+        folder = candidate if candidate.is_absolute() else data / candidate
+        if (folder / "train.jsonl").exists():
+            return folder.resolve()
+    raise SystemExit("quality3: no general3/train.jsonl in DATA or /work/quality3-data: run data3.py first")
+
+
+def paired_records(domain: dict, method: str, reference: str) -> dict:
+    """What a paired bootstrap over test records reads for one comparison: the sets'
+    kinds, and for the method and the reference, seed -> set -> per-record
+    [NLL sum, correct, tokens], records in file order (the same records for both)."""
+
+    def sums(m: str) -> dict[int, dict[str, list]]:
+        return {int(s): {k: v["records"] for k, v in sc["eval"].items()} for s, sc in domain["test"][m].items()}
+
+    return {"kinds": domain["kinds"], "method": sums(method), "reference": sums(reference)}
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.smoke and args.state:
+        raise SystemExit("quality3: --smoke never writes into a state folder: drop --state")
+    out = (args.out or (SMOKE_OUT if args.smoke else OUT)).resolve()
+    p = base3.Paths(args.data.resolve(), general3(args.data.resolve()), out, args.smoke)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.state:
+        carry_state(args.state, out, KEEP)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    dest = out if args.smoke else HERE
+    start = time.monotonic()
+
+    def save(results: dict) -> None:
+        results["wall_s"] = time.monotonic() - start
+        (dest / "results3.json").write_text(json.dumps(results, indent=1, default=str))
+        if args.state:
+            carry_state(out, args.state, KEEP)
+
+    base3.machine_free(args.smoke)
+    model0, vocab = base3.vocabulary(p)
+    gate = base3.timing_gate(p, model0)
+    log.info("timing gate: %.1f h projected, drops %s", gate["total_h"], gate["drops"] or "none")
+    base3.machine_free(args.smoke)
+    base, pretraining = base3.pretrain(p, model0)
+    base3.machine_free(args.smoke)
+    stage1 = base3.global_gradient(p, base)
+    results = {"vocab": vocab, "timing": gate, "pretraining": pretraining, "stage1": stage1, "domains": {}}
+    save(results)
+    for domain in args.domains:
+        d = grid3.Domain(p, domain, base, gate["drops"])
+        results["domains"][domain] = d.result(stage1["tokens"])
+        save(results)
+    print(f"results: {dest / 'results3.json'}")
