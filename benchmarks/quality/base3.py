@@ -304,4 +304,5 @@ def flatness(curve: list[dict]) -> dict:
 def global_gradient(p: Paths, base: str) -> dict:
     """ĝ_G and v_G from all of general3/train.jsonl (§1: batch 16 × 128, 2 workers)."""
     tree = p.tree("medicine", base, "validation")
+    tree["train"].pop("global_gradient")  # Stage 2's pointer at this artifact: Stage 1 makes it
     return ensure_global_gradient(Config.model_validate(tree)).as_json()
