@@ -193,6 +193,7 @@ class Domain:
         self.loads: dict[str, list] = {}
         self.base_validation: dict = {}
         self.base_test: dict = {}
+        self.fisher_tokens = 4096 if p.smoke else FISHER_MAX_TOKENS  # F_D's budget (§3)
 
     def tree(self, split: str) -> dict:
         return self.p.tree(self.domain, self.base, split)
@@ -250,7 +251,7 @@ class Domain:
             tree = self.tree("validation")
             tree["merge"] = {"mode": mode, "knobs": list(knobs), "models": models}
             if mode == "fisher":
-                tree["merge"]["fisher_max_tokens"] = FISHER_MAX_TOKENS
+                tree["merge"]["fisher_max_tokens"] = self.fisher_tokens
             name = f"merge-{round_}-{i}-{mode}"
             for run, curve in self.phase(name, tree, "merge")["merges"].items():
                 for point in curve["points"]:
@@ -321,7 +322,7 @@ class Domain:
                 "models": {n: r["model_dir"] for n, r in by_seed.values()},
             }
             if mode == "fisher":
-                tree["merge"]["fisher_max_tokens"] = FISHER_MAX_TOKENS
+                tree["merge"]["fisher_max_tokens"] = self.fisher_tokens
             merges = self.phase(f"seeds-merge-{method}", tree, "merge")["merges"]
             out[method] = {s: merges[name]["points"][0]["test"] for s, (name, _) in by_seed.items()}
         return out

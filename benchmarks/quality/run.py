@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from carry import carry_state  # noqa: E402
+import carry  # noqa: E402
 from protocol import Candidate, Cost, choose, edge_lrs, paired, total_tokens  # noqa: E402
 
 from dba_ray import artifact  # noqa: E402
@@ -449,6 +449,13 @@ KEEP = [
 ]
 
 
+def carry_state(src: Path, dst: Path) -> None:
+    """Copy what makes a rerun resume (``KEEP``) from ``src`` to ``dst``, leaving files
+    ``dst`` has. A machine that does not keep OUT between sessions resumes from a copy
+    kept in the repository (``--state``)."""
+    carry.carry_state(src, dst, KEEP)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, help="folder laid out like ../shared/data")
@@ -465,7 +472,7 @@ def main() -> None:
         return run3.main(args)
     args.out = args.out or HERE / "out"
     if args.state:
-        carry_state(args.state, args.out, KEEP)
+        carry_state(args.state, args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     b = Bench(args.data, args.out, args.smoke)
     dest = b.dest
@@ -488,7 +495,7 @@ def main() -> None:
             (dest / "results.json").write_text(json.dumps(results, indent=1, default=str))
             (dest / "results.md").write_text(markdown(results))
             if args.state:
-                carry_state(args.out, args.state, KEEP)
+                carry_state(args.out, args.state)
     print((dest / "results.md").read_text())
 
 
