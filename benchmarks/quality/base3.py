@@ -20,7 +20,7 @@ from dba_ray.config import Config
 from dba_ray.curves import read_curves
 from dba_ray.data.records import read_text_records
 from dba_ray.data.tokenize import record_arrays
-from dba_ray.evaluate import score_sets
+from dba_ray.evaluate import score_sets, scored_tokens
 from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model
 from dba_ray.prepare import ensure_base_model, ensure_global_gradient
@@ -204,26 +204,31 @@ def timing_gate(p: Paths, model0: str, domain: str = "medicine", steps: int = 50
     sets = {s.name: record_arrays(read_text_records(s.data), tok, SEQ) for s in cfg.eval.sets}
     start = time.monotonic()
     score_sets(model, sets, {s.name: s.kind for s in cfg.eval.sets}, 32, "cpu")
-    gate = {"step_s": step_s, "validation_scoring_s": time.monotonic() - start, **projection(step_s, sets)}
+    val_s = time.monotonic() - start
+    test = Config.model_validate(p.tree(domain, model0, "test")).eval.sets
+    test_ratio = _tokens({s.name: record_arrays(read_text_records(s.data), tok, SEQ) for s in test}) / _tokens(sets)
+    gate = {"step_s": step_s, "validation_scoring_s": val_s, "test_to_validation_tokens": test_ratio}
+    gate |= projection(step_s, val_s, test_ratio)
     cached.write_text(json.dumps(gate, indent=1))
     return gate
 
 
-def projection(step_s: float, validation: dict) -> dict:
-    """Machine hours of §8's table from the measured rates: one thread per run, two runs
-    (or one two-thread job) at a time on two cores, so machine time is half the summed
-    single-thread time. Test sets are about 320/180 of the validation sets' tokens."""
-    tokens_per_step = 4 * SEQ
-    per_token = step_s / tokens_per_step  # forward + backward, one thread
-    val_tokens = sum(int((a["labels"][:, 1:] != -100).sum()) for a in validation.values())
-    val_s = per_token / 3 * val_tokens  # a forward pass is about a third of forward + backward
+def _tokens(sets: dict) -> int:
+    return sum(scored_tokens(a) for a in sets.values())
+
+
+def projection(step_s: float, val_s: float, test_ratio: float) -> dict:
+    """Machine hours of §8's table from the measured times (a step, a validation scoring;
+    a test scoring scales by its tokens): one thread per run, two runs (or one two-thread
+    job) at a time on two cores, so machine time is half the summed single-thread time."""
+    per_token = step_s / (4 * SEQ)  # forward + backward, one thread
     run_s = T * step_s
     hours = {
         "data_tokenizer": 0.25,
         "pretraining": (PRETRAIN["steps"] * PRETRAIN["batch"] * SEQ * per_token + 20 * val_s) / 2 / 3600,
         "stage1": 2.5e6 * per_token / 2 / 3600,
         "grid_per_domain": ((15 + 9 + 16.25) * run_s + 144 * val_s + 3 * 131_072 * per_token) / 2 / 3600,
-        "seeds_per_domain": (3 * 13.3 * run_s + 51 * val_s * 320 / 180) / 2 / 3600,
+        "seeds_per_domain": (3 * 13.3 * run_s + 51 * val_s * test_ratio) / 2 / 3600,
     }
     base = hours["data_tokenizer"] + hours["pretraining"] + hours["stage1"]
     total = base + 2 * (hours["grid_per_domain"] + hours["seeds_per_domain"])
