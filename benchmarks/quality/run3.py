@@ -58,13 +58,20 @@ def general3(data: Path) -> Path:
 
 def paired_records(domain: dict, method: str, reference: str) -> dict:
     """What a paired bootstrap over test records reads for one comparison: the sets'
-    kinds, and for the method and the reference, seed -> set -> per-record
-    [NLL sum, correct, tokens], records in file order (the same records for both)."""
+    kinds, which general sets are seen and unseen (S_G three ways, §4), and for the
+    method and the reference, seed -> set -> per-record [NLL sum, correct, tokens],
+    records in file order (the same records for both)."""
 
     def sums(m: str) -> dict[int, dict[str, list]]:
         return {int(s): {k: v["records"] for k, v in sc["eval"].items()} for s, sc in domain["test"][m].items()}
 
-    return {"kinds": domain["kinds"], "method": sums(method), "reference": sums(reference)}
+    return {
+        "kinds": domain["kinds"],
+        "seen": base3.SEEN,
+        "unseen": base3.UNSEEN,
+        "method": sums(method),
+        "reference": sums(reference),
+    }
 
 
 def main(args: argparse.Namespace) -> None:
