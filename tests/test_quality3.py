@@ -113,3 +113,41 @@ def test_edges_extend_within_limits_then_flag():
     assert grid3.extend(s, mixture) and s.values["mixture"][-1] == 0.8
     lam = {"fisher": _cand("fisher", 3e-4, 0.1, None, 0.5)}
     assert grid3.extend(s, lam) and s.values["fisher"] == [0.001, 0.01, 0.1, 1.0]
+
+
+def test_paired_records_pair_one_method_with_a_reference_seed_by_seed():
+    import run3
+
+    def scores(offset: float) -> dict:
+        return {
+            "eval": {"medicine": {"acc": 0.5, "records": [[1.0, offset, 2.0]]}, "enc": {"records": [[2.0, 1.0, 3.0]]}}
+        }
+
+    domain = {
+        "kinds": {"medicine": "domain", "enc": "general"},
+        "test": {"al": {"1": scores(1.0)}, "dba": {"1": scores(0.0)}},
+    }
+    pr = run3.paired_records(domain, "dba", "al")
+    assert pr["method"] == {1: {"medicine": [[1.0, 0.0, 2.0]], "enc": [[2.0, 1.0, 3.0]]}}
+    assert pr["reference"][1]["medicine"] == [[1.0, 1.0, 2.0]]
+    assert pr["seen"] == ["enc", "books", "code"] and pr["unseen"] == ["shakespeare", "math"]
+
+
+def test_smoke_never_writes_into_a_state_folder(tmp_path):
+    import subprocess
+
+    script = Path(__file__).parents[1] / "benchmarks" / "quality" / "run.py"
+    cmd = [
+        sys.executable,
+        str(script),
+        str(tmp_path),
+        "--protocol",
+        "3",
+        "--smoke",
+        "--state",
+        str(tmp_path / "state3"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == "quality3: --smoke never writes into a state folder: drop --state\n"
+    assert not (tmp_path / "state3").exists()
