@@ -151,3 +151,27 @@ def test_smoke_never_writes_into_a_state_folder(tmp_path):
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == "quality3: --smoke never writes into a state folder: drop --state\n"
     assert not (tmp_path / "state3").exists()
+
+
+def test_state_is_committed_on_the_run_branch_only(tmp_path):
+    import subprocess
+
+    import run3
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    git("commit", "-q", "--allow-empty", "-m", "start")
+    state = tmp_path / "bench" / "state3"
+    state.mkdir(parents=True)
+    (state / "vocab.json").write_text("{}")
+    run3.commit_state(state, "tokenizer")
+    assert git("log", "--format=%s").splitlines() == ["start"]  # not the run's branch
+    git("checkout", "-q", "-b", run3.RUN_BRANCH)
+    run3.commit_state(state, "tokenizer")
+    run3.commit_state(state, "nothing new")  # nothing staged: no empty commit
+    assert git("log", "--format=%s").splitlines() == ["quality3 state: tokenizer", "start"]
+    assert git("show", "--name-only", "--format=").split() == ["bench/state3/vocab.json"]

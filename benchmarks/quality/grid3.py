@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from base3 import Paths, machine_free
 from protocol import Candidate
@@ -183,14 +184,15 @@ class Domain:
     """One domain's phases and what they found: seed 0's runs (validation S, cost) and
     merge points by (mode, run), each knob's validation S."""
 
-    def __init__(self, p: Paths, domain: str, base: str, drops: list[str]):
+    def __init__(self, p: Paths, domain: str, base: str, drops: list[str], on_phase: Callable[[str], None]):
         self.p, self.domain, self.base = p, domain, base
         self.merged = [] if (domain == "finance" and "finance_combinations" in drops) else list(MERGED)
         self.search = Search.initial(self.merged, p.smoke, drops)
         self.trained: dict[str, dict] = {}
         self.points: dict[tuple[str, str], dict[float, float]] = {}
         self.merge_costs: dict[tuple[str, str], list[dict]] = {}
-        self.loads: dict[str, list] = {}
+        self.phases: dict[str, dict] = {}  # wall seconds and load averages of every phase
+        self.on_phase = on_phase  # called with a phase's label after it finishes
         self.base_validation: dict = {}
         self.base_test: dict = {}
         self.fisher_tokens = 4096 if p.smoke else FISHER_MAX_TOKENS  # F_D's budget (§3)
@@ -215,7 +217,8 @@ class Domain:
             saved["load"] = [list(load), list(os.getloadavg())]  # 1/5/15-minute averages at start and end
             out.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps(saved, default=str))
-        self.loads[name] = saved["load"]
+            self.on_phase(f"{self.domain}/{name}")
+        self.phases[name] = {"wall_s": saved["wall_s"], "load": saved["load"]}
         return saved["report"]
 
     def train_missing(self, round_: int) -> None:
@@ -356,7 +359,7 @@ class Domain:
             "search_eval_tokens": int(len(runs) * val_tokens + sum(m["eval_tokens"] for m in merges)),
             "fd_tokens": sum(m["fisher_tokens"] for m in merges),
             "wall_s": sum(self.trained[n]["wall_s"] for n in runs) + sum(m["wall_s"] for m in merges),
-            "load": {ph: self.loads[ph] for ph in sorted(phases)},
+            "load": {ph: self.phases[ph]["load"] for ph in sorted(phases)},
         }
 
     def result(self, stage1_tokens: int) -> dict:
@@ -379,6 +382,7 @@ class Domain:
             "base": {"validation": _scores(self.base_validation), "test": _scores(self.base_test)},
             "kinds": {s["name"]: s["kind"] for s in self.tree("test")["eval"]["sets"]},
             "costs": {m: self.cost(m, c, stage1_tokens) for m, c in choices.items()},
+            "phases": self.phases,  # the domain's machine time, test scoring and seeds included
             "search": {
                 "lrs": self.search.lrs,
                 "values": self.search.values,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from carry import carry_state
 HERE = Path(__file__).parent
 OUT = Path("/work/quality3-out")
 SMOKE_OUT = Path("/tmp/quality3-smoke")
+RUN_BRANCH = "quality3-run"
 GENERAL3 = [Path("general3"), Path("/work/quality3-data/general3")]  # in DATA first (§1)
 # What a rerun resumes from (state3): tokenizer, base and curves, ĝ_G / v_G, the gate and
 # every finished phase's phase.json with its per-record sums; no run weights.
@@ -74,6 +76,20 @@ def paired_records(domain: dict, method: str, reference: str) -> dict:
     }
 
 
+def commit_state(state: Path, label: str) -> None:
+    """§8: after each finished phase, state3 is committed, on branch quality3-run only
+    (the frozen worktree's), so that a run elsewhere never commits by surprise."""
+    state = state.resolve()
+    git = ["git", "-C", str(state.parent)]
+    branch = subprocess.run([*git, "branch", "--show-current"], capture_output=True, text=True).stdout.strip()
+    if branch != RUN_BRANCH:
+        log.info("state3 not committed: the branch is %r, not %s", branch, RUN_BRANCH)
+        return
+    subprocess.run([*git, "add", str(state)], check=True)
+    if subprocess.run([*git, "diff", "--cached", "--quiet"]).returncode:
+        subprocess.run([*git, "commit", "-q", "-m", f"quality3 state: {label}"], check=True)
+
+
 def main(args: argparse.Namespace) -> None:
     if args.smoke and args.state:
         raise SystemExit("quality3: --smoke never writes into a state folder: drop --state")
@@ -86,24 +102,30 @@ def main(args: argparse.Namespace) -> None:
     dest = out if args.smoke else HERE
     start = time.monotonic()
 
+    def finished(label: str) -> None:
+        if args.state:
+            carry_state(out, args.state, KEEP)
+            commit_state(args.state, label)
+
     def save(results: dict) -> None:
         results["wall_s"] = time.monotonic() - start
         (dest / "results3.json").write_text(json.dumps(results, indent=1, default=str))
-        if args.state:
-            carry_state(out, args.state, KEEP)
 
     base3.machine_free(args.smoke)
     model0, vocab = base3.vocabulary(p)
     gate = base3.timing_gate(p, model0)
     log.info("timing gate: %.1f h projected, drops %s", gate["total_h"], gate["drops"] or "none")
+    finished("tokenizer and timing gate")
     base3.machine_free(args.smoke)
     base, pretraining = base3.pretrain(p, model0)
+    finished("pretraining")
     base3.machine_free(args.smoke)
     stage1 = base3.global_gradient(p, base)
+    finished("Stage 1")
     results = {"vocab": vocab, "timing": gate, "pretraining": pretraining, "stage1": stage1, "domains": {}}
     save(results)
     for domain in args.domains:
-        d = grid3.Domain(p, domain, base, gate["drops"])
+        d = grid3.Domain(p, domain, base, gate["drops"], finished)
         results["domains"][domain] = d.result(stage1["tokens"])
         save(results)
     print(f"results: {dest / 'results3.json'}")
