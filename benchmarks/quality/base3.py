@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import vocab3
+from matplotlib.figure import Figure
 
 from dba_ray.config import Config
 from dba_ray.curves import read_curves
@@ -311,3 +312,19 @@ def global_gradient(p: Paths, base: str) -> dict:
     tree = p.tree("medicine", base, "validation")
     tree["train"].pop("global_gradient")  # Stage 2's pointer at this artifact: Stage 1 makes it
     return ensure_global_gradient(Config.model_validate(tree)).as_json()
+
+
+def curve_png(curve: list[dict], path: Path) -> None:
+    """§1's reported curve: validation NLL and accuracy of the five general sets by
+    pretraining step, the last tenth (the flatness window) shaded."""
+    fig = Figure(figsize=(10, 4))
+    steps = [r["step"] for r in curve]
+    for ax, metric in zip(fig.subplots(1, 2), ("nll", "acc")):
+        for s in SEEN + UNSEEN:
+            style = "-" if s in SEEN else "--"
+            ax.plot(steps, [r[f"{s}-val/{metric}"] for r in curve], style, marker=".", label=s)
+        ax.axvspan(0.9 * steps[-1], steps[-1], alpha=0.15, color="grey")
+        ax.set_xlabel("pretraining step")
+        ax.set_ylabel(f"validation {metric}")
+    fig.axes[0].legend(title="seen (solid), unseen (dashed)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -118,6 +118,7 @@ def main(args: argparse.Namespace) -> None:
     finished("tokenizer and timing gate")
     base3.machine_free(args.smoke)
     base, pretraining = base3.pretrain(p, model0)
+    base3.curve_png(pretraining["curve"], dest / "pretraining_curve.png")
     finished("pretraining")
     base3.machine_free(args.smoke)
     stage1 = base3.global_gradient(p, base)
