@@ -412,6 +412,19 @@ def load(uri: str, *, verify: bool = False, rows: Rows | None = None) -> GlobalG
     return GlobalGradient(mean=mean, meta=meta, second_moment=parts.get("second_moment"))
 
 
+def mean_tensor(uri: str, name: str) -> torch.Tensor | None:
+    """ĝ_G's tensor ``name`` whole and alone, without reading the rest of the artifact
+    (a sharded write's row blocks pieced together); None when it is stored SVD-compressed."""
+    meta, directory = check_files(uri, checksums=False)
+    files = [
+        (info.get("rank", 0), os.path.join(directory, fname))
+        for fname, info in meta["files"].items()
+        if info["part"] == "mean_gradient"
+    ]
+    reader = RowBlocks(files)
+    return reader.read(name) if name in reader.keys() else None
+
+
 def check_files(uri: str, checksums: bool = True) -> tuple[dict, str]:
     """Every file meta.json lists is there with its size (and, with ``checksums``, its
     sha256), read file by file without building any tensor; (meta, local directory)."""

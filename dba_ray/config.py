@@ -212,8 +212,21 @@ class Stage1Config(_Strict):
         0,
         ge=0,
         description="Worker failures (a process or a whole node lost) survived by running "
-        "the job again from the start of the data: Stage 1 keeps no checkpoint, and its "
-        "sums exist only once every sequence is in. Nothing is written before the end.",
+        "the job again: from its last checkpoint with checkpoint_every_tokens, else from "
+        "the start of the data. The artifact itself is written only at the end.",
+    )
+    checkpoint_every_tokens: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Checkpoint the running sums (this rank's rows under fsdp), the counts "
+        "and the data position (the keys of the sequences counted so far) every this many "
+        "trained tokens, in Ray Train's run folder under <output_dir>/ray_train (the last "
+        "one kept). A job that lost workers (max_failures), or the same command run again "
+        "after a lost driver, continues from there: it reads the data again from the "
+        "start, skipping without a forward pass the sequences already counted, and its "
+        "artifact equals one uninterrupted pass. Workers then step together, one "
+        "micro-batch each (one small all-reduce per micro-batch). Needs stage1.data. "
+        "None: no checkpoints.",
     )
     second_moment: bool = Field(
         False,
@@ -277,7 +290,9 @@ class DBAConfig(_Strict):
         "(v_G from Stage 1; clipped to ±1 per weight), at most γ_t·c_t·lr_t and less where "
         "the general gradient is noise; c_t is DC's, as for gradient. masked: in g_B, but ĝ_G clipped "
         "per weight to ±|g_D| of the step, so it can tilt a weight the domain data moves "
-        "and never moves one on its own.",
+        "and never moves one on its own. Under gradient, a run warns before its first step when "
+        "5% or more of the input-embedding rows ĝ_G moves belong to tokens its domain data "
+        "never uses (README, The vocabulary warning).",
     )
     dc: Literal["norm", "cosine", "pcgrad", "none"] = Field(
         "norm",

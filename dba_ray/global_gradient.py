@@ -26,12 +26,12 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 from ray.train import DataConfig as TrainDataConfig
-from ray.train import FailureConfig, LoggingConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from dba_ray import artifact, console, sharding, storage, tracking
-from dba_ray.config import Config
+from dba_ray import artifact, console, sharding, stage1_checkpoint, storage, tracking
+from dba_ray.config import Config, digest
 from dba_ray.data import build_sequences, describe_source
 from dba_ray.data.tokenize import IGNORE
 from dba_ray.dba import local
@@ -70,19 +70,29 @@ class _Sums:
     each parameter: FSDP2 reduce-scatters each micro-batch's gradient, summed over the
     workers (divide factor 1), so the sums are already global and nothing is reduced at
     the end. Workers then run in lockstep: one micro-batch each per step, a worker whose
-    shard is done running an empty one. DDP workers run in lockstep too when v_G is kept
-    on more than one worker (each micro-batch's gradient summed over workers, so v_G
-    squares the same global micro-batch gradient as under fsdp); otherwise each sums its
-    own and one all-reduce at the end joins them.
+    shard is done running an empty one. DDP workers with v_G on more than one worker
+    sum each micro-batch's gradient over workers (so v_G squares the same global
+    micro-batch gradient as under fsdp), in lockstep too; otherwise each sums its own
+    and one all-reduce at the end joins them. Checkpoints need lockstep (every worker
+    must reach one at the same step), so ``checkpointing`` asks for it.
     """
 
-    def __init__(self, model: torch.nn.Module, second_moment: bool, device: torch.device, sharded: bool):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        second_moment: bool,
+        device: torch.device,
+        sharded: bool,
+        checkpointing: bool = False,
+    ):
         self.model = model
         self.params = dict(model.named_parameters())
         self.device = device
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
         self.sharded = sharded
-        self.lockstep = sharded or (second_moment and self.world > 1)
+        self.sum_each_step = not sharded and second_moment and self.world > 1
+        self.lockstep = sharded or self.sum_each_step or checkpointing
         # fp32 weights let .grad itself hold the running sum; otherwise (bf16 weights, or
         # when each micro-batch gradient is needed for v_G) sum into fp32 buffers.
         separate = second_moment or any(p.dtype != torch.float32 for p in self.params.values())
@@ -92,6 +102,10 @@ class _Sums:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.sequences = self.batches = self.steps = self.seq_len = 0
         self.data_hash = 0
+        self.global_tokens = 0.0  # every worker's trained tokens so far (lockstep only)
+        self.keys: list[np.ndarray] = []  # of the sequences counted, for checkpoints
+        self.prior_loop_s = 0.0  # streaming time before the checkpoint resumed from
+        self.resumed_at = 0  # that checkpoint's trained tokens
 
     def _zeros(self) -> dict[str, torch.Tensor]:
         """fp32 buffers the size of this rank's part of each parameter."""
@@ -110,6 +124,7 @@ class _Sums:
                 return False
             n_step = float(step[1])  # the global micro-batch's trained tokens
             self.steps += 1
+            self.global_tokens += n_step
         elif batch is None:
             return False
         if batch is None:  # an empty micro-batch: this worker's part of a collective step
@@ -118,6 +133,8 @@ class _Sums:
         else:
             ids_np, labels_np = batch["input_ids"], batch["labels"]
             self._count(ids_np, labels_np)
+            if "key" in batch:
+                self.keys.append(batch["key"])
         ids = torch.from_numpy(ids_np.astype(np.int64)).to(self.device, non_blocking=True)
         labels = torch.from_numpy(labels_np.astype(np.int64)).to(self.device, non_blocking=True)
         loss, _ = token_loss_sum(self.model, ids, labels)
@@ -141,21 +158,25 @@ class _Sums:
         inv_n2 = max(n_step, 1.0) ** -2
         for name, p in self.params.items():
             g = local(p.grad).float()
-            if self.lockstep and not self.sharded:
-                dist.all_reduce(g)  # FSDP's reduce-scatter already summed it
+            if self.sum_each_step:
+                dist.all_reduce(g)  # (under fsdp the reduce-scatter summed it)
             self.grads[name] += g
             if self.sq is not None:
                 self.sq[name].addcmul_(g, g, value=inv_n2)
             p.grad = None
 
-    def reduce(self, loop_s: float) -> "_Totals":
-        """Join the workers' sums (the gradient sums in place, unless they already are
-        global); the totals."""
-        if self.grads is None:
-            self.grads = {
-                n: (local(p.grad) if p.grad is not None else torch.zeros_like(local(p))).float()
-                for n, p in self.params.items()
-            }
+    def sum_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors holding the running gradient sums (this rank's rows under fsdp):
+        the fp32 buffers, or the gradients themselves."""
+        if self.grads is not None:
+            return self.grads
+        for p in self.params.values():
+            if p.grad is None:  # no backward yet (a checkpoint restored before the first)
+                p.grad = torch.zeros_like(p)
+        return {n: local(p.grad) for n, p in self.params.items()}
+
+    def _global_counts(self, loop_s: float) -> dict:
+        """The counts summed (maxima: longest sequence, slowest stream) over workers."""
         counts = torch.tensor(
             [float(self.tokens), float(self.loss), self.sequences, self.batches],
             dtype=torch.float64,
@@ -166,22 +187,82 @@ class _Sums:
         if self.world > 1:
             dist.all_reduce(counts)
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-            if not self.lockstep:
-                for t in self.grads.values():
-                    dist.all_reduce(t)
             hashes = [None] * self.world
             dist.all_gather_object(hashes, self.data_hash)
         tokens, loss, sequences, batches = counts.tolist()
+        return {
+            "tokens": tokens,
+            "loss": loss,
+            "sequences": int(sequences),
+            "batches": int(batches),
+            "steps": self.steps,
+            "seq_len": int(maxima[0]),
+            "loop_s": self.prior_loop_s + float(maxima[1]),
+            "data_hash": sum(hashes) & _MASK64,
+        }
+
+    def reduce(self, loop_s: float) -> "_Totals":
+        """Join the workers' sums (the gradient sums in place, unless they already are
+        global); the totals."""
+        self.grads = {n: t.float() for n, t in self.sum_tensors().items()}
+        if self.world > 1 and not self.sharded and not self.sum_each_step:
+            for t in self.grads.values():
+                dist.all_reduce(t)
+        c = self._global_counts(loop_s)
         return _Totals(
-            tokens,
-            loss,
-            int(sequences),
-            int(batches),
-            self.steps if self.lockstep else int(batches),
-            int(maxima[0]),
-            float(maxima[1]),
-            f"{sum(hashes) & _MASK64:016x}",
+            c["tokens"],
+            c["loss"],
+            c["sequences"],
+            c["batches"],
+            self.steps if self.lockstep else c["batches"],
+            c["seq_len"],
+            c["loop_s"],
+            f"{c['data_hash']:016x}",
         )
+
+    def snapshot(self, loop_s: float) -> tuple[dict[str, torch.Tensor], np.ndarray, dict]:
+        """This rank's part of a checkpoint (a collective): the sums it holds, the keys
+        of the sequences it counted, and the global counts. Under ddp the sums (unless
+        already global) and the counts are first joined onto rank 0, the others going on
+        from zero, so the end's reduction still counts everything once."""
+        sums = self.sum_tensors()
+        if self.world > 1 and not self.sharded and not self.sum_each_step:
+            for t in sums.values():
+                dist.reduce(t, dst=0)
+                if self.rank:
+                    t.zero_()
+        counts = self._global_counts(loop_s)
+        self._set_counts(counts if self.rank == 0 else None)
+        tensors = {}
+        if self.sharded or self.rank == 0:
+            tensors = {f"grad::{n}": t for n, t in sums.items()}
+            tensors.update({f"sq::{n}": t for n, t in (self.sq or {}).items()})
+        keys = np.concatenate(self.keys) if self.keys else np.zeros(0, np.int64)
+        return tensors, keys, counts
+
+    def restore(self, restored: stage1_checkpoint.Restored) -> None:
+        """Continue from a checkpoint: the sums' rows this rank holds (under ddp rank 0
+        takes them whole, the others start from zero), and the counts."""
+        rows = sharding.local_rows(self.model) if self.sharded else {}
+        buffers = [("grad", self.sum_tensors()), ("sq", self.sq or {})]
+        if self.sharded or self.rank == 0:
+            for prefix, tensors in buffers:
+                for name, t in tensors.items():
+                    t.copy_(restored.blocks.read(f"{prefix}::{name}", *rows.get(name, (0, None))))
+        self._set_counts(restored.state if self.rank == 0 else None)
+        state = restored.state
+        self.steps, self.global_tokens, self.seq_len = state["steps"], state["tokens"], state["seq_len"]
+        self.prior_loop_s, self.resumed_at = state["loop_s"], int(state["tokens"])
+        if self.rank == 0:
+            self.keys = [restored.keys]
+
+    def _set_counts(self, counts: dict | None) -> None:
+        """Counts that the end's reduction adds up: the given ones, or zero (None)."""
+        c = counts or {}
+        self.tokens.fill_(c.get("tokens", 0.0))
+        self.loss.fill_(c.get("loss", 0.0))
+        self.sequences, self.batches = c.get("sequences", 0), c.get("batches", 0)
+        self.data_hash = int(c.get("data_hash", 0))
 
 
 @dataclass
@@ -196,14 +277,18 @@ class _Totals:
     fingerprint: str
 
 
-def _stream(sums: _Sums, batch_size: int, tracker, timeline: dict) -> float:
-    """Every micro-batch of this worker's shard into ``sums``, with progress; the
-    streaming time from the first batch to the end (start-up excluded)."""
+def _stream(sums: _Sums, s1, tracker, timeline: dict, counted: np.ndarray) -> float:
+    """Every micro-batch of this worker's shard into ``sums`` (less the sequences a
+    checkpoint ``counted``), with progress and checkpoints; the streaming time from the
+    first batch to the end (start-up excluded)."""
     # Progress counts token positions (sequences × seq_len), the unit of max_tokens.
     positions = reported = 0
     last_report = time.monotonic()
     first_batch_at = None
-    batches = iter(ray.train.get_dataset_shard(DATASET).iter_batches(batch_size=batch_size, batch_format="numpy"))
+    batches = ray.train.get_dataset_shard(DATASET).iter_batches(batch_size=s1.batch_size, batch_format="numpy")
+    batches = iter(stage1_checkpoint.unseen(batches, counted, s1.batch_size) if counted.size else batches)
+    every = s1.checkpoint_every_tokens
+    next_checkpoint = every and (sums.global_tokens // every + 1) * every
     while True:
         batch = next(batches, None)
         if first_batch_at is None:
@@ -211,12 +296,38 @@ def _stream(sums: _Sums, batch_size: int, tracker, timeline: dict) -> float:
         if not sums.add(batch):
             break
         positions += 0 if batch is None else batch["input_ids"].size
+        if every and sums.global_tokens >= next_checkpoint:  # the same step on every worker
+            _checkpoint(sums, time.monotonic() - first_batch_at)
+            next_checkpoint = (sums.global_tokens // every + 1) * every
         if time.monotonic() - last_report > 1.0:
             tracker.add.remote(tokens=positions - reported)
             reported, last_report = positions, time.monotonic()
     tracker.add.remote(tokens=positions - reported)
     timeline["loop_done"] = time.time()
     return time.monotonic() - first_batch_at if first_batch_at else 0.0
+
+
+def _checkpoint(sums: _Sums, loop_s: float) -> None:
+    """Every rank writes its part of a checkpoint; Ray Train keeps it once all have."""
+    tensors, keys, counts = sums.snapshot(loop_s)
+    with tempfile.TemporaryDirectory() as d:
+        stage1_checkpoint.write(d, sums.rank, sums.world, tensors, keys, counts if sums.rank == 0 else None)
+        ray.train.report({"tokens": counts["tokens"]}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _resume(sums: _Sums, tracker) -> np.ndarray:
+    """Continue from the job's last checkpoint, if it has one (after lost workers, or a
+    driver that ran the same job again); the keys of the sequences it counted."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return np.zeros(0, np.int64)
+    with checkpoint.as_directory() as d:
+        restored = stage1_checkpoint.read(d)
+        sums.restore(restored)
+    if sums.rank == 0:  # the progress line goes on from where the checkpoint was
+        tracker.add.remote(tokens=restored.state["sequences"] * restored.state["seq_len"])
+    log.info("rank %d resumed stage 1 at %d tokens", sums.rank, restored.state["tokens"])
+    return restored.keys
 
 
 def _worker_loop(config: dict) -> None:
@@ -230,19 +341,21 @@ def _worker_loop(config: dict) -> None:
     if sharded and config["output"] is not None:
         _check_shared_output(config["output"])
 
-    model = load_model(cfg.model).to(device)
     if sharded:
-        sharding.shard_model(model, sum_gradients=True)
+        model, rows_only = sharding.load_sharded(cfg.model, device, sum_gradients=True)
+    else:
+        model, rows_only = load_model(cfg.model).to(device), False
     timeline["model_built"] = time.time()
     model.eval()  # no dropout: the gradient of the deterministic loss at θ0
-    sums = _Sums(model, s1.second_moment, device, sharded)
-    loop_s = _stream(sums, s1.batch_size, tracker, timeline)
+    sums = _Sums(model, s1.second_moment, device, sharded, checkpointing=s1.checkpoint_every_tokens is not None)
+    counted = _resume(sums, tracker)
+    loop_s = _stream(sums, s1, tracker, timeline, counted)
     totals = sums.reduce(loop_s)
     timeline["reduced"] = time.time()
     if totals.tokens == 0:
         raise UserError(f"general data {config['source']} produced no trainable tokens")
     if sharded or ray.train.get_context().get_world_rank() == 0:
-        _keep_result(config, cfg, sums, totals, timeline)
+        _keep_result(config, cfg, sums, totals, timeline, rows_only)
 
 
 def _check_shared_output(uri: str) -> None:
@@ -283,7 +396,7 @@ class _EveryRowSplit(TrainDataConfig):
         return [{DATASET: split} for split in splits]
 
 
-def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeline: dict) -> None:
+def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeline: dict, rows_only: bool) -> None:
     """ĝ_G (and v_G) from the reduced sums, written (by rank 0; under fsdp by every rank,
     its own rows) and/or put in the object store; rank 0 hands its metadata to the
     driver through the tracker."""
@@ -301,6 +414,10 @@ def _keep_result(config: dict, cfg: Config, sums: _Sums, totals: _Totals, timeli
             "batch_size": s1.batch_size,
             "parallel": s1.parallel,
             "global_batches": totals.global_batches,
+            "resumed_at_tokens": sums.resumed_at,
+            # How each worker got its weights: only its rows from the files, or the whole
+            # model first (the builtin model, or weights not in safetensors).
+            "weights_read": "own rows" if rows_only else "whole model",
             "skipped_records": ray.get(tracker.snapshot.remote())["skipped"],
             "loop_seconds": totals.loop_s,
             # Rank 0's peak device memory so far (GPU workers): what `dba-ray plan` predicts.
@@ -400,6 +517,8 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
     s1 = cfg.stage1
     if dataset is None and s1.data is None:
         raise UserError("stage1.data is required: the general data to compute ĝ_G on")
+    if dataset is not None and s1.checkpoint_every_tokens is not None:
+        raise UserError("stage1.checkpoint_every_tokens needs stage1.data (a caller's Dataset has no sequence keys)")
     uri = storage.absolute(cfg.stage1_output()) if write else None
     if uri is None and not s1.to_object_store:
         raise UserError("nothing to keep: set stage1.output or stage1.to_object_store")
@@ -411,6 +530,7 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
     check_fits("stage 1", "stage1", s1, cfg.ray)
     tracker = new_tracker()
     dataset, description, source, budget = _stage1_input(cfg, dataset, tracker)
+    run_name = _run_name(cfg, uri, description)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -426,9 +546,10 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
         # Ordered execution makes the token budget take the same rows every run.
         dataset_config=_EveryRowSplit(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
-            name=f"stage1-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            name=run_name,
             **storage.ray_storage(_train_storage(cfg)),
             failure_config=FailureConfig(max_failures=s1.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),  # each holds everything so far
             logging_config=LoggingConfig(log_level=console.train_log_level()),
         ),
     )
@@ -444,18 +565,22 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
             raise
     meta = ray.get(tracker.take_result.remote("meta"))
     made = artifact.ArtifactMeta(meta)
+    if s1.checkpoint_every_tokens is not None:  # the artifact is in: its checkpoints are spent
+        storage.delete(storage.join(_train_storage(cfg), run_name))
     if made.skipped_records:
         snap = ray.get(tracker.snapshot.remote())
         log.warning("skipped %d malformed records (first: %s)", snap["skipped"], snap["first_skip"])
     elapsed = time.monotonic() - start
+    resumed = meta.get("resumed_at_tokens")
     log.info(
-        "stage 1 done: %d tokens, %d sequences in %.1fs (%.0f tokens/s), |ĝ_G| = %.4g%s",
+        "stage 1 done: %d tokens, %d sequences in %.1fs (%.0f tokens/s), |ĝ_G| = %.4g%s%s",
         made.tokens,
         made.sequences,
         elapsed,
         made.tokens / elapsed,
         made.global_norm,
         f", written to {uri}" if uri else "",
+        f" (resumed from a checkpoint at {resumed} tokens)" if resumed else "",
     )
     ref = tracker.take_result.remote("grad") if s1.to_object_store else None
     tracking.log_stage1(cfg, made, elapsed)
@@ -475,9 +600,26 @@ def _stage1_input(cfg: Config, dataset: ray.data.Dataset | None, tracker) -> tup
         max_tokens=s1.max_tokens,
         tracker=tracker,
         concurrency=cfg.ray.tokenize_concurrency,
+        keys=s1.checkpoint_every_tokens is not None,  # the data position checkpoints keep
     )
     budget = None if s1.max_tokens is None else math.ceil(s1.max_tokens / s1.data.seq_len) * s1.data.seq_len
     return dataset, describe_source(s1.data), s1.data.path or s1.data.hf_dataset, budget
+
+
+def _run_name(cfg: Config, uri: str | None, description: dict) -> str:
+    """Ray Train's name for the job. With checkpoints, the same for the same job (model,
+    data, settings, output), so that running it again resumes from its last checkpoint;
+    the worker layout is left out, as any layout reads any other's checkpoint."""
+    if cfg.stage1.checkpoint_every_tokens is None:
+        return f"stage1-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    job = {
+        "model": model_source(cfg.model),
+        "data": description,
+        "settings": stage1_settings(cfg.stage1),
+        "checkpoint_every_tokens": cfg.stage1.checkpoint_every_tokens,
+        "output": uri,
+    }
+    return f"stage1-{digest(job)}"
 
 
 def _train_storage(cfg: Config) -> str:

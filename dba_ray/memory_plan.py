@@ -16,7 +16,11 @@ adapters). Each phase is a few moments; a worker's peak is its largest moment pl
   one artifact file's bytes while writing it (at most 2 GiB).
 - Stage 1, fsdp: b·P/N weights + bU gathered + b·P/N gradient + the largest unit's
   unsharded gradient (reduce-scatter) + 4P/N sums (+4P/N) + activations; each rank
-  writes its rows: 4P/N (+4P/N) at the end.
+  writes its rows: 4P/N (+4P/N) at the end. Loading: b·P/N and one tensor's rows
+  when a rank reads only its rows (``sharding.reads_own_rows``), else the whole bP.
+- Stage 1 checkpoints (``checkpoint_every_tokens``): the sums a rank holds (all of
+  them on ddp's rank 0), copied to the CPU and serialized again: 2 × 4P (+4P), /N
+  under fsdp.
 - Stage 2: weights, gradients (+ DDP's buckets, another bT, above one worker), AdamW's
   two moments (2bT, in the weights' dtype), ĝ_G (P × ``dba.grad_dtype``), for
   ``boost_mode: update`` the per-weight step ĝ_G/√v_G (the same again), for the fisher
@@ -56,6 +60,7 @@ import torch
 from dba_ray.config import Config, DataConfig, MethodSpec
 from dba_ray.methods import config_for_run, needs_stage1, uses_global_gradient
 from dba_ray.model import BUILTIN_MODEL
+from dba_ray.sharding import reads_own_rows
 
 GiB = 1024**3
 # RSS of a Ray Train worker before it builds its model (Python, torch, transformers,
@@ -250,7 +255,7 @@ def _loading(s: ModelShape, b: int, gpu: bool, fsdp: bool) -> Moment:
     return Moment("loading the model", whole, {"whole model read on the CPU": b * s.params} if gpu else {})
 
 
-def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, shard_bytes: int):
+def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, shard_bytes: int, own_rows: bool):
     s1, b = cfg.stage1, dtype_bytes(cfg.model.dtype)
     tokens, gpu = s1.batch_size * data.seq_len, s1.use_gpu
     separate = second_moment or b != 4
@@ -272,7 +277,19 @@ def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, s
         if s1.svd_rank is not None:  # LAPACK's U, S, V^T and workspace for the largest matrix
             means["SVD of the largest matrix"] = 3 * 4 * s.largest
         means["artifact file being written"] = min(shard_bytes, save_b * p)
-        return [_loading(s, b, gpu, fsdp), Moment("streaming", stream), Moment("writing the artifact", end, means)]
+        loading = _loading(s, b, gpu, fsdp)
+        if fsdp and own_rows:  # each rank reads its rows of one tensor at a time
+            loading = Moment(
+                "loading its rows", {"weights": b * p}, {"one tensor's rows being read": b * s.largest // n}
+            )
+        out = [loading, Moment("streaming", stream), Moment("writing the artifact", end, means)]
+        if s1.checkpoint_every_tokens is not None:
+            # dba_ray/stage1_checkpoint.py copies the sums a rank holds (under ddp rank 0
+            # holds them whole) to the CPU, and safetensors serializes that copy again.
+            copy = 4 * p * (1 + second_moment)
+            held = {"weights": b * p, **sums, **({} if separate else {"gradient (the sums)": b * p})}
+            out.append(Moment("writing a checkpoint", held, {"checkpoint copy": copy, "serialized copy": copy}))
+        return out
 
     return moments
 
@@ -289,7 +306,7 @@ def stage1_phase(s: ModelShape, cfg: Config, shard_bytes: int, name: str = "stag
         s1.use_gpu,
         s1.cpus_per_worker,
         1,
-        _stage1(s, cfg, s1.data, s1.second_moment, shard_bytes),
+        _stage1(s, cfg, s1.data, s1.second_moment, shard_bytes, s1.parallel == "fsdp" and reads_own_rows(cfg.model)),
     )
 
 

@@ -240,6 +240,7 @@ def domain_fisher(cfg: Config, model_dir: str, uri: str | None = None) -> tuple[
             "max_records": cfg.train.max_records,
             "description": identity,
             "to_object_store": False,
+            "checkpoint_every_tokens": None,  # domain data: minutes, not hours
         }
     )
     start = time.monotonic()

@@ -9,6 +9,8 @@ byte-level tokenizer built in code: neither needs a network.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -135,6 +137,15 @@ def load_empty_model(cfg: ModelConfig) -> torch.nn.Module:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
+def weight_files(cfg: ModelConfig) -> list[str]:
+    """The safetensors files of a saved model (none for the builtin model, or a model
+    stored in another format)."""
+    if cfg.name_or_path == BUILTIN_MODEL:
+        return []
+    folder = storage.local_copy(cfg.name_or_path, "config.json")
+    return sorted(str(p) for p in Path(folder).glob("*.safetensors"))
 
 
 def model_source(cfg: ModelConfig) -> dict:

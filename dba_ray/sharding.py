@@ -19,6 +19,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+from dba_ray.config import ModelConfig
+from dba_ray.model import load_empty_model, load_model, weight_files
+from dba_ray.row_blocks import RowBlocks
+
 
 def shard_model(model: torch.nn.Module, sum_gradients: bool = False) -> torch.nn.Module:
     """Shard ``model`` in place: one FSDP unit per transformer block (the classes a
@@ -38,6 +42,49 @@ def shard_model(model: torch.nn.Module, sum_gradients: bool = False) -> torch.nn
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def load_sharded(cfg: ModelConfig, device: torch.device, sum_gradients: bool = False) -> tuple[torch.nn.Module, bool]:
+    """The model sharded as ``shard_model`` does, on ``device``; and whether each rank
+    read only its own rows of the weights (see ``_row_source``): the model is built on
+    the meta device, sharded, then each rank reads its rows from the files, so no rank
+    ever holds the whole model (at 70B, 140 GB in bf16 per worker). Otherwise the whole
+    model is loaded first and then sharded (a transient full copy)."""
+    model = load_empty_model(cfg).to(getattr(torch, cfg.dtype))
+    source = _row_source(cfg, model)
+    if source is None:
+        return shard_model(load_model(cfg).to(device), sum_gradients), False
+    shard_model(model, sum_gradients)
+    model.to_empty(device=device)
+    for module in _rotary(model):  # non-persistent buffers: computed from the config, not read
+        model._init_weights(module)
+    rows = local_rows(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            mine = param.to_local() if isinstance(param, DTensor) else param
+            mine.copy_(source.read(name, *rows.get(name, (0, None))))
+    return model, True
+
+
+def reads_own_rows(cfg: ModelConfig) -> bool:
+    """Whether ``load_sharded`` reads only each rank's rows of this model."""
+    return _row_source(cfg, load_empty_model(cfg)) is not None
+
+
+def _rotary(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if "RotaryEmbedding" in type(m).__name__ and hasattr(m, "original_inv_freq")]
+
+
+def _row_source(cfg: ModelConfig, model: torch.nn.Module) -> RowBlocks | None:
+    """The model's safetensors files, to read row ranges of every parameter from; None
+    unless every parameter is in them and the only buffers are rotary frequencies
+    (Llama, Qwen2, Mistral and kin), which transformers recomputes from the config."""
+    files = weight_files(cfg)
+    rebuilt = {id(b) for m in _rotary(model) for b in m.buffers()}
+    if not files or not all(id(b) in rebuilt for b in model.buffers()):
+        return None
+    source = RowBlocks(list(enumerate(files)))
+    return source if set(dict(model.named_parameters())) <= set(source.keys()) else None
 
 
 def local_rows(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

@@ -30,7 +30,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution import context as train_context
 
-from dba_ray import artifact, console, harness, model_card, parallel, storage, tracking
+from dba_ray import artifact, console, harness, model_card, parallel, storage, tracking, vocab
 from dba_ray import checkpoint as checkpointing
 from dba_ray.config import Config, DBAConfig, MethodSpec, digest
 from dba_ray.curves import CurvesCallback
@@ -446,7 +446,7 @@ def run_train(
         train_ref = tokenize_train(cfg)
     if eval_refs is None:
         eval_refs = tokenize_eval(cfg)
-    plan = _plan(cfg, spec, train_ref, general_ref)
+    plan = _plan(cfg, spec, train_ref, general_ref, grad_source)
 
     run_dir = storage.join(storage.absolute(cfg.output_dir), spec.name)
     printed_here = tracker is None
@@ -534,7 +534,9 @@ class _Plan:
     global_batch: int
 
 
-def _plan(cfg: Config, spec: MethodSpec, train_ref: ray.ObjectRef, general_ref: ray.ObjectRef | None) -> _Plan:
+def _plan(
+    cfg: Config, spec: MethodSpec, train_ref: ray.ObjectRef, general_ref: ray.ObjectRef | None, grad_source
+) -> _Plan:
     """The training rows (a mixture adds its general ones), T and the tokens it trains."""
     t = cfg.train
     arrays = ray.get(train_ref)
@@ -556,14 +558,31 @@ def _plan(cfg: Config, spec: MethodSpec, train_ref: ray.ObjectRef, general_ref: 
             "(batch_size × num_workers × grad_accum)"
         )
     total = max_steps or steps_per_epoch * t.epochs
-    warning = saturation_warning(spec.name, t.dba, total)
-    if warning:
-        log.warning(warning)
     row_tokens = (arrays["labels"][:, 1:] != IGNORE).sum(axis=1)
-    tokens = sum(
-        int(row_tokens[global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)].sum()) for s in range(total)
-    )
+    streamed = np.zeros(n, dtype=bool)  # the rows the T steps train on, in the run's data order
+    tokens = 0
+    for s in range(total):
+        rows = global_batch_rows(s, n, global_batch, steps_per_epoch, t.seed)
+        tokens += int(row_tokens[rows].sum())
+        streamed[rows] = True
+    for warning in (
+        saturation_warning(spec.name, t.dba, total),
+        _coverage_warning(cfg, spec, grad_source, arrays, streamed),
+    ):
+        if warning:
+            log.warning(warning)
     return _Plan(train_ref=train_ref, total=total, tokens=tokens, global_batch=global_batch)
+
+
+def _coverage_warning(cfg: Config, spec: MethodSpec, grad_source, arrays: dict, streamed: np.ndarray) -> str | None:
+    """vocab.coverage_warning for this run, reading ĝ_G's embedding only when it applies."""
+    if not vocab.applies(cfg.train.dba):
+        return None
+    model = load_empty_model(cfg.model)
+    size = model.get_input_embeddings().weight.shape[0]
+    moved = vocab.general_rows(grad_source, vocab.input_embedding_name(model), size)
+    domain = vocab.touched_ids(arrays["input_ids"][streamed], arrays["labels"][streamed])
+    return vocab.coverage_warning(spec.name, moved, size, domain)
 
 
 def _run_config(cfg: Config, spec: MethodSpec, grad_id, callbacks: tuple) -> RunConfig:

@@ -19,6 +19,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Train, about 4 CPU-seconds on these 2 cores); no test drains a node.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+import re  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -34,7 +36,9 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
-from dba_ray.config import Config  # noqa: E402
+from dba_ray import console  # noqa: E402
+from dba_ray.config import Config, ModelConfig  # noqa: E402
+from dba_ray.model import load_model, load_tokenizer  # noqa: E402
 from dba_ray.trainer import FAULTS_ENV  # noqa: E402
 
 # More logical CPUs than the 2 cores of CI: Train workers and Ray Data both get some.
@@ -112,6 +116,40 @@ def write_jsonl(path, records) -> str:
     with open(path, "w") as f:
         for r in records:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def dba_ray_console(args: list[str], cwd) -> str:
+    """The whole console (stdout and stderr, interleaved) of ``dba-ray ARGS``, run as a
+    user runs it: a subprocess on a cluster of its own."""
+    # A user's shell: no address to join, no auth mode chosen (this session's cluster
+    # set RAY_AUTH_MODE in this process when it started), none of the quiet switches
+    # (tests that call main() in this process set them here).
+    drop = {"RAY_ADDRESS", "RAY_AUTH_MODE", *console.QUIET_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    done = subprocess.run(
+        [sys.executable, "-m", "dba_ray", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout
+    return done.stdout
+
+
+def console_shape(console: str, out: str) -> list[str]:
+    """The console's lines with numbers as # and the output folder as OUT."""
+    return [re.sub(r"\d+", "#", line.replace(out, "OUT")) for line in console.splitlines()]
+
+
+def save_builtin_base(path) -> str:
+    """The builtin tiny model and its tokenizer saved as a model directory: Ray workers
+    load it with from_pretrained, as they would a user's model."""
+    load_model(ModelConfig()).save_pretrained(path)
+    load_tokenizer(ModelConfig()).save_pretrained(path)
     return str(path)
 
 

@@ -136,6 +136,26 @@ def test_fsdp_stage1_per_worker_falls_with_workers():
     assert peaks[1] < ddp
 
 
+def test_stage1_checkpoints_and_reading_own_rows(tmp_path):
+    # A saved model each fsdp rank reads only its rows of; checkpoints every 1000 tokens.
+    folder = tmp_path / "model"
+    model = load_model(config().model)
+    model.save_pretrained(folder)
+    stage1 = {"parallel": "fsdp", "checkpoint_every_tokens": 1000, "second_moment": True}
+    cfg = config(model={"name_or_path": str(folder), "tokenizer": "builtin:bytes"}, stage1=stage1)
+    shape = memory_plan.model_shape(load_empty_model(cfg.model))
+    phase = memory_plan.stage1_phase(shape, cfg, SHARD)
+    for n in (2, 3):
+        rows = sum(p.detach().chunk(n)[0].numel() for p in model.parameters())
+        assert moment(phase, n, "fsdp", "loading its rows").device == {"weights": 4 * rows}
+        ckpt = moment(phase, n, "fsdp", "writing a checkpoint")
+        assert ckpt.device == {"weights": 4 * rows, "fp32 gradient sums": 4 * rows, "fp32 v_G sums": 4 * rows}
+        assert ckpt.host == {"checkpoint copy": 8 * rows, "serialized copy": 8 * rows}
+    # The builtin model has no files: every rank loads it whole first.
+    builtin = memory_plan.stage1_phase(shape, config(stage1=stage1), SHARD)
+    assert [m.name for m in builtin.moments(2, "fsdp")][0] == "loading the model"
+
+
 def write(tmp_path, tree) -> str:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(tree))

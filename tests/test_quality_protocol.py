@@ -4,10 +4,21 @@ only, paired intervals, verdicts and costs. Plain Python, no Ray."""
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "quality"))
-from protocol import Candidate, Cost, choose, edge_lrs, interval, paired, total_tokens  # noqa: E402
+from protocol import (  # noqa: E402
+    Bootstrap,
+    Candidate,
+    Cost,
+    bootstrap_paired,
+    choose,
+    edge_lrs,
+    interval,
+    paired,
+    total_tokens,
+)
 from run import candidates  # noqa: E402
 
 
@@ -49,6 +60,92 @@ def test_choices_read_validation_scores_never_test_scores():
     fisher = [{"name": "fisher-0.01", "method": "dba"}, {"name": "fisher-1", "method": "dba"}]
     report2 = {"results": {"a": _row("fisher-0.01", 1e-3, 0.7, 0.1), "b": _row("fisher-1", 1e-3, 0.6, 0.9)}}
     assert choose(candidates("fisher", fisher, [report2])).spec["name"] == "fisher-0.01"
+
+
+def test_a_validation_tie_goes_by_the_protocol_whatever_the_test_scores_say():
+    # Two lrs tie on validation S; on test S the larger is far ahead (0.70 against 0.40).
+    report = {
+        "results": {
+            "direct_lr0.0003": _row("direct", 3e-4, 0.60, 0.70),
+            "direct_lr0.0001": _row("direct", 1e-4, 0.60, 0.40),
+        }
+    }
+    lrs = candidates("direct", [{"name": "direct", "method": "direct"}], [report])
+    assert choose(lrs).lr == 1e-4  # the smaller lr
+    lambdas = [
+        Candidate("fisher", {}, 3e-4, None, 0.6, option=0.01),
+        Candidate("fisher", {}, 3e-4, None, 0.6, option=0.001),
+    ]
+    assert choose(lambdas).option == 0.001  # then the smaller λ (or r)
+    # Only once lr and λ tie too does the knob decide, nearer the trained model: α 1 and λ_m 0 are it.
+    alphas = [Candidate("m", {}, 3e-4, a, 0.6) for a in (0.5, 0.875, 0.75)]
+    assert choose(alphas).knob == 0.875
+    fisher_merge = [Candidate("m", {}, 3e-4, k, 0.6, trained_knob=0.0) for k in (1.0, 0.1, 3.0)]
+    assert choose(fisher_merge).knob == 0.1
+    mixed = [Candidate("m", {}, 1e-3, 1.0, 0.6, option=0.2), Candidate("m", {}, 3e-4, 0.25, 0.6, option=0.6)]
+    assert choose(mixed).lr == 3e-4  # the lr decides before the ratio, the ratio before the knob
+    assert choose([*lrs, Candidate("direct", {}, 1e-3, None, 0.6001)]).lr == 1e-3  # a higher S beats every tie rule
+
+
+def _records(correct: np.ndarray, tokens: int = 100) -> np.ndarray:
+    """Per-record sums (NLL sum, correct, tokens), every record ``tokens`` long."""
+    return np.stack([np.zeros(len(correct)), correct, np.full(len(correct), tokens)], axis=1).astype(float)
+
+
+def _runs(dom_by_seed: dict[int, np.ndarray], gen: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+    return {s: {"dom": _records(c), "gen": _records(gen)} for s, c in dom_by_seed.items()}
+
+
+def test_bootstrap_record_noise_matches_the_analytic_sd_and_is_paired():
+    # Records differ a lot from each other (0 to 100 correct of 100) and the method moves
+    # each by a little (+2 ± 3). Paired, ΔS_D's sd is that of the per-record change
+    # over √n; an unpaired draw would add the records' own spread (sd about 29).
+    rng = np.random.default_rng(1)
+    n = 400
+    ref = rng.integers(0, 101, n).astype(float)
+    change = rng.normal(2.0, 3.0, n)
+    gen = rng.integers(40, 61, n).astype(float)
+    same = {s: ref for s in (1, 2, 3)}  # no seed noise: the records are the only source
+    boot = bootstrap_paired(_runs({s: ref + change for s in same}, gen), _runs(same, gen), ["dom"], ["gen"])
+    sd = change.std() / 100 / np.sqrt(n)  # accuracy = Σcorrect / Σtokens, 100 tokens a record
+    assert boot["S_D"].mean == pytest.approx(change.mean() / 100)
+    assert boot["S_D"].high - boot["S_D"].low == pytest.approx(2 * 1.96 * sd, rel=0.06)
+    assert (boot["S_G"].low, boot["S_G"].mean, boot["S_G"].high) == (0, 0, 0)  # general sets unchanged
+    assert boot["S_D"].verdict == "ahead" and boot["S"].verdict == "ahead"
+
+
+def test_bootstrap_seed_resampling_is_rescaled_by_root_three_halves():
+    # Every record alike, so resampling records changes nothing; the seeds' differences
+    # are 0.01, 0.02, 0.03. Drawing 3 of them, all three are the smallest with
+    # probability 1/27 > 2.5%, so the interval's ends are m ± √(3/2)·0.01.
+    ref = np.full(50, 50.0)
+    method = {1: ref + 1, 2: ref + 2, 3: ref + 3}
+    boot = bootstrap_paired(_runs(method, ref), _runs({s: ref for s in method}, ref), ["dom"], ["gen"])
+    half = np.sqrt(1.5) * 0.01
+    assert (boot["S_D"].mean, boot["S_D"].low, boot["S_D"].high) == pytest.approx((0.02, 0.02 - half, 0.02 + half))
+    with pytest.raises(ValueError, match="two or more seeds"):
+        bootstrap_paired({1: method[1]}, {1: method[1]}, ["dom"], ["gen"])
+
+
+def test_bootstrap_verdict_a_difference_inside_the_noise_is_a_tie():
+    rng = np.random.default_rng(2)
+    ref = rng.integers(0, 101, 200).astype(float)
+    gen = rng.integers(40, 61, 200).astype(float)
+    seeds = {s: ref for s in (1, 2, 3)}
+
+    def verdict(method_dom: dict[int, np.ndarray]) -> str:
+        return bootstrap_paired(_runs(method_dom, gen), _runs(seeds, gen), ["dom"], ["gen"], replicates=2000)[
+            "S"
+        ].verdict
+
+    noise = {s: rng.normal(0, 5, 200) for s in seeds}
+    assert verdict({s: ref + noise[s] for s in seeds}) == "tie"  # ΔS_D about ±0.002 a seed, mean near 0
+    assert verdict({s: ref + noise[s] + 6 for s in seeds}) == "ahead"
+    assert verdict({s: ref + noise[s] - 6 for s in seeds}) == "behind"
+    # Every record up by 0.1 of 100 tokens: no noise at all, but ΔS under δ_S.
+    assert verdict({s: ref + 0.1 for s in seeds}) == "tie (< δ)"
+    assert Bootstrap(0.0012, 0.0002, 0.0022, 3).verdict == "ahead"
+    assert Bootstrap(-0.0012, -0.0022, 0.0001, 3).verdict == "tie"
 
 
 def test_grid_extends_where_the_optimum_is_at_an_end():

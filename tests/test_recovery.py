@@ -1,5 +1,5 @@
-"""Driver loss: `dba-ray run`, `compare` and `tune` killed with SIGKILL mid-way, then the
-same command again, on the session's cluster (the killed driver's jobs die with it; the
+"""Driver loss: `dba-ray run`, `compare`, `tune` and `global-gradient` killed with SIGKILL
+mid-way, then the same command again, on the session's cluster (the killed driver's jobs die with it; the
 cluster does not)."""
 
 import json
@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from conftest import write_run_config
+from conftest import make_docs, tiny_config, write_jsonl, write_run_config
+from test_stage1 import ordered_sequences, reference_gradients, rel_error
 
+from dba_ray import artifact
 from dba_ray.cli import main
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -165,3 +167,33 @@ def test_killed_tune_resumes_its_trials(finished_run):
     at_run_lr = next(t for t in trials if t["set"]["schedule.lr"] == 3e-3)
     # No validation sets here: tune chose on eval.sets (with a warning), the scores `run` reports.
     assert at_run_lr["S"] == pytest.approx(ref["results"]["dba"]["S"], rel=1e-6)
+
+
+def test_killed_stage1_resumes_from_its_checkpoint(tmp_path, caplog):
+    # One worker, v_G kept: the resumed job must skip exactly the sequences its
+    # checkpoint counted and cut the rest into the micro-batches an uninterrupted pass
+    # has, or v_G (the squares of micro-batch means) would differ.
+    gen = write_jsonl(tmp_path / "gen.jsonl", make_docs(200, seed=4))
+    cfg = tiny_config(tmp_path, gen, second_moment=True, checkpoint_every_tokens=2000)
+    cfg_file = tmp_path / "stage1.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(exclude_defaults=True)))
+    train_runs = tmp_path / "out" / "ray_train"
+    driver = start_killable(["global-gradient", str(cfg_file)], tmp_path / "killed.log")
+    sigkill_when(driver, tmp_path / "killed.log", lambda: registered_runs(train_runs, "stage1-*"))
+    artifact_dir = tmp_path / "out" / "global_gradient"
+    assert not (artifact_dir / "meta.json").exists()
+
+    caplog.set_level("INFO", logger="dba_ray")
+    assert main(["global-gradient", str(cfg_file)]) == 0
+    meta = json.loads((artifact_dir / "meta.json").read_text())
+    assert 2000 <= meta["resumed_at_tokens"] < meta["tokens"]
+    resumed = f"(resumed from a checkpoint at {meta['resumed_at_tokens']} tokens)"
+    assert any(r.getMessage().endswith(resumed) for r in caplog.records)
+    assert not any(train_runs.glob("stage1-*"))  # its checkpoints went with the artifact's commit
+
+    ids, labels = ordered_sequences(cfg)
+    ref_mean, ref_sq, ref_tokens = reference_gradients(cfg.model, ids, labels, 4)
+    assert meta["tokens"] == ref_tokens and meta["sequences"] == len(ids)
+    got = artifact.load(str(artifact_dir))
+    assert rel_error(got.mean, ref_mean) <= 1e-6
+    assert rel_error(got.second_moment, ref_sq) <= 1e-5

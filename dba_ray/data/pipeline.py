@@ -76,8 +76,10 @@ def build_sequences(
     max_tokens: int | None = None,
     tracker=None,
     concurrency: int | None = None,
+    keys: bool = False,
 ) -> ray.data.Dataset:
-    """A lazy Dataset of ``input_ids`` / ``labels`` rows of ``seq_len`` tokens.
+    """A lazy Dataset of ``input_ids`` / ``labels`` rows of ``seq_len`` tokens (and with
+    ``keys``, each one's int64 ``key``: see ``sequence_keys``).
 
     Run it with ``preserve_order`` (as Stage 1 does) so that budgets take the same
     rows every time. ``tracker`` (a ``progress.Tracker`` actor) counts skipped records;
@@ -96,7 +98,7 @@ def build_sequences(
         ds = ds.limit(max_records)
     ds = ds.map_batches(
         tokenize_batch,
-        fn_args=(model_cfg.model_dump_json(), data_cfg.model_dump_json()),
+        fn_args=(model_cfg.model_dump_json(), data_cfg.model_dump_json(), keys),
         batch_size=256,
         batch_format="numpy",
         concurrency=concurrency,

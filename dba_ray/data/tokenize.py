@@ -9,6 +9,7 @@ happens in the loss, so a sequence's trained tokens are ``labels[1:] != -100``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 
 import numpy as np
@@ -37,12 +38,31 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], seq_len: int, pad: int) ->
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_batch(batch: dict, model_json: str, data_json: str) -> dict:
+def tokenize_batch(batch: dict, model_json: str, data_json: str, keys: bool = False) -> dict:
     """Ray Data map_batches function. It runs as a plain task, so the worker processes
     Ray keeps warm are reused across datasets (an actor pool would start, and import
     torch and transformers in, a new process for every dataset); the tokenizer is loaded
-    once per process and configuration."""
-    return _tokenizer(model_json, data_json)(batch)
+    once per process and configuration. ``keys``: add each sequence's ``key``."""
+    out = _tokenizer(model_json, data_json)(batch)
+    if keys:
+        out["key"] = sequence_keys(batch, len(out["input_ids"]))
+    return out
+
+
+def sequence_keys(batch: dict, n: int) -> np.ndarray:
+    """An int64 name for each of the ``n`` sequences made from ``batch``: a hash of the
+    batch's records (with their sources: file and line) and the sequence's place among
+    them. It names a sequence wherever the stream hands it, so a resumed Stage 1 can
+    skip what its checkpoint counted; two sequences share a name only if they come
+    from two identical batches of records from the same place (2^-64 otherwise)."""
+    h = hashlib.blake2b(digest_size=8)
+    for column in sorted(batch):
+        h.update(column.encode())
+        for value in batch[column]:
+            h.update(str(value).encode("utf-8", "surrogateescape") + b"\x00")
+    seed = h.digest()
+    keys = [hashlib.blake2b(k.to_bytes(8, "little"), digest_size=8, key=seed).digest() for k in range(n)]
+    return np.frombuffer(b"".join(keys), dtype=np.int64).copy()
 
 
 @functools.lru_cache(maxsize=4)
