@@ -76,11 +76,14 @@ def test_flatness_compares_the_last_tenth():
 
 
 def _cand(method: str, lr: float, value: float | None, knob: float | None, s: float) -> Candidate:
+    """A candidate as grid3 makes them (its run's spec, λ or r, and trained-model knob)."""
     src = grid3.source(method)
-    return Candidate(method, grid3.run_spec(src, lr, value), lr, knob, s)
+    trained = grid3.TRAINED_KNOB[grid3.MERGED[method][1]] if method in grid3.MERGED else 1.0
+    return Candidate(method, grid3.run_spec(src, lr, value), lr, knob, s, option=value, trained_knob=trained)
 
 
-def test_choice_ties_go_to_smaller_lr_then_value_then_knob_nearer_the_trained_model():
+def test_choice_ties_follow_section_3_on_grid3_candidates():
+    """protocol.choose decides; grid3's candidates must carry what its tie order reads."""
     a, b = _cand("fisher", 3e-4, 0.01, None, 0.5), _cand("fisher", 1e-4, 0.1, None, 0.5)
     assert grid3.choose3([a, b]) is b  # smaller lr first
     c, d = _cand("fisher", 1e-4, 0.01, None, 0.5), _cand("fisher", 1e-4, 0.1, None, 0.5)
@@ -115,22 +118,23 @@ def test_edges_extend_within_limits_then_flag():
     assert grid3.extend(s, lam) and s.values["fisher"] == [0.001, 0.01, 0.1, 1.0]
 
 
-def test_paired_records_pair_one_method_with_a_reference_seed_by_seed():
+def test_paired_records_feed_the_bootstrap_seed_by_seed():
+    import numpy as np
     import run3
 
-    def scores(offset: float) -> dict:
-        return {
-            "eval": {"medicine": {"acc": 0.5, "records": [[1.0, offset, 2.0]]}, "enc": {"records": [[2.0, 1.0, 3.0]]}}
-        }
+    sets = {"medicine": "domain", **{g: "general" for g in base3.SEEN + base3.UNSEEN}}
 
-    domain = {
-        "kinds": {"medicine": "domain", "enc": "general"},
-        "test": {"al": {"1": scores(1.0)}, "dba": {"1": scores(0.0)}},
-    }
-    pr = run3.paired_records(domain, "dba", "al")
-    assert pr["method"] == {1: {"medicine": [[1.0, 0.0, 2.0]], "enc": [[2.0, 1.0, 3.0]]}}
-    assert pr["reference"][1]["medicine"] == [[1.0, 1.0, 2.0]]
-    assert pr["seen"] == ["enc", "books", "code"] and pr["unseen"] == ["shakespeare", "math"]
+    def run(correct: float) -> dict:  # every set: two records of 10 tokens, ``correct`` right in each
+        return {"eval": {name: {"records": [[5.0, correct, 10.0]] * 2} for name in sets}}
+
+    domain = {"kinds": sets, "test": {"al": {"1": run(3), "2": run(3)}, "dba": {"1": run(4), "2": run(5)}}}
+    args = run3.paired_records(domain, "dba", "al", general="seen")
+    assert args["domain"] == ["medicine"] and args["general"] == ["enc", "books", "code"]
+    assert set(args["method"]) == {1, 2} and args["method"][2]["code"].tolist() == [[5.0, 5.0, 10.0]] * 2
+    found = run3.verdicts(domain)["al"]["dba"]
+    # accuracy 0.3 against 0.4 (seed 1) and 0.5 (seed 2) in every set: ΔS 0.1 and 0.2
+    assert found["S"]["mean"] == pytest.approx(0.15) and found["S_seen"]["mean"] == pytest.approx(0.15)
+    assert found["S"]["verdict"] == "ahead" and np.isclose(found["S_D"]["mean"], 0.15)
 
 
 def test_smoke_never_writes_into_a_state_folder(tmp_path):

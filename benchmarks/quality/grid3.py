@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from base3 import Paths, machine_free
-from protocol import Candidate
+from protocol import Candidate, choose
 
 from dba_ray.compare import run_compare
 from dba_ray.config import Config, digest
@@ -102,27 +102,16 @@ class Search:
 # ---------------------------------------------------------------- choices and edges
 
 
-def value_of(c: Candidate) -> float | None:
-    """A candidate's λ or r (None for a method without a second axis)."""
-    return c.spec["set"].get(SECOND_AXIS[src][0]) if (src := source(c.method)) in SECOND_AXIS else None
-
-
 def source(method: str) -> str:
     return MERGED[method][0] if method in MERGED else method
 
 
 def choose3(cands: list[Candidate]) -> Candidate:
-    """§3: the highest validation S; ties to the smaller lr, then the smaller λ or r, then
-    the knob nearer the trained model (larger α, smaller λ_m). Never a test score."""
+    """§3's choice (protocol.choose: the highest validation S; ties to the smaller lr,
+    the smaller λ or r, then the knob nearer the trained model)."""
     if not cands:
         raise SystemExit("quality3: a method has no scored run to choose from")
-
-    def nearness(c: Candidate) -> float:
-        if c.knob is None:
-            return 0.0
-        return c.knob if MERGED[c.method][1] == "linear" else -c.knob
-
-    return max(cands, key=lambda c: (c.validation_s, -c.lr, -(value_of(c) or 0.0), nearness(c)))
+    return choose(cands)
 
 
 def edges(c: Candidate, s: Search) -> list[tuple[str, str]]:
@@ -136,7 +125,7 @@ def edges(c: Candidate, s: Search) -> list[tuple[str, str]]:
     src = source(c.method)
     out = [("lr", side) for side in sides(c.lr, s.lrs[src])]
     if src in VALUE_AXIS:
-        out += [(VALUE_AXIS[src], side) for side in sides(value_of(c), s.values[src])]
+        out += [(VALUE_AXIS[src], side) for side in sides(c.option, s.values[src])]
     if c.method in MERGED and c.knob != TRAINED_KNOB[MERGED[c.method][1]]:
         axis = "alpha" if MERGED[c.method][1] == "linear" else "lambda_m"
         out += [(axis, side) for side in sides(c.knob, s.knobs[c.method]) if axis == "lambda_m" or side == "low"]
@@ -267,7 +256,7 @@ class Domain:
         second drop) only its chosen run."""
         if "merge_curves_on_chosen_runs_only" in self.search.drops:
             c = choose3(self.candidates(src))
-            return [run_name(src, c.lr, value_of(c))]
+            return [run_name(src, c.lr, c.option)]
         return [run_name(src, lr, v) for lr, v in self.search.runs(src)]
 
     def candidates(self, method: str) -> list[Candidate]:
@@ -277,13 +266,16 @@ class Domain:
         mode = MERGED[method][1] if method in MERGED else None
         out = []
         for lr, v in self.search.runs(src):
-            name = run_name(src, lr, v)
-            spec = run_spec(src, lr, v)
-            knob = TRAINED_KNOB[mode] if mode else None
-            out.append(Candidate(method, spec, lr, knob, self.trained[name]["S"]))
-            if mode:
-                scored = self.points.get((mode, name), {})
-                out += [Candidate(method, spec, lr, k, scored[k]) for k in self.search.knobs[method] if k in scored]
+            name, spec = run_name(src, lr, v), run_spec(src, lr, v)
+            if mode is None:
+                out.append(Candidate(method, spec, lr, None, self.trained[name]["S"], option=v))
+                continue
+            trained = TRAINED_KNOB[mode]
+            merged = self.points.get((mode, name), {})
+            scored = {trained: self.trained[name]["S"]} | {
+                k: merged[k] for k in self.search.knobs[method] if k in merged
+            }
+            out += [Candidate(method, spec, lr, k, s, option=v, trained_knob=trained) for k, s in scored.items()]
         return out
 
     def methods(self) -> list[str]:
@@ -306,7 +298,7 @@ class Domain:
         specs = {c.spec["name"]: c.spec for c in choices.values()}
         tree = self.tree("test")
         tree["methods"] = list(specs.values())
-        seeds = SEEDS[:1] if self.p.smoke else SEEDS
+        seeds = SEEDS[:2] if self.p.smoke else SEEDS  # the bootstrap pairs two or more seeds
         tree["compare"] = {"lrs": [], "seeds": seeds, "max_concurrent": 2}
         report = self.phase("seeds", tree, "compare")
         self.base_test = report["base"]
@@ -371,7 +363,7 @@ class Domain:
                 m: {
                     "run": c.spec["name"],
                     "lr": c.lr,
-                    "value": value_of(c),
+                    "value": c.option,
                     "knob": c.knob,
                     "validation_S": c.validation_s,
                     "flags": flags(c, self.search),

@@ -9,10 +9,10 @@ Stages, in §8's order, each cached so that a rerun resumes: the tokenizer and i
 counts; the timing gate (its projection decides §8's drops); pretraining and the
 flatness check; Stage 1 (ĝ_G and v_G); per domain, seed 0's grids, merge curves and
 extensions on the validation sets, the choices, and seeds 1–3 at every choice on the
-test sets, per record. results3.json holds what the tables and the paired bootstrap
-(protocol.py, §4) read: every test set's per-record [NLL sum, correct, tokens] for the
-base and for each method, seed and set (``paired_records`` picks a method's and a
-reference's). The smoke setting (tiny vocabulary, model and grids, 4 steps) checks the
+test sets, per record, and §4's paired bootstrap against the references. results3.json
+holds what the tables read: every test set's per-record [NLL sum, correct, tokens] for
+the base and for each method, seed and set (``paired_records`` turns one comparison into
+``protocol.bootstrap_paired``'s arguments), and the intervals with their verdicts. The smoke setting (tiny vocabulary, model and grids, 4 steps) checks the
 whole path and writes only under its --out, never into state3.
 """
 
@@ -27,12 +27,16 @@ from pathlib import Path
 
 import base3
 import grid3
+import numpy as np
 from carry import carry_state
+from protocol import bootstrap_paired
 
 HERE = Path(__file__).parent
 OUT = Path("/work/quality3-out")
 SMOKE_OUT = Path("/tmp/quality3-smoke")
 RUN_BRANCH = "quality3-run"
+GENERAL_SETS = {"all": base3.SEEN + base3.UNSEEN, "seen": base3.SEEN, "unseen": base3.UNSEEN}
+REFERENCES = ["al", "direct", "mixture"]  # §4: al primary
 GENERAL3 = [Path("general3"), Path("/work/quality3-data/general3")]  # in DATA first (§1)
 # What a rerun resumes from (state3): tokenizer, base and curves, ĝ_G / v_G, the gate and
 # every finished phase's phase.json with its per-record sums; no run weights.
@@ -58,22 +62,43 @@ def general3(data: Path) -> Path:
     raise SystemExit("quality3: no general3/train.jsonl in DATA or /work/quality3-data: run data3.py first")
 
 
-def paired_records(domain: dict, method: str, reference: str) -> dict:
-    """What a paired bootstrap over test records reads for one comparison: the sets'
-    kinds, which general sets are seen and unseen (S_G three ways, §4), and for the
-    method and the reference, seed -> set -> per-record [NLL sum, correct, tokens],
-    records in file order (the same records for both)."""
+def paired_records(domain: dict, method: str, reference: str, general: str = "all") -> dict:
+    """``protocol.bootstrap_paired``'s arguments for one comparison in one domain's
+    results: each run's test sets as seed -> set -> [records, 3] (NLL sum, correct,
+    tokens), the domain sets, and the general sets that S_G counts (§4: all five, the
+    three seen, or the two unseen)."""
 
-    def sums(m: str) -> dict[int, dict[str, list]]:
-        return {int(s): {k: v["records"] for k, v in sc["eval"].items()} for s, sc in domain["test"][m].items()}
+    def sums(m: str) -> dict[int, dict[str, np.ndarray]]:
+        by_seed = domain["test"][m].items()
+        return {
+            int(s): {k: np.asarray(v["records"], dtype=np.float64) for k, v in sc["eval"].items()} for s, sc in by_seed
+        }
 
     return {
-        "kinds": domain["kinds"],
-        "seen": base3.SEEN,
-        "unseen": base3.UNSEEN,
         "method": sums(method),
         "reference": sums(reference),
+        "domain": [k for k, kind in domain["kinds"].items() if kind == "domain"],
+        "general": GENERAL_SETS[general],
     }
+
+
+def verdicts(domain: dict) -> dict:
+    """§4's paired bootstrap of every method against `al`, `direct` and the chosen
+    `mixture` (ΔS, ΔS_D, ΔS_G with S_G over all five general sets, and ΔS with S_G over
+    the three seen), with their verdicts."""
+    out: dict = {}
+    for reference in [r for r in REFERENCES if r in domain["test"]]:  # every one, in a full run
+        for method in domain["test"]:
+            if method == reference:
+                continue
+            for general in ("all", "seen"):
+                found = bootstrap_paired(**paired_records(domain, method, reference, general))
+                keys = ("S", "S_D", "S_G") if general == "all" else ("S",)
+                for key in keys:
+                    b = found[key]
+                    row = {"mean": b.mean, "low": b.low, "high": b.high, "n": b.n, "verdict": b.verdict}
+                    out.setdefault(reference, {}).setdefault(method, {})[key if general == "all" else "S_seen"] = row
+    return out
 
 
 def commit_state(state: Path, label: str) -> None:
@@ -128,5 +153,6 @@ def main(args: argparse.Namespace) -> None:
     for domain in args.domains:
         d = grid3.Domain(p, domain, base, gate["drops"], finished)
         results["domains"][domain] = d.result(stage1["tokens"])
+        results["domains"][domain]["bootstrap"] = verdicts(results["domains"][domain])
         save(results)
     print(f"results: {dest / 'results3.json'}")
