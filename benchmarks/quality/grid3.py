@@ -190,10 +190,12 @@ class Domain:
         return self.p.tree(self.domain, self.base, split)
 
     def phase(self, name: str, tree: dict, kind: str) -> dict:
-        """A `compare` or `merge` under OUT/<domain>/<name>, cached by its settings."""
+        """A `compare` or `merge` under OUT/<domain>/<name>, cached by its settings. Its runs
+        go in a folder named by that digest: a crashed phase resumes its finished trials,
+        and changed settings never pick up trials made with the old ones."""
         out = self.p.out / self.domain / name
-        tree["output_dir"] = str(out)
         key = digest(tree)
+        tree["output_dir"] = str(out / key[:12])
         done = out / "phase.json"
         if done.exists() and json.loads(done.read_text())["digest"] == key:
             saved = json.loads(done.read_text())
