@@ -459,6 +459,13 @@ class EvalSetConfig(_Strict):
         "with its primary metric: acc_norm when the task reports it, else the first metric "
         "of its metric_list, under its first filter.",
     )
+    per_record: bool = Field(
+        False,
+        description="text sets: score each record alone (tokenized with EOS after it, cut into "
+        "seq_len pieces, never packed with another record) and report every record's [NLL sum, "
+        "correct, tokens] under the set's `records`, in file order (what a bootstrap over records "
+        "resamples). The set's NLL and accuracy are then totals over its records.",
+    )
 
     @model_validator(mode="after")
     def _fits_type(self) -> "EvalSetConfig":
@@ -476,6 +483,8 @@ class EvalSetConfig(_Strict):
             ]
             if harness_keys:
                 raise ValueError(f"eval set {self.name!r}: {', '.join(harness_keys)} apply to lm_eval sets only")
+        if self.per_record and self.type != "text":
+            raise ValueError(f"eval set {self.name!r}: per_record applies to text sets only")
         return self
 
 
@@ -490,7 +499,9 @@ class EvalConfig(_Strict):
         "is scored on them too (`validation` in report.json).",
     )
     max_sequences: int = Field(
-        256, ge=1, description="Sequences (choice sets: records) taken from each set, the first ones."
+        256,
+        ge=1,
+        description="Sequences (choice and per_record sets: records) taken from each set, the first ones.",
     )
     batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
     models: dict[str, str] = Field(

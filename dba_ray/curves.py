@@ -32,7 +32,8 @@ def eval_row(step: int, metrics: dict) -> dict:
             row[key] = metrics[key]
     for name, m in metrics.get("eval", {}).items():
         for k, v in m.items():
-            row[f"{name}/{k}"] = v
+            if k != "records":  # a per_record set's sums: report.json's, not a curve's
+                row[f"{name}/{k}"] = v
     return row
 
 

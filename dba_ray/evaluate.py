@@ -15,13 +15,22 @@ import numpy as np
 import torch
 
 from dba_ray.data.tokenize import IGNORE
-from dba_ray.loss import next_token_logits, nll_sum
+from dba_ray.loss import next_token_logits, nll_rows
 
 
 @torch.no_grad()
-def text_sums(model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray, batch_size: int, device) -> torch.Tensor:
-    """[NLL sum, correct top-1 predictions, tokens] over the given rows (float64)."""
-    out = torch.zeros(3, dtype=torch.float64, device=device)
+def text_sums(
+    model: torch.nn.Module,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    device,
+    record: np.ndarray | None = None,
+    records: int = 0,
+) -> torch.Tensor:
+    """[NLL sum, correct top-1 predictions, tokens] over the given rows (float64); with
+    ``record`` (each row's record index), one such row per record: [records, 3]."""
+    out = torch.zeros((records, 3) if record is not None else (1, 3), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     for i in range(0, len(ids), batch_size):
@@ -29,11 +38,14 @@ def text_sums(model: torch.nn.Module, ids: np.ndarray, labels: np.ndarray, batch
         y = torch.from_numpy(labels[i : i + batch_size].astype(np.int64)).to(device)
         logits, target = next_token_logits(model, x, y)
         mask = target != IGNORE
-        nll = nll_sum(logits, target)
-        correct = ((logits.argmax(-1) == target) & mask).sum()
-        out += torch.stack([nll.double(), correct.double(), mask.sum().double()])
+        correct = (logits.argmax(-1) == target) & mask
+        rows = torch.stack([nll_rows(logits, target).double(), correct.double().sum(-1), mask.double().sum(-1)], 1)
+        at = torch.zeros(len(rows), dtype=torch.long, device=device)
+        if record is not None:
+            at = torch.from_numpy(record[i : i + batch_size].astype(np.int64)).to(device)
+        out.index_add_(0, at, rows)
     model.train(was_training)
-    return out
+    return out if record is not None else out[0]
 
 
 @torch.no_grad()
@@ -68,11 +80,19 @@ def set_sums(model, arrays: dict, batch_size: int, device, rank: int = 0, world:
     """This rank's share of one eval set's sums (all-reduce them across ranks)."""
     if "answers" in arrays:
         return choice_sums(model, arrays, batch_size, device, rank, world)
-    return text_sums(model, arrays["input_ids"][rank::world], arrays["labels"][rank::world], batch_size, device)
+    per_record = {}
+    if "record" in arrays:  # a per_record set: every rank returns all records' rows (zero where not its own)
+        per_record = {"record": arrays["record"][rank::world], "records": int(arrays["record"].max()) + 1}
+    return text_sums(
+        model, arrays["input_ids"][rank::world], arrays["labels"][rank::world], batch_size, device, **per_record
+    )
 
 
-def set_metrics(sums) -> dict[str, float]:
-    """Metrics from a set's reduced sums: text sets have 3, choice sets 2."""
+def set_metrics(sums) -> dict:
+    """Metrics from a set's reduced sums: text sets have 3, choice sets 2; a per_record
+    set's [records, 3] sums add ``records``, each record's [NLL sum, correct, tokens]."""
+    if sums.dim() == 2:
+        return {**text_metrics(sums.sum(0)), "records": sums.tolist()}
     if len(sums) == 2:
         correct, total = (float(x) for x in sums)
         return {"acc": correct / max(total, 1.0)}

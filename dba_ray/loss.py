@@ -23,6 +23,11 @@ def nll_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     )
 
 
+def nll_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the sum of the cross-entropy of its trained target tokens."""
+    return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none").sum(-1)
+
+
 def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
     """(sum of per-token cross-entropy, number of trained tokens) of one batch."""
     logits, target = next_token_logits(model, input_ids, labels)

@@ -159,6 +159,8 @@ def card_text(f: CardFacts, base: dict | None = None) -> str:
     for name, m in evals.items():
         b = (base or {}).get("eval", {}).get(name, {})
         for k, v in m.items():
+            if k == "records":  # a per_record set's sums: report.json keeps them
+                continue
             delta = v - b[k] if _finite(v) and _finite(b.get(k)) else None
             lines.append(
                 f"| {name} | {f.kinds.get(name, '')} | {k} | {_num(v)} | {_num(b.get(k))} | "

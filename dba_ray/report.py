@@ -116,7 +116,8 @@ def _with_validation(row: dict, validation: dict | None) -> dict:
 
 def _deltas(metrics: dict, base: dict) -> dict:
     return {
-        name: {k: v - base[name][k] for k, v in m.items() if k in base.get(name, {})} for name, m in metrics.items()
+        name: {k: v - base[name][k] for k, v in m.items() if k in base.get(name, {}) and k != "records"}
+        for name, m in metrics.items()
     }
 
 

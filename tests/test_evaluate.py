@@ -8,10 +8,10 @@ import torch
 from conftest import write_jsonl
 
 from dba_ray.config import DataConfig, ModelConfig
-from dba_ray.data.records import read_choice_records
-from dba_ray.data.tokenize import choice_arrays
+from dba_ray.data.records import read_choice_records, read_text_records
+from dba_ray.data.tokenize import choice_arrays, record_arrays
 from dba_ray.errors import UserError
-from dba_ray.evaluate import choice_sums, scores, set_metrics, text_sums
+from dba_ray.evaluate import choice_sums, scores, set_metrics, set_sums, text_sums
 from dba_ray.model import byte_tokenizer, load_model
 
 RECORDS = [
@@ -74,3 +74,26 @@ def test_malformed_choice_record_is_named(tmp_path):
     with pytest.raises(UserError, match="mc2.jsonl:1: field 'answer'"):
         read_choice_records(DataConfig(path=path))
     assert read_choice_records(DataConfig(path=write_jsonl(tmp_path / "ok.jsonl", RECORDS))) == RECORDS
+
+
+def test_per_record_sums_score_each_record_alone(tmp_path):
+    """A per_record set: each record tokenized alone with EOS and cut into seq_len
+    pieces; its sums equal scoring that record by itself, and two ranks add up to one."""
+    texts = ["short one", "a record longer than one piece of sixteen tokens", "third"]
+    write_jsonl(tmp_path / "s.jsonl", [{"text": t} for t in texts])
+    assert read_text_records(DataConfig(path=str(tmp_path / "s.jsonl"))) == texts
+    model, tok = load_model(ModelConfig()), byte_tokenizer()
+    arrays = record_arrays(texts, tok, seq_len=16)
+    pieces = [-(-(len(t.encode()) + 1) // 16) for t in texts]  # bytes + EOS, in 16-token pieces
+    assert arrays["record"].tolist() == [r for r, n in enumerate(pieces) for _ in range(n)]
+    sums = set_sums(model, arrays, 2, "cpu")
+    assert sums.shape == (3, 3)
+    for r in range(3):
+        rows = arrays["record"] == r
+        alone = text_sums(model, arrays["input_ids"][rows], arrays["labels"][rows], 8, "cpu")
+        assert sums[r].tolist() == pytest.approx(alone.tolist(), rel=1e-6)
+        assert sums[r, 2] == len(texts[r].encode()) + 1 - pieces[r]  # every token but each piece's first
+    halves = set_sums(model, arrays, 2, "cpu", 0, 2) + set_sums(model, arrays, 2, "cpu", 1, 2)
+    assert halves.flatten().tolist() == pytest.approx(sums.flatten().tolist(), rel=1e-6)
+    m = set_metrics(sums)
+    assert m["records"] == sums.tolist() and m["acc"] == pytest.approx(float(sums[:, 1].sum() / sums[:, 2].sum()))

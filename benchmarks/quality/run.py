@@ -1,6 +1,7 @@
 """The quality benchmark on real text: which method, and where on the trade-off.
 
     python benchmarks/quality/run.py ../shared/data [--out DIR] [--regimes long short]
+    python benchmarks/quality/run.py ../shared/data --protocol 3 ...   (PROTOCOL3.md: see run3.py)
 
 DATA is laid out like ../shared/data. The rules (validation-only choices, unseen seeds,
 paired intervals, the ahead / tie / behind rule) are in protocol.py and, written before
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import statistics
 import sys
 import time
@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+import carry  # noqa: E402
 from protocol import Candidate, Cost, choose, edge_lrs, paired, total_tokens  # noqa: E402
 
 from dba_ray import artifact  # noqa: E402
@@ -435,37 +436,41 @@ def cost_table(domains: dict) -> list[str]:
     return lines + [""]
 
 
+# What makes a rerun resume: the base model and its curves, ĝ_G and its SVD copy, finished
+# phases' phase.json and config.yaml; no run weights or checkpoints.
+KEEP = [
+    "global_gradient/*",
+    "global_gradient_svd/*",
+    "*/pretrain/*/pretrain/model/*",
+    "*/pretrain/*/pretrain/curves.jsonl",
+    "*/pretrain/*/pretrain/card.json",
+    "*/*/*/phase.json",
+    "*/*/*/config.yaml",
+]
+
+
 def carry_state(src: Path, dst: Path) -> None:
-    """Copy what makes a rerun resume (the base model and its curves, ĝ_G and its SVD
-    copy, finished phases' phase.json and config.yaml; no run weights or checkpoints)
-    from ``src`` to ``dst``, leaving files ``dst`` has. A machine that does not keep
-    OUT between sessions resumes from a copy kept in the repository (``--state``)."""
-    keep = [
-        "global_gradient/*",
-        "global_gradient_svd/*",
-        "*/pretrain/*/pretrain/model/*",
-        "*/pretrain/*/pretrain/curves.jsonl",
-        "*/pretrain/*/pretrain/card.json",
-        "*/*/*/phase.json",
-        "*/*/*/config.yaml",
-    ]
-    for pattern in keep:
-        for f in src.glob(pattern):
-            target = dst / f.relative_to(src)
-            if f.is_file() and not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, target)
+    """Copy what makes a rerun resume (``KEEP``) from ``src`` to ``dst``, leaving files
+    ``dst`` has. A machine that does not keep OUT between sessions resumes from a copy
+    kept in the repository (``--state``)."""
+    carry.carry_state(src, dst, KEEP)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, help="folder laid out like ../shared/data")
-    ap.add_argument("--out", type=Path, default=HERE / "out")
+    ap.add_argument("--out", type=Path, help="where runs go (default: protocol 2 ./out, protocol 3 see run3.py)")
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
     ap.add_argument("--smoke", action="store_true", help="tiny model and grid: checks the whole path in minutes")
     ap.add_argument("--state", type=Path, help="resume from (and add to) this copy of OUT's resumable state")
+    ap.add_argument("--protocol", type=int, choices=[2, 3], default=2, help="3: PROTOCOL3.md, run by run3.py")
     args = ap.parse_args()
+    if args.protocol == 3:
+        import run3
+
+        return run3.main(args)
+    args.out = args.out or HERE / "out"
     if args.state:
         carry_state(args.state, args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -11,8 +11,8 @@ import ray
 from dba_ray.config import Config, TrainConfig
 from dba_ray.data.order import mixture_domain_rows, mixture_general_count
 from dba_ray.data.pipeline import build_sequences, collect_arrays
-from dba_ray.data.records import read_choice_records
-from dba_ray.data.tokenize import choice_arrays
+from dba_ray.data.records import read_choice_records, read_text_records
+from dba_ray.data.tokenize import choice_arrays, record_arrays
 from dba_ray.errors import UserError
 from dba_ray.model import load_tokenizer
 from dba_ray.ray_runtime import ensure_ray
@@ -36,6 +36,9 @@ def tokenize_eval(cfg: Config, sets=None) -> EvalData:
         if s.type == "choice":
             records = read_choice_records(s.data)[: cfg.eval.max_sequences]
             arrays = choice_arrays(records, load_tokenizer(cfg.model), s.data.seq_len)
+        elif s.per_record:
+            texts = read_text_records(s.data)[: cfg.eval.max_sequences]
+            arrays = record_arrays(texts, load_tokenizer(cfg.model), s.data.seq_len)
         else:
             seqs = build_sequences(s.data, cfg.model, concurrency=cfg.ray.tokenize_concurrency)
             arrays = collect_arrays(seqs, limit=cfg.eval.max_sequences)

@@ -352,3 +352,22 @@ def read_choice_records(cfg: DataConfig) -> list[dict]:
         which = f" (subset {cfg.subset})" if cfg.subset != "all" else ""
         raise UserError(f"choice eval set {cfg.path} is empty{which}")
     return out
+
+
+def read_text_records(cfg: DataConfig) -> list[str]:
+    """The texts of a text eval set's records in ``cfg.subset``, in file order, on the
+    driver (evaluation sets are small); a malformed one is named by file and line."""
+    if cfg.path is None:
+        raise UserError("a per-record eval set needs data.path (JSON Lines, JSON, Parquet or text files)")
+    out = []
+    for uri, _ in storage.list_files(cfg.path):
+        for loc, rec in _raw_records(uri, file_format(uri, cfg.file_format), cfg):
+            try:
+                if isinstance(rec, BadRecord):
+                    raise rec
+                norm = normalize(rec, cfg)
+            except BadRecord as e:
+                raise UserError(f"malformed record at {loc}: {e}") from None
+            if in_subset(norm, cfg.subset):
+                out.append(norm["text"])
+    return out

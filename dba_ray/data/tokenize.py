@@ -162,3 +162,16 @@ def choice_arrays(records: list[dict], tok, seq_len: int) -> dict[str, np.ndarra
         "group": np.asarray(group, dtype=np.int32),
         "answers": np.asarray([rec["answer"] for rec in records], dtype=np.int32),
     }
+
+
+def record_arrays(texts: list[str], tok, seq_len: int) -> dict[str, np.ndarray]:
+    """Each text tokenized alone with EOS after it and cut into ``seq_len`` pieces, never
+    packed with another; ``record`` maps rows to texts, so sums can be kept per record."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows, record = [], []
+    for r, ids in enumerate(tok(texts, add_special_tokens=False)["input_ids"]):
+        ids = [*ids, tok.eos_token_id]
+        for i in range(0, len(ids), seq_len):
+            rows.append((ids[i : i + seq_len], ids[i : i + seq_len]))
+            record.append(r)
+    return {**pad_rows(rows, seq_len, pad), "record": np.asarray(record, dtype=np.int32)}
