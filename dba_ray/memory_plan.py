@@ -22,8 +22,10 @@ adapters). Each phase is a few moments; a worker's peak is its largest moment pl
   ``boost_mode: update`` the per-weight step ĝ_G/√v_G (the same again), for the fisher
   anchor its weights v_G/mean (4P) and θ0 (bP); all /N under fsdp, plus bU and the
   unit's gradient. Moments: forward/backward, the optimizer step (on GPU foreach AdamW
-  allocates one more bT; on CPU it steps tensor by tensor), evaluation (no gradients),
-  export (under fsdp the whole model gathered on rank 0's CPU, bP).
+  allocates one more bT; on CPU it steps tensor by tensor), the checkpoint (gradients
+  freed; CPU copies of the rank's weights and AdamW moments, 3bT, the whole model's on
+  ddp's rank 0), evaluation (no gradients), export (under fsdp the whole model
+  gathered on rank 0's CPU, bP).
 - Evaluation and merge tasks: one process, the whole model (a merge also holds the
   base when it is the builtin model, and a few fp32 copies of the largest tensor).
 
@@ -334,10 +336,15 @@ def _stage2(s: ModelShape, cfg: Config, method: str, seq_len: int, eval_sets):
         elif n > 1:
             grads["DDP buckets"] = b * trained
         step = {"AdamW step": b * trained if t.use_gpu else 2 * b * min(trained, s.largest)}
+        # Each checkpoint (the last step's always) copies a rank's weights and AdamW
+        # moments to the CPU before writing them (dba_ray/checkpoint.py), after the
+        # gradients are freed.
+        copies = {"checkpoint copies (weights, AdamW moments)": b * (p + adapters) + 2 * b * trained}
         out = [
             _loading(s, b, t.use_gpu, fsdp),
             Moment("forward/backward", {**state, **grads, "activations": act}),
             Moment("optimizer step", {**state, **grads, **step}),
+            Moment("checkpoint", state, copies),
             Moment("export", state, {"whole model on rank 0": b * s.params} if fsdp else {}),
         ]
         if eval_sets:

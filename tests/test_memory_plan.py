@@ -10,8 +10,9 @@ import psutil
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
-from dba_ray import memory_plan
+from dba_ray import checkpoint, memory_plan
 from dba_ray.config import Config
 from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_empty_model, load_model
@@ -71,7 +72,7 @@ def test_stage1_parts_equal_arithmetic_on_the_models_parameters():
         assert sharded["gathered units"] == 4 * (root + 2 * block)
 
 
-def test_stage2_parts_equal_arithmetic_on_the_models_parameters():
+def test_stage2_parts_equal_arithmetic_on_the_models_parameters(tmp_path):
     cfg = config(
         model={"dtype": "bfloat16"},
         train={"dba": {"anchor": "fisher", "boost_mode": "update", "grad_dtype": "bfloat16"}, "num_workers": 2},
@@ -91,6 +92,21 @@ def test_stage2_parts_equal_arithmetic_on_the_models_parameters():
         "DDP buckets": 2 * count,
         "AdamW step": 2 * 2 * max(p.numel() for p in real.parameters()),  # CPU: tensor by tensor
     }
+    # The checkpoint's CPU copies are what checkpoint.save writes, past AdamW's per-tensor
+    # step counts; under fsdp each rank copies its rows.
+    optimizer = torch.optim.AdamW(real.parameters())
+    real(torch.zeros(1, 4, dtype=torch.long)).logits.sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    checkpoint.save(str(tmp_path), real, optimizer, 1, {}, 0, 1)
+    with safe_open(str(tmp_path / checkpoint.shard_file(0, 1)), "pt") as f:
+        written = sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith(("model::", "optim::")))
+    steps = 4 * len(list(real.parameters()))
+    ckpt = moment(dba, 2, "ddp", "checkpoint")
+    assert ckpt.host == {"checkpoint copies (weights, AdamW moments)": written - steps}
+    assert "gradients" not in ckpt.device
+    rows = sum(p.detach().chunk(3)[0].numel() for p in real.parameters())
+    assert moment(dba, 3, "fsdp", "checkpoint").host == {"checkpoint copies (weights, AdamW moments)": 3 * 2 * rows}
     lora = memory_plan.stage2_phase(shape, cfg, cfg.methods[1].model_copy(update={"name": "lora", "method": "lora"}))
     adapters = 8 * sum(
         m.in_features + m.out_features
