@@ -13,10 +13,12 @@ adapters). Each phase is a few moments; a worker's peak is its largest moment pl
 - Stage 1, ddp: bP weights + bP gradient + 4P fp32 sums (a buffer of their own with
   ``second_moment`` or non-fp32 weights; else ``.grad`` is the sum) + 4P v_G sums +
   activations. At the end rank 0 also holds the fp32 mean (and v_G mean), 4P (+4P), and
-  one artifact file's bytes while writing it (at most 2 GiB).
+  one artifact file's bytes twice while writing it (at most 2 × 2 GiB: safetensors
+  builds the file in a buffer of its own, then copies it into the bytes that are hashed
+  and written).
 - Stage 1, fsdp: b·P/N weights + bU gathered + b·P/N gradient + the largest unit's
   unsharded gradient (reduce-scatter) + 4P/N sums (+4P/N) + activations; each rank
-  writes its rows: 4P/N (+4P/N) at the end.
+  writes its rows: 4P/N (+4P/N) at the end, and one file of them twice.
 - Stage 2: weights, gradients (+ DDP's buckets, another bT, above one worker), AdamW's
   two moments (2bT, in the weights' dtype), ĝ_G (P × ``dba.grad_dtype``), for
   ``boost_mode: update`` the per-weight step ĝ_G/√v_G (the same again), for the fisher
@@ -273,7 +275,8 @@ def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, s
             means["stored copies"] = save_b * p * (1 + second_moment)
         if s1.svd_rank is not None:  # LAPACK's U, S, V^T and workspace for the largest matrix
             means["SVD of the largest matrix"] = 3 * 4 * s.largest
-        means["artifact file being written"] = min(shard_bytes, save_b * p)
+        # Measured: safetensors' save() holds the serialized file twice at its peak.
+        means["artifact file being written (twice)"] = 2 * min(shard_bytes, save_b * p)
         return [_loading(s, b, gpu, fsdp), Moment("streaming", stream), Moment("writing the artifact", end, means)]
 
     return moments

@@ -58,7 +58,8 @@ def test_stage1_parts_equal_arithmetic_on_the_models_parameters():
         "fp32 v_G sums": 4 * count,
     }
     end = moment(phase, 2, "ddp", "writing the artifact")
-    assert end.host == {"ĝ_G mean": 4 * count, "v_G mean": 4 * count, "artifact file being written": 4 * count}
+    file = {"artifact file being written (twice)": 2 * 4 * count}
+    assert end.host == {"ĝ_G mean": 4 * count, "v_G mean": 4 * count, **file}
 
     # fsdp: each rank's rows as torch.chunk splits them (rank 0 holds the most), the root
     # unit (embeddings, final norm, lm_head) gathered, and two blocks.
@@ -114,6 +115,28 @@ def test_stage2_parts_equal_arithmetic_on_the_models_parameters(tmp_path):
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.train.lora.target_modules
     )
     assert moment(lora, 1, "ddp", "optimizer step").device["AdamW moments"] == 2 * 2 * adapters
+
+
+WRITE_PEAK = """
+import resource, psutil, tempfile, torch
+from dba_ray import artifact
+t = {"w": torch.ones(50_000_000)}
+before = psutil.Process().memory_info().rss
+with tempfile.TemporaryDirectory() as d:
+    artifact.write_parts(d, {"mean_gradient": t})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def test_writing_an_artifact_file_holds_it_twice_as_planned():
+    # In a process of its own, so that its peak RSS is the write's.
+    done = subprocess.run([sys.executable, "-c", WRITE_PEAK], capture_output=True, text=True, check=True)
+    measured = int(done.stdout) / (4 * 50_000_000)  # in files of the tensor's size
+    cfg = config()
+    shape = memory_plan.model_shape(load_empty_model(cfg.model))
+    end = moment(memory_plan.stage1_phase(shape, cfg, SHARD), 1, "ddp", "writing the artifact")
+    assert end.host["artifact file being written (twice)"] == 2 * 4 * shape.params
+    assert 1.9 < measured < 2.1
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
