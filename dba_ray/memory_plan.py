@@ -45,7 +45,8 @@ then their gradients), at the start of backward. So:
     no checkpointing: tokens × (L · layer · s + (4 + a)h + max(12V, layer · s))
     gradient checkpointing: tokens × (L · 2ah + (4 + a)h + max(12V, layer · s))
 
-where s is ``HEAP_SLACK`` on CPU (1 on GPU). Evaluation keeps no graph: tokens ×
+where s is ``HEAP_SLACK`` on CPU (1 on GPU); on CPU every moment after the first
+backward also carries one micro-batch's activations, the heap glibc keeps. Evaluation keeps no graph: tokens ×
 max(logit bytes, layer · s). Fused attention (SDPA without a padding mask, what these
 forward passes use) is assumed: eager attention would add heads × seq_len² scores.
 """
@@ -73,6 +74,18 @@ GPU_SIZES_GIB = (24, 48, 80, 141)
 # under its mmap threshold (up to 32 MiB) in its heap. Measured on Llamas of 4-16 layers:
 # 1.15 in fp32, 1.33 in bf16.
 HEAP_SLACK = {4: 1.15, 2: 1.33}
+KEPT_HEAP = "freed activations the heap keeps"
+
+
+def _kept_heap(act: int, gpu: bool) -> dict[str, int]:
+    """On CPU, what a process still holds after its first backward: glibc keeps the
+    freed activations' blocks in its heap (under its raised mmap threshold), so every
+    later moment's RSS carries them (measured in the scale rehearsal: an FSDP rank's RSS
+    stays one micro-batch's activations above its tensors after the gradients are freed).
+    On GPU ``max_memory_allocated`` counts no freed block."""
+    return {} if gpu else {KEPT_HEAP: act}
+
+
 # Bytes per logit at the loss: training keeps three fp32 copies (12); evaluation, with
 # no graph, the lm_head output and its fp32 copies as they live (measured: 13 in fp32,
 # 8 in bf16, where the bf16 output is dropped once cast).
@@ -270,6 +283,7 @@ def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, s
             stream["unit gradient (reduce-scatter)"] = b * max(s.root, s.block)
         stream["activations"] = activation_bytes(s, tokens, b, False, gpu)
         end = {"weights": b * p, "fp32 gradient sums": 4 * p, "fp32 v_G sums": 4 * p * second_moment}
+        end.update(_kept_heap(stream["activations"], gpu))
         means = {"ĝ_G mean": 4 * p, "v_G mean": 4 * p * second_moment}
         if save_b != 4:
             means["stored copies"] = save_b * p * (1 + second_moment)
@@ -339,6 +353,7 @@ def _stage2(s: ModelShape, cfg: Config, method: str, seq_len: int, eval_sets):
         elif n > 1:
             grads["DDP buckets"] = b * trained
         step = {"AdamW step": b * trained if t.use_gpu else 2 * b * min(trained, s.largest)}
+        kept = _kept_heap(act, t.use_gpu)
         # Each checkpoint (the last step's always) copies a rank's weights and AdamW
         # moments to the CPU before writing them (dba_ray/checkpoint.py), after the
         # gradients are freed.
@@ -346,12 +361,13 @@ def _stage2(s: ModelShape, cfg: Config, method: str, seq_len: int, eval_sets):
         out = [
             _loading(s, b, t.use_gpu, fsdp),
             Moment("forward/backward", {**state, **grads, "activations": act}),
-            Moment("optimizer step", {**state, **grads, **step}),
-            Moment("checkpoint", state, copies),
-            Moment("export", state, {"whole model on rank 0": b * s.params} if fsdp else {}),
+            Moment("optimizer step", {**state, **grads, **step, **kept}),
+            Moment("checkpoint", {**state, **kept}, copies),
+            Moment("export", {**state, **kept}, {"whole model on rank 0": b * s.params} if fsdp else {}),
         ]
         if eval_sets:
-            out.append(Moment("evaluation", {**state, "activations": eval_act}))
+            # On CPU the evaluation's activations reuse the kept heap where they fit in it.
+            out.append(Moment("evaluation", {**state, "activations": max(eval_act, kept.get(KEPT_HEAP, 0))}))
         return out
 
     return moments

@@ -60,6 +60,12 @@ def test_stage1_parts_equal_arithmetic_on_the_models_parameters():
     end = moment(phase, 2, "ddp", "writing the artifact")
     file = {"artifact file being written (twice)": 2 * 4 * count}
     assert end.host == {"ĝ_G mean": 4 * count, "v_G mean": 4 * count, **file}
+    # On CPU the heap still holds the streaming's activations; a GPU's allocator counts none.
+    assert end.device[memory_plan.KEPT_HEAP] == stream["activations"]
+    gpu = memory_plan.stage1_phase(
+        shape, cfg.model_copy(update={"stage1": cfg.stage1.model_copy(update={"use_gpu": True})}), SHARD
+    )
+    assert memory_plan.KEPT_HEAP not in moment(gpu, 2, "ddp", "writing the artifact").device
 
     # fsdp: each rank's rows as torch.chunk splits them (rank 0 holds the most), the root
     # unit (embeddings, final norm, lm_head) gathered, and two blocks.
@@ -92,6 +98,7 @@ def test_stage2_parts_equal_arithmetic_on_the_models_parameters(tmp_path):
         "gradients": 2 * count,
         "DDP buckets": 2 * count,
         "AdamW step": 2 * 2 * max(p.numel() for p in real.parameters()),  # CPU: tensor by tensor
+        memory_plan.KEPT_HEAP: moment(dba, 2, "ddp", "forward/backward").device["activations"],
     }
     # The checkpoint's CPU copies are what checkpoint.save writes, past AdamW's per-tensor
     # step counts; under fsdp each rank copies its rows.
@@ -244,8 +251,8 @@ EXPECTED_PLAN = """\
 model: LlamaForCausalLM, 0.3M parameters (float32), 3 layers, hidden 96, vocab 262; FSDP units: root 0.1M, 3 blocks of up to 0.1M
 
 peak memory per process, by phase, and what it holds then:
-stage 1 (2 worker(s), ddp, CPU): 0.6 GiB of RAM per process at streaming (weights 1 MiB, gradient 1 MiB, fp32 gradient sums 1 MiB, fp32 v_G sums 1 MiB, activations 17 MiB, process 614 MiB)
-stage 2 dba (2 worker(s), fsdp, CPU): 0.6 GiB of RAM per process at forward/backward (weights 676 KiB, AdamW moments 1 MiB, ĝ_G 676 KiB, gathered units 966 KiB, gradients 676 KiB, unit gradient (reduce-scatter) 385 KiB, activations 17 MiB, process 614 MiB)
+stage 1 (2 worker(s), ddp, CPU): 0.6 GiB of RAM per process at writing the artifact (weights 1 MiB, fp32 gradient sums 1 MiB, fp32 v_G sums 1 MiB, freed activations the heap keeps 17 MiB, ĝ_G mean 1 MiB, v_G mean 1 MiB, artifact file being written (twice) 3 MiB, process 614 MiB)
+stage 2 dba (2 worker(s), fsdp, CPU): 0.6 GiB of RAM per process at checkpoint (weights 676 KiB, AdamW moments 1 MiB, ĝ_G 676 KiB, gathered units 966 KiB, freed activations the heap keeps 17 MiB, checkpoint copies (weights, AdamW moments) 2 MiB, process 614 MiB)
 
 smallest worker count that fits, one GPU each (0.5 GiB of it the CUDA context; —: no count fits); a node needs the host RAM per worker times the workers it holds:
 phase                          24 GiB   48 GiB   80 GiB  141 GiB  host RAM per worker
