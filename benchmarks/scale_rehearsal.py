@@ -20,10 +20,13 @@ each process's peak per process title, which tells the phases apart: Train worke
 and ``_export_merge`` (the merge). Each phase's measured per-worker peak is set beside
 the plan's (``dba_ray.preflight.memory_phases``, what ``dba-ray plan`` prints).
 
-    python benchmarks/scale_rehearsal.py --sizes small,medium --out benchmarks/scale_rehearsal.json
+    python benchmarks/scale_rehearsal.py --sizes small,medium --out small-medium.json
+    python benchmarks/scale_rehearsal.py --sizes full --ddp-workers 1 --out full.json
+    python benchmarks/scale_rehearsal.py --replan full.json   # the plan as the code now makes it
 
-Memory, not throughput, is the point: few tokens and steps. The full size needs about
-12 GB per ddp Stage 1 worker: ``--skip`` leaves out runs that would not fit.
+Memory, not throughput, is the point: few tokens and steps. The full size's ddp Stage 1
+worker peaks at 11 GiB (two of them do not fit a 24 GB machine: ``--ddp-workers 1``, for
+which the plan gives the same per-worker peak, or ``--skip full:stage1-ddp-2``).
 """
 
 from __future__ import annotations
