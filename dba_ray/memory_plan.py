@@ -13,11 +13,14 @@ adapters). Each phase is a few moments; a worker's peak is its largest moment pl
 - Stage 1, ddp: bP weights + bP gradient + 4P fp32 sums (a buffer of their own with
   ``second_moment`` or non-fp32 weights; else ``.grad`` is the sum) + 4P v_G sums +
   activations. At the end rank 0 also holds the fp32 mean (and v_G mean), 4P (+4P), and
-  one artifact file's bytes while writing it (at most 2 GiB).
+  one artifact file's bytes twice while writing it (at most 2 × 2 GiB: safetensors
+  builds the file in a buffer of its own, then copies it into the bytes that are hashed
+  and written).
 - Stage 1, fsdp: b·P/N weights + bU gathered + b·P/N gradient + the largest unit's
   unsharded gradient (reduce-scatter) + 4P/N sums (+4P/N) + activations; each rank
-  writes its rows: 4P/N (+4P/N) at the end. Loading: b·P/N and one tensor's rows
-  when a rank reads only its rows (``sharding.reads_own_rows``), else the whole bP.
+  writes its rows: 4P/N (+4P/N) at the end, and one file of them twice. Loading:
+  b·P/N and one tensor's rows when a rank reads only its rows
+  (``sharding.reads_own_rows``), else the whole bP.
 - Stage 1 checkpoints (``checkpoint_every_tokens``): the sums a rank holds (all of
   them on ddp's rank 0), copied to the CPU and serialized again: 2 × 4P (+4P), /N
   under fsdp.
@@ -26,8 +29,10 @@ adapters). Each phase is a few moments; a worker's peak is its largest moment pl
   ``boost_mode: update`` the per-weight step ĝ_G/√v_G (the same again), for the fisher
   anchor its weights v_G/mean (4P) and θ0 (bP); all /N under fsdp, plus bU and the
   unit's gradient. Moments: forward/backward, the optimizer step (on GPU foreach AdamW
-  allocates one more bT; on CPU it steps tensor by tensor), evaluation (no gradients),
-  export (under fsdp the whole model gathered on rank 0's CPU, bP).
+  allocates one more bT; on CPU it steps tensor by tensor), the checkpoint (gradients
+  freed; CPU copies of the rank's weights and AdamW moments, 3bT, the whole model's on
+  ddp's rank 0), evaluation (no gradients), export (under fsdp the whole model
+  gathered on rank 0's CPU, bP).
 - Evaluation and merge tasks: one process, the whole model (a merge also holds the
   base when it is the builtin model, and a few fp32 copies of the largest tensor).
 
@@ -45,7 +50,8 @@ then their gradients), at the start of backward. So:
     no checkpointing: tokens × (L · layer · s + (4 + a)h + max(12V, layer · s))
     gradient checkpointing: tokens × (L · 2ah + (4 + a)h + max(12V, layer · s))
 
-where s is ``HEAP_SLACK`` on CPU (1 on GPU). Evaluation keeps no graph: tokens ×
+where s is ``HEAP_SLACK`` on CPU (1 on GPU); on CPU every moment after the first
+backward also carries one micro-batch's activations, the heap glibc keeps. Evaluation keeps no graph: tokens ×
 max(logit bytes, layer · s). Fused attention (SDPA without a padding mask, what these
 forward passes use) is assumed: eager attention would add heads × seq_len² scores.
 """
@@ -74,6 +80,18 @@ GPU_SIZES_GIB = (24, 48, 80, 141)
 # under its mmap threshold (up to 32 MiB) in its heap. Measured on Llamas of 4-16 layers:
 # 1.15 in fp32, 1.33 in bf16.
 HEAP_SLACK = {4: 1.15, 2: 1.33}
+KEPT_HEAP = "freed activations the heap keeps"
+
+
+def _kept_heap(act: int, gpu: bool) -> dict[str, int]:
+    """On CPU, what a process still holds after its first backward: glibc keeps the
+    freed activations' blocks in its heap (under its raised mmap threshold), so every
+    later moment's RSS carries them (measured in the scale rehearsal: an FSDP rank's RSS
+    stays one micro-batch's activations above its tensors after the gradients are freed).
+    On GPU ``max_memory_allocated`` counts no freed block."""
+    return {} if gpu else {KEPT_HEAP: act}
+
+
 # Bytes per logit at the loss: training keeps three fp32 copies (12); evaluation, with
 # no graph, the lm_head output and its fp32 copies as they live (measured: 13 in fp32,
 # 8 in bf16, where the bf16 output is dropped once cast).
@@ -271,12 +289,14 @@ def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, s
             stream["unit gradient (reduce-scatter)"] = b * max(s.root, s.block)
         stream["activations"] = activation_bytes(s, tokens, b, False, gpu)
         end = {"weights": b * p, "fp32 gradient sums": 4 * p, "fp32 v_G sums": 4 * p * second_moment}
+        end.update(_kept_heap(stream["activations"], gpu))
         means = {"ĝ_G mean": 4 * p, "v_G mean": 4 * p * second_moment}
         if save_b != 4:
             means["stored copies"] = save_b * p * (1 + second_moment)
         if s1.svd_rank is not None:  # LAPACK's U, S, V^T and workspace for the largest matrix
             means["SVD of the largest matrix"] = 3 * 4 * s.largest
-        means["artifact file being written"] = min(shard_bytes, save_b * p)
+        # Measured: safetensors' save() holds the serialized file twice at its peak.
+        means["artifact file being written (twice)"] = 2 * min(shard_bytes, save_b * p)
         loading = _loading(s, b, gpu, fsdp)
         if fsdp and own_rows:  # each rank reads its rows of one tensor at a time
             loading = Moment(
@@ -288,6 +308,7 @@ def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, s
             # holds them whole) to the CPU, and safetensors serializes that copy again.
             copy = 4 * p * (1 + second_moment)
             held = {"weights": b * p, **sums, **({} if separate else {"gradient (the sums)": b * p})}
+            held.update(_kept_heap(stream["activations"], gpu))
             out.append(Moment("writing a checkpoint", held, {"checkpoint copy": copy, "serialized copy": copy}))
         return out
 
@@ -351,14 +372,21 @@ def _stage2(s: ModelShape, cfg: Config, method: str, seq_len: int, eval_sets):
         elif n > 1:
             grads["DDP buckets"] = b * trained
         step = {"AdamW step": b * trained if t.use_gpu else 2 * b * min(trained, s.largest)}
+        kept = _kept_heap(act, t.use_gpu)
+        # Each checkpoint (the last step's always) copies a rank's weights and AdamW
+        # moments to the CPU before writing them (dba_ray/checkpoint.py), after the
+        # gradients are freed.
+        copies = {"checkpoint copies (weights, AdamW moments)": b * (p + adapters) + 2 * b * trained}
         out = [
             _loading(s, b, t.use_gpu, fsdp),
             Moment("forward/backward", {**state, **grads, "activations": act}),
-            Moment("optimizer step", {**state, **grads, **step}),
-            Moment("export", state, {"whole model on rank 0": b * s.params} if fsdp else {}),
+            Moment("optimizer step", {**state, **grads, **step, **kept}),
+            Moment("checkpoint", {**state, **kept}, copies),
+            Moment("export", {**state, **kept}, {"whole model on rank 0": b * s.params} if fsdp else {}),
         ]
         if eval_sets:
-            out.append(Moment("evaluation", {**state, "activations": eval_act}))
+            # On CPU the evaluation's activations reuse the kept heap where they fit in it.
+            out.append(Moment("evaluation", {**state, "activations": max(eval_act, kept.get(KEPT_HEAP, 0))}))
         return out
 
     return moments

@@ -10,8 +10,9 @@ import psutil
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
-from dba_ray import memory_plan
+from dba_ray import checkpoint, memory_plan
 from dba_ray.config import Config
 from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_empty_model, load_model
@@ -57,7 +58,14 @@ def test_stage1_parts_equal_arithmetic_on_the_models_parameters():
         "fp32 v_G sums": 4 * count,
     }
     end = moment(phase, 2, "ddp", "writing the artifact")
-    assert end.host == {"ĝ_G mean": 4 * count, "v_G mean": 4 * count, "artifact file being written": 4 * count}
+    file = {"artifact file being written (twice)": 2 * 4 * count}
+    assert end.host == {"ĝ_G mean": 4 * count, "v_G mean": 4 * count, **file}
+    # On CPU the heap still holds the streaming's activations; a GPU's allocator counts none.
+    assert end.device[memory_plan.KEPT_HEAP] == stream["activations"]
+    gpu = memory_plan.stage1_phase(
+        shape, cfg.model_copy(update={"stage1": cfg.stage1.model_copy(update={"use_gpu": True})}), SHARD
+    )
+    assert memory_plan.KEPT_HEAP not in moment(gpu, 2, "ddp", "writing the artifact").device
 
     # fsdp: each rank's rows as torch.chunk splits them (rank 0 holds the most), the root
     # unit (embeddings, final norm, lm_head) gathered, and two blocks.
@@ -71,7 +79,7 @@ def test_stage1_parts_equal_arithmetic_on_the_models_parameters():
         assert sharded["gathered units"] == 4 * (root + 2 * block)
 
 
-def test_stage2_parts_equal_arithmetic_on_the_models_parameters():
+def test_stage2_parts_equal_arithmetic_on_the_models_parameters(tmp_path):
     cfg = config(
         model={"dtype": "bfloat16"},
         train={"dba": {"anchor": "fisher", "boost_mode": "update", "grad_dtype": "bfloat16"}, "num_workers": 2},
@@ -90,7 +98,23 @@ def test_stage2_parts_equal_arithmetic_on_the_models_parameters():
         "gradients": 2 * count,
         "DDP buckets": 2 * count,
         "AdamW step": 2 * 2 * max(p.numel() for p in real.parameters()),  # CPU: tensor by tensor
+        memory_plan.KEPT_HEAP: moment(dba, 2, "ddp", "forward/backward").device["activations"],
     }
+    # The checkpoint's CPU copies are what checkpoint.save writes, past AdamW's per-tensor
+    # step counts; under fsdp each rank copies its rows.
+    optimizer = torch.optim.AdamW(real.parameters())
+    real(torch.zeros(1, 4, dtype=torch.long)).logits.sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    checkpoint.save(str(tmp_path), real, optimizer, 1, {}, 0, 1)
+    with safe_open(str(tmp_path / checkpoint.shard_file(0, 1)), "pt") as f:
+        written = sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith(("model::", "optim::")))
+    steps = 4 * len(list(real.parameters()))
+    ckpt = moment(dba, 2, "ddp", "checkpoint")
+    assert ckpt.host == {"checkpoint copies (weights, AdamW moments)": written - steps}
+    assert "gradients" not in ckpt.device
+    rows = sum(p.detach().chunk(3)[0].numel() for p in real.parameters())
+    assert moment(dba, 3, "fsdp", "checkpoint").host == {"checkpoint copies (weights, AdamW moments)": 3 * 2 * rows}
     lora = memory_plan.stage2_phase(shape, cfg, cfg.methods[1].model_copy(update={"name": "lora", "method": "lora"}))
     adapters = 8 * sum(
         m.in_features + m.out_features
@@ -98,6 +122,28 @@ def test_stage2_parts_equal_arithmetic_on_the_models_parameters():
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.train.lora.target_modules
     )
     assert moment(lora, 1, "ddp", "optimizer step").device["AdamW moments"] == 2 * 2 * adapters
+
+
+WRITE_PEAK = """
+import resource, psutil, tempfile, torch
+from dba_ray import artifact
+t = {"w": torch.ones(50_000_000)}
+before = psutil.Process().memory_info().rss
+with tempfile.TemporaryDirectory() as d:
+    artifact.write_parts(d, {"mean_gradient": t})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def test_writing_an_artifact_file_holds_it_twice_as_planned():
+    # In a process of its own, so that its peak RSS is the write's.
+    done = subprocess.run([sys.executable, "-c", WRITE_PEAK], capture_output=True, text=True, check=True)
+    measured = int(done.stdout) / (4 * 50_000_000)  # in files of the tensor's size
+    cfg = config()
+    shape = memory_plan.model_shape(load_empty_model(cfg.model))
+    end = moment(memory_plan.stage1_phase(shape, cfg, SHARD), 1, "ddp", "writing the artifact")
+    assert end.host["artifact file being written (twice)"] == 2 * 4 * shape.params
+    assert 1.9 < measured < 2.1
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -225,8 +271,8 @@ EXPECTED_PLAN = """\
 model: LlamaForCausalLM, 0.3M parameters (float32), 3 layers, hidden 96, vocab 262; FSDP units: root 0.1M, 3 blocks of up to 0.1M
 
 peak memory per process, by phase, and what it holds then:
-stage 1 (2 worker(s), ddp, CPU): 0.6 GiB of RAM per process at streaming (weights 1 MiB, gradient 1 MiB, fp32 gradient sums 1 MiB, fp32 v_G sums 1 MiB, activations 17 MiB, process 614 MiB)
-stage 2 dba (2 worker(s), fsdp, CPU): 0.6 GiB of RAM per process at forward/backward (weights 676 KiB, AdamW moments 1 MiB, ĝ_G 676 KiB, gathered units 966 KiB, gradients 676 KiB, unit gradient (reduce-scatter) 385 KiB, activations 17 MiB, process 614 MiB)
+stage 1 (2 worker(s), ddp, CPU): 0.6 GiB of RAM per process at writing the artifact (weights 1 MiB, fp32 gradient sums 1 MiB, fp32 v_G sums 1 MiB, freed activations the heap keeps 17 MiB, ĝ_G mean 1 MiB, v_G mean 1 MiB, artifact file being written (twice) 3 MiB, process 614 MiB)
+stage 2 dba (2 worker(s), fsdp, CPU): 0.6 GiB of RAM per process at checkpoint (weights 676 KiB, AdamW moments 1 MiB, ĝ_G 676 KiB, gathered units 966 KiB, freed activations the heap keeps 17 MiB, checkpoint copies (weights, AdamW moments) 2 MiB, process 614 MiB)
 
 smallest worker count that fits, one GPU each (0.5 GiB of it the CUDA context; —: no count fits); a node needs the host RAM per worker times the workers it holds:
 phase                          24 GiB   48 GiB   80 GiB  141 GiB  host RAM per worker
