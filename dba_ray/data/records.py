@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import logging
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -324,30 +324,41 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_choice_records(cfg: DataConfig) -> list[dict]:
-    """Multiple-choice records {question, choices, answer} from files, on the driver
-    (evaluation sets are small); a malformed one is named by file and line."""
+def _driver_records(cfg: DataConfig, need: str, check: Callable[[Any], dict]) -> list[dict]:
+    """Every record of ``cfg``'s files in ``cfg.subset``, in file order, through
+    ``check``, on the driver (evaluation sets are small); a malformed one stops the run
+    with its file and line. ``need``: what asks for data.path, for the message."""
     if cfg.path is None:
-        raise UserError("a choice eval set needs data.path (JSON Lines, JSON or Parquet)")
+        raise UserError(f"{need} needs data.path (JSON Lines, JSON or Parquet)")
     out = []
     for uri, _ in storage.list_files(cfg.path):
         for loc, rec in _raw_records(uri, file_format(uri, cfg.file_format), cfg):
             try:
                 if isinstance(rec, BadRecord):
                     raise rec
-                if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
-                    raise BadRecord("field 'question' missing or not a string")
-                choices = rec.get("choices")
-                if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                    raise BadRecord("field 'choices' must be a list of at least 2 strings")
-                answer = rec.get("answer")
-                if not isinstance(answer, int) or not 0 <= answer < len(choices):
-                    raise BadRecord("field 'answer' must be the index of the right choice")
+                record = check(rec)
             except BadRecord as e:
                 raise UserError(f"malformed record at {loc}: {e}") from None
-            record = {"question": rec["question"], "choices": choices, "answer": answer}
             if in_subset(record, cfg.subset):
                 out.append(record)
+    return out
+
+
+def _choice_record(rec: Any) -> dict:
+    if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
+        raise BadRecord("field 'question' missing or not a string")
+    choices = rec.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise BadRecord("field 'choices' must be a list of at least 2 strings")
+    answer = rec.get("answer")
+    if not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise BadRecord("field 'answer' must be the index of the right choice")
+    return {"question": rec["question"], "choices": choices, "answer": answer}
+
+
+def read_choice_records(cfg: DataConfig) -> list[dict]:
+    """Multiple-choice records {question, choices, answer}."""
+    out = _driver_records(cfg, "a choice eval set", _choice_record)
     if not out:
         which = f" (subset {cfg.subset})" if cfg.subset != "all" else ""
         raise UserError(f"choice eval set {cfg.path} is empty{which}")
@@ -355,19 +366,5 @@ def read_choice_records(cfg: DataConfig) -> list[dict]:
 
 
 def read_text_records(cfg: DataConfig) -> list[str]:
-    """The texts of a text eval set's records in ``cfg.subset``, in file order, on the
-    driver (evaluation sets are small); a malformed one is named by file and line."""
-    if cfg.path is None:
-        raise UserError("a per-record eval set needs data.path (JSON Lines, JSON, Parquet or text files)")
-    out = []
-    for uri, _ in storage.list_files(cfg.path):
-        for loc, rec in _raw_records(uri, file_format(uri, cfg.file_format), cfg):
-            try:
-                if isinstance(rec, BadRecord):
-                    raise rec
-                norm = normalize(rec, cfg)
-            except BadRecord as e:
-                raise UserError(f"malformed record at {loc}: {e}") from None
-            if in_subset(norm, cfg.subset):
-                out.append(norm["text"])
-    return out
+    """The texts of a text eval set's records (a per-record set scores each alone)."""
+    return [r["text"] for r in _driver_records(cfg, "a per-record eval set", lambda rec: normalize(rec, cfg))]
