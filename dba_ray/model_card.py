@@ -158,9 +158,7 @@ def card_text(f: CardFacts, base: dict | None = None) -> str:
     lines += ["", "| eval set | kind | metric | this model | base | delta |", "|---|---|---|---|---|---|"]
     for name, m in evals.items():
         b = (base or {}).get("eval", {}).get(name, {})
-        for k, v in m.items():
-            if k == "records":  # a per_record set's sums: report.json keeps them
-                continue
+        for k, v in ((k, v) for k, v in m.items() if k != "records"):  # per-record sums: in report.json
             delta = v - b[k] if _finite(v) and _finite(b.get(k)) else None
             lines.append(
                 f"| {name} | {f.kinds.get(name, '')} | {k} | {_num(v)} | {_num(b.get(k))} | "
