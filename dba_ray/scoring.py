@@ -4,6 +4,8 @@ scored the same way but kept apart, and the merge curves after training."""
 
 from __future__ import annotations
 
+import logging
+
 import ray
 import torch
 
@@ -17,6 +19,8 @@ from dba_ray.model import load_model
 from dba_ray.prepare import Prepared
 from dba_ray.ray_runtime import ensure_ray
 from dba_ray.report import CompareRow, RunRow
+
+log = logging.getLogger("dba_ray")
 
 
 @ray.remote
@@ -77,6 +81,8 @@ def score_after_training(cfg: Config, base: dict, results: dict[str, RunRow | Co
     """Scores of the base and every run on eval.validation_sets (``validation``) and,
     with a merge section, each run's merge curve; returns the curves for report.json."""
     models = {"base": cfg.model.name_or_path, **{n: r.model_dir for n, r in results.items()}}
+    if validation_config(cfg) is not None:  # minutes of silence otherwise, between training and the report
+        log.info("scoring %d models on the validation sets", len(models))
     scored = score_validation(cfg, models, prepared.validation)
     if scored:
         base["validation"] = scored.pop("base")
@@ -88,6 +94,7 @@ def score_after_training(cfg: Config, base: dict, results: dict[str, RunRow | Co
     models = {n: r.model_dir for n, r in results.items() if not wanted or r.method in wanted}
     # A curve's ends are models scored above; not with lm_eval sets, which merges skip.
     known = {} if harness.harness_sets(cfg) else {n: _curve_ends(cfg.merge.mode, base, results[n]) for n in models}
+    log.info("merge curves (%s) of %s: %d knobs each", cfg.merge.mode, ", ".join(models), len(cfg.merge.knob_values()))
     return curves_json(merge_curves(cfg, models, EvalGroups.of(prepared.eval, prepared.validation), known=known))
 
 
