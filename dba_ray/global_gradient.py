@@ -11,6 +11,7 @@ zero-learning-rate Adam and β1 → 1).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import math
@@ -338,8 +339,20 @@ def _stream(sums: _Sums, s1, tracker, timeline: dict, counted: np.ndarray) -> fl
     return time.monotonic() - first_batch_at if first_batch_at else 0.0
 
 
+def _return_freed_heap() -> None:
+    """Give the heap's free blocks back to the OS (glibc's ``malloc_trim``). On CPU glibc
+    keeps the last backward's freed activations (blocks under its mmap threshold), which
+    would otherwise stay in the RSS through the reduction and the writing (measured in
+    the scale rehearsal: 1.6 GiB of a 7 GiB fsdp rank at 381M parameters)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
+
+
 def _checkpoint(sums: _Sums, loop_s: float) -> None:
     """Every rank writes its part of a checkpoint; Ray Train keeps it once all have."""
+    _return_freed_heap()
     tensors, keys, counts = sums.snapshot(loop_s)
     with tempfile.TemporaryDirectory() as d:
         stage1_checkpoint.write(d, sums.rank, sums.world, tensors, keys, counts if sums.rank == 0 else None)
@@ -381,6 +394,7 @@ def _worker_loop(config: dict) -> None:
     sums = _Sums(model, s1.second_moment, device, sharded, checkpointing=s1.checkpoint_every_tokens is not None)
     counted = _resume(sums, tracker)
     loop_s = _stream(sums, s1, tracker, timeline, counted)
+    _return_freed_heap()
     totals = sums.reduce(loop_s)
     timeline["reduced"] = time.time()
     if totals.tokens == 0:

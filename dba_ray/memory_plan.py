@@ -289,7 +289,8 @@ def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, s
             stream["unit gradient (reduce-scatter)"] = b * max(s.root, s.block)
         stream["activations"] = activation_bytes(s, tokens, b, False, gpu)
         end = {"weights": b * p, "fp32 gradient sums": 4 * p, "fp32 v_G sums": 4 * p * second_moment}
-        end.update(_kept_heap(stream["activations"], gpu))
+        # No kept heap here: Stage 1 returns it to the OS before the reduction and before
+        # each checkpoint (global_gradient._return_freed_heap).
         means = {"ĝ_G mean": 4 * p, "v_G mean": 4 * p * second_moment}
         if save_b != 4:
             means["stored copies"] = save_b * p * (1 + second_moment)
@@ -308,7 +309,6 @@ def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, s
             # holds them whole) to the CPU, and safetensors serializes that copy again.
             copy = 4 * p * (1 + second_moment)
             held = {"weights": b * p, **sums, **({} if separate else {"gradient (the sums)": b * p})}
-            held.update(_kept_heap(stream["activations"], gpu))
             out.append(Moment("writing a checkpoint", held, {"checkpoint copy": copy, "serialized copy": copy}))
         return out
 

@@ -60,12 +60,8 @@ def test_stage1_parts_equal_arithmetic_on_the_models_parameters():
     end = moment(phase, 2, "ddp", "writing the artifact")
     file = {"artifact file being written (twice)": 2 * 4 * count}
     assert end.host == {"ĝ_G mean": 4 * count, "v_G mean": 4 * count, **file}
-    # On CPU the heap still holds the streaming's activations; a GPU's allocator counts none.
-    assert end.device[memory_plan.KEPT_HEAP] == stream["activations"]
-    gpu = memory_plan.stage1_phase(
-        shape, cfg.model_copy(update={"stage1": cfg.stage1.model_copy(update={"use_gpu": True})}), SHARD
-    )
-    assert memory_plan.KEPT_HEAP not in moment(gpu, 2, "ddp", "writing the artifact").device
+    # Stage 1 returns the heap's freed activations to the OS before it reduces and writes.
+    assert end.device == {"weights": 4 * count, "fp32 gradient sums": 4 * count, "fp32 v_G sums": 4 * count}
 
     # fsdp: each rank's rows as torch.chunk splits them (rank 0 holds the most), the root
     # unit (embeddings, final norm, lm_head) gathered, and two blocks.
@@ -195,10 +191,7 @@ def test_stage1_checkpoints_and_reading_own_rows(tmp_path):
         rows = sum(p.detach().chunk(n)[0].numel() for p in model.parameters())
         assert moment(phase, n, "fsdp", "loading its rows").device == {"weights": 4 * rows}
         ckpt = moment(phase, n, "fsdp", "writing a checkpoint")
-        kept = moment(phase, n, "fsdp", "streaming").device["activations"]  # after a backward, on CPU
-        assert ckpt.device == {
-            "weights": 4 * rows, "fp32 gradient sums": 4 * rows, "fp32 v_G sums": 4 * rows, memory_plan.KEPT_HEAP: kept,
-        }  # fmt: skip
+        assert ckpt.device == {"weights": 4 * rows, "fp32 gradient sums": 4 * rows, "fp32 v_G sums": 4 * rows}
         assert ckpt.host == {"checkpoint copy": 8 * rows, "serialized copy": 8 * rows}
     # The builtin model has no files: every rank loads it whole first.
     builtin = memory_plan.stage1_phase(shape, config(stage1=stage1), SHARD)
@@ -274,7 +267,7 @@ EXPECTED_PLAN = """\
 model: LlamaForCausalLM, 0.3M parameters (float32), 3 layers, hidden 96, vocab 262; FSDP units: root 0.1M, 3 blocks of up to 0.1M
 
 peak memory per process, by phase, and what it holds then:
-stage 1 (2 worker(s), ddp, CPU): 0.6 GiB of RAM per process at writing the artifact (weights 1 MiB, fp32 gradient sums 1 MiB, fp32 v_G sums 1 MiB, freed activations the heap keeps 17 MiB, ĝ_G mean 1 MiB, v_G mean 1 MiB, artifact file being written (twice) 3 MiB, process 614 MiB)
+stage 1 (2 worker(s), ddp, CPU): 0.6 GiB of RAM per process at streaming (weights 1 MiB, gradient 1 MiB, fp32 gradient sums 1 MiB, fp32 v_G sums 1 MiB, activations 17 MiB, process 614 MiB)
 stage 2 dba (2 worker(s), fsdp, CPU): 0.6 GiB of RAM per process at checkpoint (weights 676 KiB, AdamW moments 1 MiB, ĝ_G 676 KiB, gathered units 966 KiB, freed activations the heap keeps 17 MiB, checkpoint copies (weights, AdamW moments) 2 MiB, process 614 MiB)
 
 smallest worker count that fits, one GPU each (0.5 GiB of it the CUDA context; —: no count fits); a node needs the host RAM per worker times the workers it holds:
