@@ -1,0 +1,124 @@
+"""The test suite's wall time and CPU-seconds per test file, Ray's processes included.
+
+    python benchmarks/suite_cpu.py --out suite_cpu.json [-- PYTEST_ARGS]
+
+Runs pytest in this process, as `python -m pytest` does, with a thread that samples
+every process under it (cpu_time.py's sampler) and charges the CPU-seconds gained since
+the last sample to the test file running then. This process is a child subreaper, so
+processes whose parent died (`ray start`'s nodes, Ray's workers after their raylet) stay
+in the tree; it reaps only those adopted ones, never a child a test waits for. The whole
+machine's busy time (/proc/stat) is charged the same way, as a check: on an idle machine
+the two agree. The sampler's own CPU is in the tree's figure (about 1%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from cpu_time import PR_SET_CHILD_SUBREAPER, sample
+
+
+def machine_busy_s() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class FileCpu:
+    """A pytest plugin: CPU-seconds and wall seconds per test file."""
+
+    def __init__(self, interval: float):
+        self.interval, self.current = interval, "(start-up)"
+        self.files: dict[str, dict] = {}
+        self.me, self.seen, self.ours = psutil.Process(), {}, set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def pytest_sessionstart(self, session):
+        self.thread.start()
+
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.current = item.nodeid.split("::")[0]
+        self.files.setdefault(self.current, {"cpu_s": 0.0, "machine_cpu_s": 0.0, "wall_s": 0.0, "tests": 0})
+        self.files[self.current]["tests"] += 1
+
+    def pytest_sessionfinish(self, session):
+        self.stop.set()
+        self.thread.join()
+
+    def _total(self) -> float:
+        sample(self.me, self.seen)
+        t = self.me.cpu_times()
+        return sum(self.seen.values()) + t.user + t.system
+
+    def _reap_adopted(self) -> None:
+        """Reap zombies that became our children when their parent died; a process first
+        seen as our own child is pytest's (subprocess waits for it), so it is left alone."""
+        for p in self.me.children():
+            if p.pid in self.ours:
+                continue
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(p.pid, os.WNOHANG)
+            except (psutil.Error, ChildProcessError):
+                pass
+
+    def _note_own_children(self) -> None:
+        known = {pid for pid, _ in self.seen}
+        self.ours.update(p.pid for p in self.me.children() if p.pid not in known)
+
+    def _loop(self) -> None:
+        last_cpu, last_busy, last_wall = self._total(), machine_busy_s(), time.monotonic()
+        while not self.stop.wait(self.interval):
+            self._note_own_children()
+            cpu, busy, wall = self._total(), machine_busy_s(), time.monotonic()
+            row = self.files.setdefault(self.current, {"cpu_s": 0.0, "machine_cpu_s": 0.0, "wall_s": 0.0, "tests": 0})
+            row["cpu_s"] += cpu - last_cpu
+            row["machine_cpu_s"] += busy - last_busy
+            row["wall_s"] += wall - last_wall
+            last_cpu, last_busy, last_wall = cpu, busy, wall
+            self._reap_adopted()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="the per-file figures, as JSON")
+    ap.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
+    ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: pytest's arguments")
+    args = ap.parse_args()
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    plugin = FileCpu(args.interval)
+    start = time.monotonic()
+    rc = pytest.main([a for a in args.pytest_args if a != "--"], plugins=[plugin])
+    files = {
+        k: {m: round(v, 1) if isinstance(v, float) else v for m, v in row.items()} for k, row in plugin.files.items()
+    }
+    result = {
+        "rc": int(rc),
+        "wall_s": round(time.monotonic() - start, 1),
+        "cpu_s": round(sum(r["cpu_s"] for r in plugin.files.values()), 1),
+        "machine_cpu_s": round(sum(r["machine_cpu_s"] for r in plugin.files.values()), 1),
+        "cores": os.cpu_count(),
+        "files": dict(sorted(files.items(), key=lambda kv: -kv[1]["cpu_s"])),
+    }
+    args.out.write_text(json.dumps(result, indent=1))
+    print("| file | tests | wall s | CPU-s (tree) | CPU-s (machine) |\n|---|---:|---:|---:|---:|")
+    for name, r in result["files"].items():
+        print(f"| {name} | {r['tests']} | {r['wall_s']} | {r['cpu_s']} | {r['machine_cpu_s']} |")
+    print(f"| all | | {result['wall_s']} | {result['cpu_s']} | {result['machine_cpu_s']} |")
+    return int(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
