@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import yaml
@@ -47,8 +48,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dba_ray.config import load_config
 from dba_ray.memory_plan import GiB
-from dba_ray.model import byte_tokenizer
 from dba_ray.preflight import memory_phases
+from dba_ray.tokenizer import byte_tokenizer
 
 # (hidden, layers, intermediate, query heads, key-value heads)
 SIZES = {
@@ -95,6 +96,15 @@ def build_model(size: str, folder: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class Peak(NamedTuple):
+    """A process's RSS at a sample (compared by ``rss`` first), the shared pages in it,
+    and the process's age then."""
+
+    rss: int
+    shared: int
+    at_s: float
+
+
 class Sampler:
     """Peak RSS of every ``ray::`` process under ``root`` (the command's process: its
     embedded Ray cluster's workers descend from it, other sessions' do not), by (pid,
@@ -122,21 +132,24 @@ class Sampler:
                 return
             for proc in processes:
                 try:
-                    title, rss = " ".join(proc.cmdline()), proc.memory_info().rss
+                    title, mem, born = " ".join(proc.cmdline()), proc.memory_info(), proc.create_time()
                 except psutil.Error:  # ended since it was listed
                     continue
                 if title.startswith("ray::"):
                     key, now = (proc.pid, title), time.monotonic()
-                    self.peaks[key] = max(self.peaks.get(key, 0), rss)
+                    # With the peak: how much of it is shared pages (files read through
+                    # mmap, Ray's object store), and when, from the process's start.
+                    at = Peak(mem.rss, mem.shared, time.time() - born)
+                    self.peaks[key] = max(self.peaks.get(key, at), at)
                     self.seen[key] = (self.seen.get(key, (now,))[0], now)
             self._stop.wait(self.interval)
 
-    def peaks_of(self, titles: tuple[str, ...]) -> list[int]:
+    def peaks_of(self, titles: tuple[str, ...]) -> list[Peak]:
         """Each process's peak over the titles that contain one of ``titles``, largest first."""
-        by_pid: dict[int, int] = {}
-        for (pid, title), rss in self.peaks.items():
+        by_pid: dict[int, Peak] = {}
+        for (pid, title), peak in self.peaks.items():
             if any(t in title for t in titles):
-                by_pid[pid] = max(by_pid.get(pid, 0), rss)
+                by_pid[pid] = max(by_pid.get(pid, peak), peak)
         return sorted(by_pid.values(), reverse=True)
 
     def span(self, titles: tuple[str, ...]) -> float:
@@ -168,14 +181,16 @@ def planned(cfg: dict, work: Path, command: str) -> dict[str, int]:
     return {p.name: p.peak().device for p in plan}
 
 
-def row(size: str, params: int, phase: str, workers: int, peaks: list[int], plan: int, wall_s: float) -> dict:
-    measured = max(peaks)
+def row(size: str, params: int, phase: str, workers: int, peaks: list[Peak], plan: int, wall_s: float) -> dict:
+    measured = max(p.rss for p in peaks)
     return {
         "size": size,
         "parameters": params,
         "phase": phase,
         "workers": workers,
-        "measured_gib": [round(p / GiB, 3) for p in peaks],
+        "measured_gib": [round(p.rss / GiB, 3) for p in peaks],
+        "shared_at_peak_gib": [round(p.shared / GiB, 3) for p in peaks],
+        "peak_at_s": [round(p.at_s, 1) for p in peaks],
         "planned_gib": round(plan / GiB, 3),
         "measured_over_planned": round(measured / plan, 3),
         "bytes_per_param": round(measured / params, 1),

@@ -22,7 +22,8 @@ import torch
 from dba_ray.config import Config, EvalSetConfig
 from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores
-from dba_ray.model import load_model, load_tokenizer
+from dba_ray.model import load_model
+from dba_ray.tokenizer import load_tokenizer
 
 log = logging.getLogger("dba_ray")
 

@@ -30,8 +30,9 @@ from dba_ray.errors import UserError
 from dba_ray.evaluate import score_sets, scored_tokens
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.merge import FisherPair, SavedTensors, merge_into
-from dba_ray.model import BUILTIN_MODEL, load_empty_model, load_model, load_tokenizer
+from dba_ray.model import BUILTIN_MODEL, load_empty_model, load_model
 from dba_ray.ray_runtime import ensure_ray
+from dba_ray.tokenizer import load_tokenizer
 
 log = logging.getLogger("dba_ray")
 

@@ -1,10 +1,10 @@
-"""Loading causal LMs and tokenizers, plus a download-free builtin pair for tests.
+"""Loading causal LMs, plus a download-free builtin model for tests.
 
 Any Hugging Face causal LM loads by name or path, or from an ``s3://`` / ``gs://``
 directory (a ``save_pretrained`` output whose ``config.json`` marks it complete), which
-is first copied to a local cache. ``builtin:tiny-llama`` is a small
-Llama built from a config in code (seeded random weights) and ``builtin:bytes`` a
-byte-level tokenizer built in code: neither needs a network.
+is first copied to a local cache. ``builtin:tiny-llama`` is a small Llama built from a
+config in code (seeded random weights), with dba_ray.tokenizer's byte-level tokenizer:
+neither needs a network.
 """
 
 from __future__ import annotations
@@ -12,38 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dba_ray import storage
 from dba_ray.config import ModelConfig
 from dba_ray.errors import UserError
-
-BUILTIN_MODEL = "builtin:tiny-llama"
-BUILTIN_TOKENIZER = "builtin:bytes"
-
-# A chat template for the byte tokenizer: role headers, each turn closed by EOS, and the
-# `generation` markers that let the loss mask find the assistant's tokens.
-_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] }}"
-    "<|eos|>{% endgeneration %}\n"
-    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eos|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-# Weight files, left out when only a model's config is needed.
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
-
-_SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+from dba_ray.tokenizer import BUILTIN_MODEL, WEIGHT_SUFFIXES, byte_tokenizer
 
 # The builtin model: small enough for CI, a real Llama architecture.
 TINY_LLAMA = dict(
@@ -55,43 +29,6 @@ TINY_LLAMA = dict(
     max_position_embeddings=2048,
     tie_word_embeddings=False,
 )
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: 256 byte tokens plus a few special tokens."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(_SPECIAL)}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(_SPECIAL)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<|pad|>",
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-    )
-    fast.chat_template = _CHAT_TEMPLATE
-    return fast
-
-
-def load_tokenizer(cfg: ModelConfig):
-    name = cfg.tokenizer or cfg.name_or_path
-    if name in (BUILTIN_TOKENIZER, BUILTIN_MODEL):
-        return byte_tokenizer()
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            storage.local_copy(name, "config.json", skip=_WEIGHTS),
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
-    if tok.eos_token_id is None:
-        raise UserError(f"tokenizer {name!r} has no EOS token, needed to separate documents")
-    return tok
 
 
 def load_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -130,7 +67,7 @@ def load_empty_model(cfg: ModelConfig) -> torch.nn.Module:
             return load_model(cfg)
         try:
             config = AutoConfig.from_pretrained(
-                storage.local_copy(cfg.name_or_path, "config.json", skip=_WEIGHTS),
+                storage.local_copy(cfg.name_or_path, "config.json", skip=WEIGHT_SUFFIXES),
                 revision=cfg.revision,
                 trust_remote_code=cfg.trust_remote_code,
             )
@@ -153,7 +90,7 @@ def shape_only(cfg: ModelConfig) -> bool:
     folder = Path(cfg.name_or_path)
     if storage.is_remote(cfg.name_or_path) or not (folder / "config.json").is_file():
         return False
-    return not any(p.name.endswith(_WEIGHTS) for p in folder.iterdir())
+    return not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir())
 
 
 def model_source(cfg: ModelConfig) -> dict:

@@ -10,6 +10,8 @@ import ray
 import torch
 from ray._private.services import find_bootstrap_address
 from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
 from dba_ray import console, storage
 from dba_ray.config import RayConfig, Stage1Config, TrainConfig
@@ -93,6 +95,20 @@ def scaling(num_workers: int, cpus_per_worker: int, use_gpu: bool, cfg: RayConfi
         use_gpu=use_gpu,
         resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **cfg.worker_resources},
     )
+
+
+class TorchTrainerWithoutDatasets(TorchTrainer):
+    """A TorchTrainer for runs that hand their workers no Ray Dataset (Stage 2 and
+    pretraining: the tokenized sets are object refs). Ray Train 2.60 starts a
+    DatasetManager actor for every run, datasets or not: a process and about 3 CPU-s per
+    run. This leaves out the callback that starts it (and would hand a Dataset's
+    DataContext to the workers, which read none). It overrides a private method, so ray
+    is pinned in pyproject.toml and tests/test_train.py checks the callback list."""
+
+    def _create_default_callbacks(self) -> list:
+        if self.datasets:
+            raise ValueError("TorchTrainerWithoutDatasets is for runs without datasets")
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, DatasetsCallback)]
 
 
 def check_fits(what: str, key: str, workers: Stage1Config | TrainConfig, cfg: RayConfig) -> None:

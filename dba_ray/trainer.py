@@ -42,10 +42,11 @@ from dba_ray.errors import UserError, find_user_error
 from dba_ray.evaluate import scores, set_metrics, set_sums
 from dba_ray.loss import token_loss_sum
 from dba_ray.methods import as_spec, config_for_run, phase_name, uses_global_gradient
-from dba_ray.model import load_empty_model, load_model, load_tokenizer
+from dba_ray.model import load_empty_model, load_model
 from dba_ray.parallel import DDP, FSDP
 from dba_ray.progress import ProgressPrinter, new_tracker
-from dba_ray.ray_runtime import check_fits, ensure_ray, scaling
+from dba_ray.ray_runtime import TorchTrainerWithoutDatasets, check_fits, ensure_ray, scaling
+from dba_ray.tokenizer import load_tokenizer
 
 log = logging.getLogger("dba_ray")
 
@@ -393,7 +394,7 @@ def _make_trainer(
     """The Ray Train trainer of one Stage 2 run: what every worker's loop is handed, and
     the run's scaling, storage and callbacks."""
     t = cfg.train
-    return TorchTrainer(
+    return TorchTrainerWithoutDatasets(
         _train_loop,
         train_loop_config={
             "cfg": cfg.model_dump(),

@@ -166,6 +166,10 @@ def run_trials(
                 scheduler=scheduler,
                 num_samples=num_samples,
                 search_alg=tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
+                # A finished trial's process runs the next one: its imports (about 9
+                # CPU-s) are not paid again. A trial keeps no state in its process
+                # beyond the run it reports.
+                reuse_actors=True,
             ),
             run_config=sweep_run_config(
                 name, cfg.output_dir, TrialProgress(cfg.train.progress_interval_s, knobs, total)

@@ -278,7 +278,7 @@ def run_merge_sweep(cfg: Config) -> dict:
     grid = tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=tc.max_concurrent),
+        tune_config=tune.TuneConfig(max_concurrent_trials=tc.max_concurrent, reuse_actors=True),  # as trials.py
         run_config=sweep_run_config(
             "tune-merge", out, TrialProgress(cfg.train.progress_interval_s, [MERGE_KNOB], len(cfg.merge.knob_values()))
         ),

@@ -13,7 +13,8 @@ import torch
 from dba_ray import artifact
 from dba_ray.config import DBAConfig, ModelConfig, ScheduleConfig
 from dba_ray.dba import DBA, lr_at
-from dba_ray.model import byte_tokenizer, load_model
+from dba_ray.model import load_model
+from dba_ray.tokenizer import byte_tokenizer
 
 DOMAIN = [
     "Revenue rose 12% year over year while operating margin held at 31%.",

@@ -16,7 +16,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from dba_ray import artifact
 from dba_ray.config import DBAConfig, ModelConfig, ScheduleConfig
 from dba_ray.dba import DBA, DBAOptimizer, schedule_lambda
-from dba_ray.model import byte_tokenizer, load_model
+from dba_ray.model import load_model
+from dba_ray.tokenizer import byte_tokenizer
 
 TEXTS = [
     "Patients randomized to the intervention arm showed lower systolic pressure at 12 weeks.",

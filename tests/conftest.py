@@ -38,7 +38,8 @@ import yaml  # noqa: E402
 
 from dba_ray import console  # noqa: E402
 from dba_ray.config import Config, ModelConfig  # noqa: E402
-from dba_ray.model import load_model, load_tokenizer  # noqa: E402
+from dba_ray.model import load_model  # noqa: E402
+from dba_ray.tokenizer import load_tokenizer  # noqa: E402
 from dba_ray.trainer import FAULTS_ENV  # noqa: E402
 
 # More logical CPUs than the 2 cores of CI: Train workers and Ray Data both get some.

@@ -20,7 +20,8 @@ from dba_ray.checkpoint import shard_file
 from dba_ray.cli import main
 from dba_ray.config import ModelConfig
 from dba_ray.errors import UserError
-from dba_ray.model import load_model, load_tokenizer
+from dba_ray.model import load_model
+from dba_ray.tokenizer import load_tokenizer
 
 
 @pytest.fixture

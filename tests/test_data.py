@@ -14,8 +14,8 @@ from dba_ray.data import build_sequences, collect_arrays
 from dba_ray.data.records import ReadFiles
 from dba_ray.data.tokenize import IGNORE, instruction_prompt
 from dba_ray.errors import UserError, find_user_error
-from dba_ray.model import byte_tokenizer
 from dba_ray.progress import Tracker
+from dba_ray.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 MODEL = ModelConfig()

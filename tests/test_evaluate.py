@@ -12,7 +12,8 @@ from dba_ray.data.records import read_choice_records, read_text_records
 from dba_ray.data.tokenize import choice_arrays, record_arrays
 from dba_ray.errors import UserError
 from dba_ray.evaluate import choice_sums, scores, set_metrics, set_sums, text_sums
-from dba_ray.model import byte_tokenizer, load_model
+from dba_ray.model import load_model
+from dba_ray.tokenizer import byte_tokenizer
 
 RECORDS = [
     {"question": "Is the sky blue?", "choices": ["yes", "no", "maybe"], "answer": 0},

@@ -18,7 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 @pytest.fixture(scope="module")
 def global_gradient(tmp_path_factory):
     """A real ĝ_G of the builtin model: the mean gradient of a few general sentences."""
-    from dba_ray.model import byte_tokenizer
+    from dba_ray.tokenizer import byte_tokenizer
 
     model = load_model(ModelConfig())
     tok = byte_tokenizer()
@@ -81,7 +81,7 @@ def bare_reference(global_gradient, steps):
     """hf_trainer.py's run as a bare loop: same model, data, AdamW, clipping, DBA, AL."""
     from dba_ray.config import DBAConfig, ScheduleConfig
     from dba_ray.dba import DBA, lr_at
-    from dba_ray.model import byte_tokenizer
+    from dba_ray.tokenizer import byte_tokenizer
 
     texts = runpy.run_path(str(EXAMPLES / "hf_trainer.py"))["TEXTS"]
     enc = byte_tokenizer()(texts, padding="max_length", max_length=96, truncation=True, return_tensors="pt")

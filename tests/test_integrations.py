@@ -79,7 +79,8 @@ def pipeline(tmp_path_factory):
     from lm_eval.models.huggingface import HFLM
 
     from dba_ray.config import ModelConfig
-    from dba_ray.model import byte_tokenizer, load_model
+    from dba_ray.model import load_model
+    from dba_ray.tokenizer import byte_tokenizer
 
     tmp = tmp_path_factory.mktemp("pipeline")
     base = tmp / "base"

@@ -5,7 +5,8 @@ import torch
 
 from dba_ray.config import ModelConfig
 from dba_ray.errors import UserError
-from dba_ray.model import byte_tokenizer, load_model, load_tokenizer
+from dba_ray.model import load_model
+from dba_ray.tokenizer import byte_tokenizer, load_tokenizer
 
 
 def test_saved_model_loads_by_path_with_dtype(tmp_path):

@@ -14,7 +14,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from dba_ray import sharding
 from dba_ray.config import ModelConfig
 from dba_ray.loss import token_loss_sum
-from dba_ray.model import byte_tokenizer, load_model
+from dba_ray.model import load_model
+from dba_ray.tokenizer import byte_tokenizer
 
 
 def _save_qwen2(folder) -> None:

@@ -264,3 +264,21 @@ def test_run_identity_follows_settings_and_global_gradient(tmp_path):
     cfg.train.grad_accum = 4
     cfg.train.schedule.lr = 1e-4
     assert _settings_digest(config_for_run(cfg, spec), spec, ["t0", "f0", 1.0]) != first
+
+
+def test_stage2_trainer_leaves_out_only_the_dataset_manager():
+    # It overrides a private method of Ray Train: when Ray changes it, this fails.
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from dba_ray.ray_runtime import TorchTrainerWithoutDatasets
+
+    def kinds(trainer) -> list[str]:
+        return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
+
+    full = kinds(TorchTrainer(lambda: None))
+    lean = kinds(TorchTrainerWithoutDatasets(lambda: None))
+    assert full.count(DatasetsCallback.__name__) == 1
+    assert lean == [k for k in full if k != DatasetsCallback.__name__]
+    with pytest.raises(ValueError, match="without datasets"):
+        TorchTrainerWithoutDatasets(lambda: None, datasets={"x": object()})._create_default_callbacks()

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from dba_ray.config import ModelConfig
 from dba_ray.data.tokenize import IGNORE
-from dba_ray.model import load_tokenizer
+from dba_ray.tokenizer import load_tokenizer
 from dba_ray.vocab import touched_ids
 
 

@@ -14,8 +14,8 @@ from dba_ray.data.pipeline import build_sequences, collect_arrays
 from dba_ray.data.records import read_choice_records, read_text_records
 from dba_ray.data.tokenize import choice_arrays, record_arrays
 from dba_ray.errors import UserError
-from dba_ray.model import load_tokenizer
 from dba_ray.ray_runtime import ensure_ray
+from dba_ray.tokenizer import load_tokenizer
 
 
 class EvalData(NamedTuple):

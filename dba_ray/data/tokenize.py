@@ -16,7 +16,7 @@ import numpy as np
 
 from dba_ray.config import DataConfig, ModelConfig
 from dba_ray.errors import UserError
-from dba_ray.model import load_tokenizer
+from dba_ray.tokenizer import load_tokenizer
 
 IGNORE = -100
 
