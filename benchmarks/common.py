@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 
+import ray
+
 
 def sized_llama(hidden: int, layers: int) -> dict:
     """`model.builtin_config` for a builtin Llama of the given width and depth."""
@@ -27,6 +29,15 @@ def add_ray_side_args(ap) -> None:
     ap.add_argument("--gpu", action="store_true", help="one GPU worker; model in --dtype")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
+    ap.add_argument("--address", default=None, help="join this running Ray cluster instead of starting one")
+
+
+def init_ray(args, num_cpus: int) -> None:
+    """Join ``args.address`` (its CPUs are the cluster's), or start a local cluster."""
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
 
 
 def emit(result: dict, out: str | None) -> None:

@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny model and few steps: checks the path")
     ap.add_argument("--out", type=Path, default=HERE / "gpu_check.json")
     ap.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out (recorded as skipped)")
+    ap.add_argument("--address", default=None, help="the Ray parts join this running cluster (the test suite's)")
     args = ap.parse_args()
 
     size = SIZES["tiny" if args.tiny else "full"]
@@ -134,7 +135,7 @@ def main() -> None:
     data = write_text(tmp / "text.jsonl", 300 if args.tiny else 4000)
     py = [sys.executable]
     dev = ["--device", "cuda", "--dtype", "bfloat16"] if gpu else []
-    ray_dev = ["--gpu", "--dtype", "bfloat16"] if gpu else []
+    ray_dev = (["--gpu", "--dtype", "bfloat16"] if gpu else []) + (["--address", args.address] if args.address else [])
     parts = {
         "stage1": [*py, str(HERE / "stage1_throughput.py"), data, *size["model"], *size["stage1"], *ray_dev],
         "dba_step": [*py, str(HERE / "dba_overhead.py"), "--variant", "dba", *size["model"], *size["dba"], *dev],

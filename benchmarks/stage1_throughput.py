@@ -18,9 +18,8 @@ import tempfile
 import time
 
 import numpy as np
-import ray
 import torch
-from common import add_ray_side_args, emit, sized_llama
+from common import add_ray_side_args, emit, init_ray, sized_llama
 
 from dba_ray.config import Config
 from dba_ray.data import build_sequences
@@ -82,7 +81,7 @@ def main() -> None:
         }
     )
     n_params = sum(p.numel() for p in load_model(cfg.model).parameters())
-    ray.init(num_cpus=cfg.ray.num_cpus, log_to_driver=False, include_dashboard=False)
+    init_ray(args, cfg.ray.num_cpus)
     rows = build_sequences(cfg.stage1.data, cfg.model, max_tokens=cfg.stage1.max_tokens).take_all()
     ids = torch.tensor(np.stack([r["input_ids"] for r in rows]), dtype=torch.long)
     labels = torch.tensor(np.stack([r["labels"] for r in rows]), dtype=torch.long)

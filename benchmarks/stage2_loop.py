@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
-from common import add_ray_side_args, emit, sized_llama, write_text
+from common import add_ray_side_args, emit, init_ray, sized_llama, write_text
 
 from dba_ray.config import Config
 from dba_ray.data import build_sequences
@@ -123,7 +122,7 @@ def main() -> None:
     data = write_text(tmp / "domain.jsonl", 400)
     held_out = write_text(tmp / "held_out.jsonl", 20)
     cfg = make_config(args, str(tmp / "out"), data)
-    ray.init(num_cpus=cfg.ray.num_cpus, log_to_driver=False, include_dashboard=False)
+    init_ray(args, cfg.ray.num_cpus)
     rows = build_sequences(cfg.train.data, cfg.model).take_all()
     ids = torch.tensor(np.stack([r["input_ids"] for r in rows]), dtype=torch.long)
     labels = torch.tensor(np.stack([r["labels"] for r in rows]), dtype=torch.long)

@@ -24,7 +24,8 @@ adapters). Each phase is a few moments; a worker's peak is its largest moment pl
 - Stage 1 checkpoints (``checkpoint_every_tokens``): the sums a rank holds (all of
   them on ddp's rank 0), copied to the CPU and serialized again: 2 × 4P (+4P), /N
   under fsdp.
-- Stage 2: weights, gradients (+ DDP's buckets, another bT, above one worker), AdamW's
+- Stage 2: loaded as Stage 1 loads (under fsdp each rank reads its rows when it can;
+  LoRA's runs load the whole model); weights, gradients (+ DDP's buckets, another bT, above one worker), AdamW's
   two moments (2bT, in the weights' dtype), ĝ_G (P × ``dba.grad_dtype``), for
   ``boost_mode: update`` the per-weight step ĝ_G/√v_G (the same again), for the fisher
   anchor its weights v_G/mean (4P) and θ0 (bP); all /N under fsdp, plus bU and the
@@ -266,9 +267,15 @@ class Phase:
         return low
 
 
-def _loading(s: ModelShape, b: int, gpu: bool, fsdp: bool) -> Moment:
-    """Every Train worker first reads the whole model on the CPU (``load_model``) and
-    moves it to its device; only then does FSDP shard it."""
+def _loading(s: ModelShape, b: int, gpu: bool, fsdp: bool, own_rows: bool, n: int) -> Moment:
+    """Under fsdp a rank that can (``own_rows``: ``sharding.reads_own_rows``) reads only
+    its rows, one tensor at a time; otherwise every Train worker first reads the whole
+    model on the CPU (``load_model``) and moves it to its device, and only then does FSDP
+    shard it."""
+    if fsdp and own_rows:
+        return Moment(
+            "loading its rows", {"weights": b * s.sharded(n)}, {"one tensor's rows being read": b * s.largest // n}
+        )
     whole = {"whole model, before sharding" if fsdp else "weights": b * s.params}
     return Moment("loading the model", whole, {"whole model read on the CPU": b * s.params} if gpu else {})
 
@@ -298,11 +305,7 @@ def _stage1(s: ModelShape, cfg: Config, data: DataConfig, second_moment: bool, s
             means["SVD of the largest matrix"] = 3 * 4 * s.largest
         # Measured: safetensors' save() holds the serialized file twice at its peak.
         means["artifact file being written (twice)"] = 2 * min(shard_bytes, save_b * p)
-        loading = _loading(s, b, gpu, fsdp)
-        if fsdp and own_rows:  # each rank reads its rows of one tensor at a time
-            loading = Moment(
-                "loading its rows", {"weights": b * p}, {"one tensor's rows being read": b * s.largest // n}
-            )
+        loading = _loading(s, b, gpu, fsdp, own_rows, n)
         out = [loading, Moment("streaming", stream), Moment("writing the artifact", end, means)]
         if s1.checkpoint_every_tokens is not None:
             # dba_ray/stage1_checkpoint.py copies the sums a rank holds (under ddp rank 0
@@ -355,6 +358,7 @@ def _stage2(s: ModelShape, cfg: Config, method: str, seq_len: int, eval_sets):
     t, b = cfg.train, dtype_bytes(cfg.model.dtype)
     a = 2 if t.use_gpu else b  # Stage 2 on GPU runs the forward under bf16 autocast
     lora = method == "lora"
+    own_rows = not lora and t.parallel == "fsdp" and reads_own_rows(cfg.model)  # as trainer.build_model
     adapters = s.lora_params(t.lora.r, t.lora.target_modules) if lora else 0
     act = activation_bytes(s, t.batch_size * seq_len, a, t.gradient_checkpointing, t.use_gpu)
     eval_act = eval_activation_bytes(s, _eval_tokens(cfg, eval_sets), b, t.use_gpu) if eval_sets else 0  # no autocast
@@ -378,7 +382,7 @@ def _stage2(s: ModelShape, cfg: Config, method: str, seq_len: int, eval_sets):
         # gradients are freed.
         copies = {"checkpoint copies (weights, AdamW moments)": b * (p + adapters) + 2 * b * trained}
         out = [
-            _loading(s, b, t.use_gpu, fsdp),
+            _loading(s, b, t.use_gpu, fsdp, own_rows, n),
             Moment("forward/backward", {**state, **grads, "activations": act}),
             Moment("optimizer step", {**state, **grads, **step, **kept}),
             Moment("checkpoint", {**state, **kept}, copies),

@@ -30,7 +30,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution import context as train_context
 
-from dba_ray import artifact, console, harness, model_card, parallel, storage, tracking, vocab
+from dba_ray import artifact, console, harness, model_card, parallel, sharding, storage, tracking, vocab
 from dba_ray import checkpoint as checkpointing
 from dba_ray.config import Config, DBAConfig, MethodSpec, digest
 from dba_ray.curves import CurvesCallback
@@ -61,6 +61,7 @@ class TrainResult:
     wall_s: float
     peak_mem_mb: float  # rank 0: peak GPU memory allocated, or peak RSS on CPU
     resumed_at: int  # the checkpoint's step this run continued from (0: from the start)
+    weights_read: str  # how rank 0 got the base weights: only its rows, or the whole model
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -86,18 +87,25 @@ def _wrap_lora(model, cfg: Config):
         raise UserError(f"train.lora: {' '.join(str(e).split())}") from None
 
 
-def build_model(cfg: Config, method: str, device: torch.device) -> torch.nn.Module:
-    """The model a run trains, in train mode: LoRA-wrapped for ``lora``."""
-    model = load_model(cfg.model).to(device)
-    if method == "lora":
-        model = _wrap_lora(model, cfg)
+def build_model(cfg: Config, method: str, layout, device: torch.device) -> tuple[torch.nn.Module, bool]:
+    """The model a run trains, sharded as ``layout`` shards it, in train mode:
+    LoRA-wrapped for ``lora``; and whether each rank read only its rows. Under fsdp a
+    rank reads only its rows of a saved model's safetensors (``sharding.load_sharded``):
+    at 70B no worker ever holds the whole model. LoRA wraps the whole model first."""
+    if isinstance(layout, parallel.FSDP) and method != "lora":
+        model, rows_only = sharding.load_sharded(cfg.model, device)
+    else:
+        model, rows_only = load_model(cfg.model).to(device), False
+        if method == "lora":
+            model = _wrap_lora(model, cfg)
+        layout.shard(model)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: a checkpointed block's parameters get gradients even when its
         # inputs need none, as under LoRA (frozen embeddings). transformers < 5 defaults
         # to reentrant checkpointing, where LoRA's adapters got no gradient at all.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    return model
+    return model, rows_only
 
 
 # ---------------------------------------------------------------- the loop
@@ -124,6 +132,7 @@ class _Worker:
     world: int
     device: torch.device
     layout: DDP | FSDP
+    rows_only: bool  # each rank read only its rows of the weights (build_model)
     model: torch.nn.Module  # its parameters (sharded under FSDP) are what the optimizer, DBA and checkpoints address
     forward_model: torch.nn.Module  # what forward and backward run through (DDP's wrapper, or the model)
     optimizer: torch.optim.Optimizer
@@ -148,8 +157,8 @@ def _setup(config: dict) -> _Worker:
     torch.set_num_threads(t.cpus_per_worker)
     device = ray.train.torch.get_device()
     layout = parallel.layout(t.parallel, rank, world)
-    model = build_model(cfg, config["method"], device)
-    layout.shard(model)  # before DBA: it keeps the (sharded) parameters and their shards of ĝ_G
+    # Sharded before DBA is built: it keeps the (sharded) parameters and their shards of ĝ_G.
+    model, rows_only = build_model(cfg, config["method"], layout, device)
     # Built before any checkpoint is loaded, so the fisher anchor's θ0 is the base.
     dba = _build_dba(cfg, model, layout, config["grad_source"], config["total_steps"])
     forward_model = layout.wrap(model)
@@ -165,6 +174,7 @@ def _setup(config: dict) -> _Worker:
         world=world,
         device=device,
         layout=layout,
+        rows_only=rows_only,
         model=model,
         forward_model=forward_model,
         optimizer=optimizer,
@@ -351,7 +361,12 @@ def _train_loop(config: dict) -> dict:
         last_eval = _evaluate(w)  # resumed from the final checkpoint: score it anyway
     _export(w, config["model_dir"])
     # rank 0's return value reaches the driver
-    return {"final": last_eval, "peak_mem_mb": _peak_memory_mb(w.device), "resumed_at": resumed_at}
+    return {
+        "final": last_eval,
+        "peak_mem_mb": _peak_memory_mb(w.device),
+        "resumed_at": resumed_at,
+        "weights_read": "own rows" if w.rows_only else "whole model",
+    }
 
 
 # ---------------------------------------------------------------- the driver
@@ -482,6 +497,7 @@ def run_train(
         wall_s=wall,
         peak_mem_mb=peak,
         resumed_at=returned.get("resumed_at", 0),
+        weights_read=returned["weights_read"],
     )
 
 

@@ -146,10 +146,11 @@ def console_shape(console: str, out: str) -> list[str]:
     return [re.sub(r"\d+", "#", line.replace(out, "OUT")) for line in console.splitlines()]
 
 
-def save_builtin_base(path) -> str:
-    """The builtin tiny model and its tokenizer saved as a model directory: Ray workers
-    load it with from_pretrained, as they would a user's model."""
-    load_model(ModelConfig()).save_pretrained(path)
+def save_builtin_base(path, **builtin_config) -> str:
+    """The builtin tiny model (``builtin_config`` changing its shape) and its tokenizer
+    saved as a model directory: Ray workers load it with from_pretrained, as they would
+    a user's model."""
+    load_model(ModelConfig(builtin_config=builtin_config)).save_pretrained(path)
     load_tokenizer(ModelConfig()).save_pretrained(path)
     return str(path)
 

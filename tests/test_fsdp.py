@@ -1,14 +1,16 @@
 """Stage 2 under FSDP2 (train.parallel: fsdp) on the real local Ray cluster: the same
-weights as DDP, also when a run started on 2 workers resumes on 1."""
+weights as DDP, also when a run started on 2 workers resumes on 1. The base is a saved
+model, so each FSDP rank reads only its rows of it (DDP reads it whole)."""
 
 import os
 
 import pytest
 import torch
-from conftest import fail_once_at_step
+from conftest import fail_once_at_step, save_builtin_base
 from test_train import assert_same_eval, make_config, one_process_eval, rel_error, saved_weights
 
 from dba_ray.checkpoint import shard_file
+from dba_ray.config import ModelConfig
 from dba_ray.data.arrays import tokenize_eval, tokenize_train
 from dba_ray.global_gradient import run_global_gradient
 from dba_ray.merge_curves import merged_model
@@ -26,7 +28,8 @@ DBA = {"boost": 12, "dc": "norm", "anchor": "fisher", "fisher_lambda": 0.1}
 
 def fsdp_config(tmp_path, out: str, **train):
     cfg = make_config(tmp_path, out, dba=DBA, **train)
-    cfg.model.builtin_config = MODEL
+    base = tmp_path / "base"
+    cfg.model = ModelConfig(name_or_path=str(base) if base.exists() else save_builtin_base(base, **MODEL))
     cfg.stage1.second_moment = True
     return cfg
 
@@ -36,7 +39,9 @@ def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     run_global_gradient(ddp_cfg)
     # Both runs read the same domain data and eval sets: tokenize them once.
     data = {"train_ref": tokenize_train(ddp_cfg), "eval_refs": tokenize_eval(ddp_cfg)}
-    ddp = saved_weights(run_train(ddp_cfg, "dba", **data).model_dir)
+    ddp_run = run_train(ddp_cfg, "dba", **data)
+    ddp = saved_weights(ddp_run.model_dir)
+    assert ddp_run.weights_read == "whole model"
     base = {n: p.detach() for n, p in load_model(ddp_cfg.model).named_parameters()}
     assert rel_error(ddp, base) > 1e-3  # the run moved the weights
 
@@ -50,7 +55,7 @@ def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     assert sorted(os.listdir(ckpt)) == [shard_file(r, 2) for r in range(2)] + ["state.json"]
     one = fsdp_config(tmp_path, "faulty", parallel="fsdp", num_workers=1, grad_accum=4)
     fsdp = run_train(one, "dba", **data)
-    assert fsdp.resumed_at == 2
+    assert fsdp.resumed_at == 2 and fsdp.weights_read == "own rows"
     # fp32 throughout, and with two ranks a reduce-scatter adds the same two numbers as
     # an all-reduce. What differs is summation order: FSDP reduces each micro-batch and
     # sums the results where DDP sums then reduces, and the dot products and norms

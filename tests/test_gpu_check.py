@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.sh runs on CPU with a tiny model: the parts of the GPU check
 (Stage 1, the DBA and fisher steps, the Stage 2 loop) work before a GPU is at hand, and
-the FSDP part's config is valid. Each part starts its own Ray cluster, as on a GPU
-machine. The FSDP part itself is a plain `dba-ray run` under FSDP (test_fsdp,
+the FSDP part's config is valid. Its Ray parts join the session's cluster (on a GPU
+machine each starts its own). The FSDP part itself is a plain `dba-ray run` under FSDP (test_fsdp,
 test_train and test_run cover those paths); running it here would cost 1.5 minutes."""
 
 import json
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ray
 import yaml
 
 from dba_ray.config import Config
@@ -31,10 +32,23 @@ def test_fsdp_part_config_is_valid(tmp_path):
         assert cfg.train.parallel == "fsdp" and cfg.train.use_gpu is gpu and [m.name for m in cfg.methods] == ["dba"]
 
 
-def test_gpu_check_dry_run_on_cpu(tmp_path):
+def test_gpu_check_dry_run_on_cpu(tmp_path, ray_cluster):
     out = tmp_path / "gpu_check.json"
+    # Its Ray parts join the session's cluster: two clusters fewer to start and stop.
+    address = ray.get_runtime_context().gcs_address
     proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--tiny", "--skip", "fsdp", "--out", str(out)],
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu_check.sh"),
+            "--cpu",
+            "--tiny",
+            "--skip",
+            "fsdp",
+            "--out",
+            str(out),
+            "--address",
+            address,
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=900,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dba_ray import parallel
 from dba_ray.config import Config
 from dba_ray.trainer import build_model
 
@@ -11,7 +12,7 @@ pytest.importorskip("peft")
 
 def adapter_grads(checkpointing: bool) -> dict[str, torch.Tensor]:
     cfg = Config.model_validate({"train": {"gradient_checkpointing": checkpointing, "lora": {"r": 4}}})
-    model = build_model(cfg, "lora", torch.device("cpu"))
+    model, _ = build_model(cfg, "lora", parallel.layout("ddp", 0, 1), torch.device("cpu"))
     # B starts at zero, so A's gradient would be zero too: give B a value.
     with torch.no_grad():
         for n, p in model.named_parameters():
