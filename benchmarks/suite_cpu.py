@@ -8,7 +8,10 @@ the last sample to the test file running then. This process is a child subreaper
 processes whose parent died (`ray start`'s nodes, Ray's workers after their raylet) stay
 in the tree; it reaps only those adopted ones, never a child a test waits for. The whole
 machine's busy time (/proc/stat) is charged the same way, as a check: on an idle machine
-the two agree. The sampler's own CPU is in the tree's figure (about 1%).
+the two agree. The sampler's own CPU is in the tree's figure (about 1%). A shared
+fixture's set-up is charged to the file whose test first asks for it (the session's Ray
+cluster, the finished run several files read), so per-file figures move when the order
+or the selection of files changes; the totals do not.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class FileCpu:
     def __init__(self, interval: float):
         self.interval, self.current = interval, "(start-up)"
         self.files: dict[str, dict] = {}
-        self.me, self.seen, self.ours = psutil.Process(), {}, set()
+        self.me, self.seen, self.first_parent = psutil.Process(), {}, {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -62,25 +65,25 @@ class FileCpu:
         return sum(self.seen.values()) + t.user + t.system
 
     def _reap_adopted(self) -> None:
-        """Reap zombies that became our children when their parent died; a process first
-        seen as our own child is pytest's (subprocess waits for it), so it is left alone."""
-        for p in self.me.children():
-            if p.pid in self.ours:
-                continue
+        """Reap zombies that became our children when their parent died. Each process's
+        parent is noted when it is first seen (keyed by pid and start time, so a reused
+        pid is a new process); one first seen as our own child is pytest's (subprocess
+        waits for it) and is never reaped here, nor is anything not seen before."""
+        for p in self.me.children(recursive=True):
             try:
-                if p.status() == psutil.STATUS_ZOMBIE:
+                key, parent, zombie = (p.pid, p.create_time()), p.ppid(), p.status() == psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                continue
+            first = self.first_parent.setdefault(key, parent)
+            if zombie and parent == self.me.pid and first != self.me.pid:
+                try:
                     os.waitpid(p.pid, os.WNOHANG)
-            except (psutil.Error, ChildProcessError):
-                pass
-
-    def _note_own_children(self) -> None:
-        known = {pid for pid, _ in self.seen}
-        self.ours.update(p.pid for p in self.me.children() if p.pid not in known)
+                except ChildProcessError:
+                    pass
 
     def _loop(self) -> None:
         last_cpu, last_busy, last_wall = self._total(), machine_busy_s(), time.monotonic()
         while not self.stop.wait(self.interval):
-            self._note_own_children()
             cpu, busy, wall = self._total(), machine_busy_s(), time.monotonic()
             row = self.files.setdefault(self.current, {"cpu_s": 0.0, "machine_cpu_s": 0.0, "wall_s": 0.0, "tests": 0})
             row["cpu_s"] += cpu - last_cpu

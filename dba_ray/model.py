@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from dba_ray import storage
 from dba_ray.config import ModelConfig
@@ -61,19 +62,21 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
 
 def load_empty_model(cfg: ModelConfig) -> torch.nn.Module:
     """The model's architecture on the meta device: parameter names and shapes with no
-    memory and no weights read, to check an artifact against it cheaply."""
+    memory and no weights read, to check an artifact against it cheaply, or for a rank
+    to read its rows into (sharding.load_sharded). A saved generation config comes with
+    it, as from_pretrained gives it: an export keeps its sampling defaults and EOS ids."""
     with torch.device("meta"):
         if cfg.name_or_path == BUILTIN_MODEL:
             return load_model(cfg)
+        folder = storage.local_copy(cfg.name_or_path, "config.json", skip=WEIGHT_SUFFIXES)
         try:
-            config = AutoConfig.from_pretrained(
-                storage.local_copy(cfg.name_or_path, "config.json", skip=WEIGHT_SUFFIXES),
-                revision=cfg.revision,
-                trust_remote_code=cfg.trust_remote_code,
-            )
+            config = AutoConfig.from_pretrained(folder, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    if (Path(folder) / GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
 
 
 def weight_files(cfg: ModelConfig) -> list[str]:

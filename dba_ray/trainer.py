@@ -87,12 +87,12 @@ def _wrap_lora(model, cfg: Config):
         raise UserError(f"train.lora: {' '.join(str(e).split())}") from None
 
 
-def build_model(cfg: Config, method: str, layout, device: torch.device) -> tuple[torch.nn.Module, bool]:
+def build_model(cfg: Config, method: str, layout: DDP | FSDP, device: torch.device) -> tuple[torch.nn.Module, bool]:
     """The model a run trains, sharded as ``layout`` shards it, in train mode:
     LoRA-wrapped for ``lora``; and whether each rank read only its rows. Under fsdp a
     rank reads only its rows of a saved model's safetensors (``sharding.load_sharded``):
     at 70B no worker ever holds the whole model. LoRA wraps the whole model first."""
-    if isinstance(layout, parallel.FSDP) and method != "lora":
+    if isinstance(layout, FSDP) and method != "lora":
         model, rows_only = sharding.load_sharded(cfg.model, device)
     else:
         model, rows_only = load_model(cfg.model).to(device), False
@@ -497,7 +497,7 @@ def run_train(
         wall_s=wall,
         peak_mem_mb=peak,
         resumed_at=returned.get("resumed_at", 0),
-        weights_read=returned["weights_read"],
+        weights_read=returned.get("weights_read", "not reported"),
     )
 
 

@@ -167,9 +167,9 @@ def run_trials(
                 num_samples=num_samples,
                 search_alg=tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
                 # A finished trial's process runs the next one: its imports (about 9
-                # CPU-s) are not paid again. A trial keeps no state in its process
-                # beyond the run it reports.
-                reuse_actors=True,
+                # CPU-s) are not paid again. Not with ASHA: a trial it stops is still
+                # inside its Train run, and a reused process would fail the next trial.
+                reuse_actors=scheduler is None,
             ),
             run_config=sweep_run_config(
                 name, cfg.output_dir, TrialProgress(cfg.train.progress_interval_s, knobs, total)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import fail_once_at_step, save_builtin_base
 from test_train import assert_same_eval, make_config, one_process_eval, rel_error, saved_weights
+from transformers import GenerationConfig
 
 from dba_ray.checkpoint import shard_file
 from dba_ray.config import ModelConfig
@@ -29,7 +30,12 @@ DBA = {"boost": 12, "dc": "norm", "anchor": "fisher", "fisher_lambda": 0.1}
 def fsdp_config(tmp_path, out: str, **train):
     cfg = make_config(tmp_path, out, dba=DBA, **train)
     base = tmp_path / "base"
-    cfg.model = ModelConfig(name_or_path=str(base) if base.exists() else save_builtin_base(base, **MODEL))
+    if not base.exists():
+        save_builtin_base(base, **MODEL)
+        # A base's own generation settings (extra EOS ids, as instruct models have),
+        # which an export must keep however its ranks read the weights.
+        GenerationConfig(eos_token_id=[2, 5], temperature=0.7, do_sample=True).save_pretrained(base)
+    cfg.model = ModelConfig(name_or_path=str(base))
     cfg.stage1.second_moment = True
     return cfg
 
@@ -56,6 +62,8 @@ def test_fsdp_resumed_from_sharded_checkpoints_matches_ddp(tmp_path):
     one = fsdp_config(tmp_path, "faulty", parallel="fsdp", num_workers=1, grad_accum=4)
     fsdp = run_train(one, "dba", **data)
     assert fsdp.resumed_at == 2 and fsdp.weights_read == "own rows"
+    exported = GenerationConfig.from_pretrained(fsdp.model_dir)
+    assert (exported.eos_token_id, exported.temperature) == ([2, 5], 0.7)
     # fp32 throughout, and with two ranks a reduce-scatter adds the same two numbers as
     # an all-reduce. What differs is summation order: FSDP reduces each micro-batch and
     # sums the results where DDP sums then reduces, and the dot products and norms
