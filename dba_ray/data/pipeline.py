@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import datasets
 import numpy as np
 import ray
 import ray.data
@@ -42,6 +41,8 @@ def _records(cfg: DataConfig, tracker) -> ray.data.Dataset:
 
 
 def _hf_records(cfg: DataConfig, tracker) -> ray.data.Dataset:
+    import datasets  # here, not above: every Train worker imports this module, few read HF data sets
+
     name = cfg.hf_dataset
     if storage.exists(name):
         name = storage.absolute(name)
