@@ -41,10 +41,20 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 _AGENT_TIMEOUT = "Timed out waiting for file"
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and never handed out before in this process: a port is only
+    bound when its node starts, so the OS may offer a closed one again meanwhile (it
+    did: `ray start` then refused two components on one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @dataclass
