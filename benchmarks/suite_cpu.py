@@ -1,6 +1,7 @@
 """The test suite's wall time and CPU-seconds per test file, Ray's processes included.
 
     python benchmarks/suite_cpu.py --out suite_cpu.json [-- PYTEST_ARGS]
+    python benchmarks/suite_cpu.py --table A.json B.json ...   # the README's table of runs
 
 Runs pytest in this process, as `python -m pytest` does, with a thread that samples
 every process under it (cpu_time.py's sampler) and charges the CPU-seconds gained since
@@ -93,12 +94,35 @@ class FileCpu:
             self._reap_adopted()
 
 
+def table(paths: list[str]) -> str:
+    """Runs side by side: per file, its tests in the last run, and wall seconds and
+    CPU-seconds (the tree's) of each run, in the first run's order (most CPU first)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    head = " | ".join(f"{Path(p).stem} wall s | CPU-s" for p in paths)
+    lines = [f"| file | tests | {head} |", "|---|---:|" + "---:|---:|" * len(runs)]
+    for name, first in runs[0]["files"].items():
+        if name.startswith("("):
+            continue
+        cells = " | ".join(
+            f"{r['files'].get(name, {}).get('wall_s', '')} | {r['files'].get(name, {}).get('cpu_s', '')}" for r in runs
+        )
+        lines.append(f"| {name.removeprefix('tests/')} | {runs[-1]['files'].get(name, first)['tests']} | {cells} |")
+    lines.append("| all | | " + " | ".join(f"{r['wall_s']} | {r['cpu_s']}" for r in runs) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="the per-file figures, as JSON")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print runs' figures side by side, run nothing")
+    ap.add_argument("--out", type=Path, help="the per-file figures, as JSON")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
     ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: pytest's arguments")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
+    if args.out is None:
+        ap.error("--out is required to run the suite")
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
     plugin = FileCpu(args.interval)
