@@ -25,9 +25,9 @@ adapters). Each phase is a few moments; a worker's peak is its largest moment pl
   them on ddp's rank 0), copied to the CPU and serialized again: 2 × 4P (+4P), /N
   under fsdp.
 - Stage 2: loaded as Stage 1 loads (under fsdp each rank reads its rows when it can;
-  LoRA's runs load the whole model); weights, gradients (+ DDP's buckets, another bT, above one worker), AdamW's
-  two moments (2bT, in the weights' dtype), ĝ_G (P × ``dba.grad_dtype``), for
-  ``boost_mode: update`` the per-weight step ĝ_G/√v_G (the same again), for the fisher
+  LoRA's runs load the whole model); weights, gradients (+ DDP's buckets, another bT,
+  above one worker), AdamW's two moments (2bT, in the weights' dtype), ĝ_G (P ×
+  ``dba.grad_dtype``), for ``boost_mode: update`` the per-weight step ĝ_G/√v_G (the same again), for the fisher
   anchor its weights v_G/mean (4P) and θ0 (bP); all /N under fsdp, plus bU and the
   unit's gradient. Moments: forward/backward, the optimizer step (on GPU foreach AdamW
   allocates one more bT; on CPU it steps tensor by tensor), the checkpoint (gradients

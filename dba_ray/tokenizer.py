@@ -14,6 +14,8 @@ from dba_ray import storage
 from dba_ray.config import ModelConfig
 from dba_ray.errors import UserError
 
+# The builtin model's name is here, not in dba_ray.model (which imports it from here):
+# load_tokenizer gives that model the byte tokenizer.
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_TOKENIZER = "builtin:bytes"
 
