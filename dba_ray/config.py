@@ -522,6 +522,15 @@ class PretrainConfig(_Strict):
         description="Learning rate schedule of pretraining.",
     )
     eval_every: int = Field(0, ge=0, description="Score the general eval sets every N steps (curves.jsonl).")
+    checkpoint_every: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Checkpoint every N steps (0: at the end only). A pretraining stopped part-way (the command killed, "
+            "a node lost) resumes from its last checkpoint when the same command runs again. Not part of the "
+            "cache key: it does not change the weights."
+        ),
+    )
 
 
 class MergeConfig(_Strict):

@@ -20,12 +20,18 @@ def pretrain_plan(cfg: Config) -> tuple[Config, str, str]:
     pre = cfg.model_copy(deep=True)
     pre.train.data, pre.train.max_records = p.data, None
     pre.train.max_steps, pre.train.batch_size, pre.train.grad_accum = p.max_steps, p.batch_size, 1
-    pre.train.eval_every, pre.train.checkpoint_every = p.eval_every, 0
+    pre.train.eval_every, pre.train.checkpoint_every = p.eval_every, p.checkpoint_every
     pre.eval.sets = [s for s in cfg.eval.sets if s.kind == "general"]
     # Only what shapes the pretrained weights: a new fine-tuning setting keeps the cache.
     t = pre.train
     key = digest(
-        [pre.model_dump(include={"model", "pretrain"}), t.optimizer.model_dump(), t.num_workers, t.seed, t.use_gpu]
+        [
+            pre.model_dump(include={"model", "pretrain"}, exclude={"pretrain": {"checkpoint_every"}}),
+            t.optimizer.model_dump(),
+            t.num_workers,
+            t.seed,
+            t.use_gpu,
+        ]
     )
     base_dir = storage.join(storage.absolute(cfg.output_dir), "pretrain", key)
     return pre, base_dir, storage.join(base_dir, "pretrain", "model")  # run_train's layout

@@ -203,7 +203,7 @@ def write_run_config(tmp_path, out: str, base: "FinishedRun | None" = None, **se
         "output_dir": str(tmp_path / out),
         # Enough pretraining that the base knows its general text (test_merge's direct
         # run must forget some); v_G for test_merge's fisher merge.
-        "pretrain": {"data": {"path": gen, "seq_len": 32}, "max_steps": 30, "batch_size": 8},
+        "pretrain": {"data": {"path": gen, "seq_len": 32}, "max_steps": 30, "batch_size": 8, "checkpoint_every": 10},
         "stage1": {"data": {"path": gen, "seq_len": 32}, "batch_size": 8, "second_moment": True},
         "train": {
             "data": {"path": dom, "seq_len": 32}, "batch_size": 4, "max_steps": 8, "checkpoint_every": 2,

@@ -7,6 +7,7 @@ import pytest
 from dba_ray.cli import main
 from dba_ray.config import Config, _model_in, load_config, parse_override
 from dba_ray.errors import UserError
+from dba_ray.reuse import pretrain_plan
 
 
 def test_yaml_plus_dotted_overrides(tmp_path):
@@ -160,3 +161,14 @@ def test_options_yaml_loads_as_the_defaults_and_names_every_key(tmp_path, capsys
 
     assert list(missing(Config, 0)) == []
     assert "# Peak learning rate.\n    lr: 2.0e-05" in text  # a description above its key
+
+
+def test_pretrain_cache_key_ignores_only_what_leaves_the_weights_alone(tmp_path):
+    # A pretraining started without checkpoints, killed, and rerun with them must find
+    # the same cache folder (its resumable Train run); a new step count must not.
+    def plan(**pretrain):
+        tree = {"data": {"path": "gen.jsonl"}, "max_steps": 30, **pretrain}
+        return pretrain_plan(Config.model_validate({"output_dir": str(tmp_path), "pretrain": tree}))
+
+    assert plan(checkpoint_every=10)[1] == plan()[1] != plan(max_steps=31)[1]
+    assert plan(checkpoint_every=10)[0].train.checkpoint_every == 10

@@ -31,6 +31,10 @@ def test_run_writes_report_then_eval_scores_models(finished_run, capsys, caplog)
     # boost 16 over 8 steps: γ_t = min(1, 2·(1 − t/8)) is 1 for t = 0..4, and the run said so.
     assert "dba: γ_t sits at gamma_max 1 for 5 of 8 steps (boost 16)" in finished_run.log
 
+    # Pretraining checkpointed every 10 steps (a killed one resumes), two kept.
+    pretrain_ckpts = run_dir.glob("pretrain/*/ray_train/train-pretrain-*/checkpoint_*/state.json")
+    assert sorted(json.loads(f.read_text())["step"] for f in pretrain_ckpts) == [20, 30]
+
     # A second pipeline reuses the cached base model instead of pretraining again.
     caplog.clear()
     again = ensure_base_model(load_config(cfg_file))
