@@ -29,7 +29,6 @@ import torch.distributed as dist
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 from ray.train import DataConfig as TrainDataConfig
-from ray.train.torch import TorchTrainer
 
 from dba_ray import artifact, console, sharding, stage1_checkpoint, storage, tracking
 from dba_ray.config import Config, digest
@@ -40,7 +39,7 @@ from dba_ray.errors import UserError, find_user_error
 from dba_ray.loss import token_loss_sum
 from dba_ray.model import load_model, model_source
 from dba_ray.progress import ProgressPrinter, new_tracker
-from dba_ray.ray_runtime import check_fits, ensure_ray, scaling
+from dba_ray.ray_runtime import LeanTorchTrainer, check_fits, ensure_ray, scaling
 
 log = logging.getLogger("dba_ray")
 DATASET = "general"
@@ -576,7 +575,7 @@ def run_global_gradient(cfg: Config, *, dataset: ray.data.Dataset | None = None,
     tracker = new_tracker()
     dataset, description, source, budget = _stage1_input(cfg, dataset, tracker)
     run_name = _run_name(cfg, uri, description)
-    trainer = TorchTrainer(
+    trainer = LeanTorchTrainer(
         _worker_loop,
         train_loop_config={
             "cfg": cfg.model_dump(),

@@ -12,6 +12,7 @@ from ray._private.services import find_bootstrap_address
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from dba_ray import console, storage
 from dba_ray.config import RayConfig, Stage1Config, TrainConfig
@@ -97,18 +98,31 @@ def scaling(num_workers: int, cpus_per_worker: int, use_gpu: bool, cfg: RayConfi
     )
 
 
-class TorchTrainerWithoutDatasets(TorchTrainer):
-    """A TorchTrainer for runs that hand their workers no Ray Dataset (Stage 2 and
-    pretraining: the tokenized sets are object refs). Ray Train 2.60 starts a
-    DatasetManager actor for every run, datasets or not: a process and about 3 CPU-s per
-    run. This leaves out the callback that starts it (and would hand a Dataset's
-    DataContext to the workers, which read none). It overrides a private method, so ray
-    is pinned in pyproject.toml and tests/test_train.py checks the callback list."""
+class LeanTorchTrainer(TorchTrainer):
+    """A TorchTrainer without the helper actors a run has no use for. Ray Train 2.60
+    starts two for every run, each a process of about 2 to 3 CPU-s:
+
+    - a DatasetManager, datasets or not: left out when the run hands its workers no Ray
+      Dataset (Stage 2 and pretraining hand them object refs);
+    - a detached PlacementGroupCleaner, which removes the run's placement group when the
+      controller dies without removing it itself: kept only with ``in_tune_trial``. Tune
+      ends a trial it stops early (ASHA) by killing it, controller included, and the
+      sweep goes on; elsewhere the controller runs on the driver's node and its death
+      fails the command, whose job (and the placement group with it) then ends. A Python
+      program that calls run_train and goes on after such an error keeps the placement
+      group until it exits.
+
+    It overrides a private method, so ray is pinned in pyproject.toml and
+    tests/test_train.py checks the callback list."""
+
+    def __init__(self, *args, in_tune_trial: bool = False, **kwargs):
+        self._in_tune_trial = in_tune_trial
+        super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self) -> list:
-        if self.datasets:
-            raise ValueError("TorchTrainerWithoutDatasets is for runs without datasets")
-        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, DatasetsCallback)]
+        unused = () if self.datasets else (DatasetsCallback,)
+        unused += () if self._in_tune_trial else (PlacementGroupCleanerCallback,)
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
 
 
 def check_fits(what: str, key: str, workers: Stage1Config | TrainConfig, cfg: RayConfig) -> None:

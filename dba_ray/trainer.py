@@ -45,7 +45,7 @@ from dba_ray.methods import as_spec, config_for_run, phase_name, uses_global_gra
 from dba_ray.model import load_empty_model, load_model
 from dba_ray.parallel import DDP, FSDP
 from dba_ray.progress import ProgressPrinter, new_tracker
-from dba_ray.ray_runtime import TorchTrainerWithoutDatasets, check_fits, ensure_ray, scaling
+from dba_ray.ray_runtime import LeanTorchTrainer, check_fits, ensure_ray, scaling
 from dba_ray.tokenizer import load_tokenizer
 
 log = logging.getLogger("dba_ray")
@@ -404,12 +404,21 @@ def _mix(domain: dict, general: dict, n_general: int, name: str) -> dict:
 
 
 def _make_trainer(
-    cfg: Config, spec: MethodSpec, plan, grad, grad_source, eval_refs: EvalData, tracker, run_dir: str, callbacks: tuple
+    cfg: Config,
+    spec: MethodSpec,
+    plan,
+    grad,
+    grad_source,
+    eval_refs: EvalData,
+    tracker,
+    run_dir: str,
+    callbacks: tuple,
+    in_tune_trial: bool,
 ) -> TorchTrainer:
     """The Ray Train trainer of one Stage 2 run: what every worker's loop is handed, and
     the run's scaling, storage and callbacks."""
     t = cfg.train
-    return TorchTrainerWithoutDatasets(
+    return LeanTorchTrainer(
         _train_loop,
         train_loop_config={
             "cfg": cfg.model_dump(),
@@ -425,6 +434,7 @@ def _make_trainer(
         },
         scaling_config=scaling(t.num_workers, t.cpus_per_worker, t.use_gpu, cfg.ray),
         run_config=_run_config(cfg, spec, grad.identity, (CurvesCallback(run_dir), *callbacks)),
+        in_tune_trial=in_tune_trial,
     )
 
 
@@ -440,6 +450,7 @@ def run_train(
     tracking_parent: tracking.TrackingParent | None = None,
     tracking_name: str | None = None,
     tracker=None,
+    in_tune_trial: bool = False,
 ) -> TrainResult:
     """Train one method (or a named variant) on the domain data; save the model under
     ``<output_dir>/<name>/model``. ``train_ref`` / ``eval_refs`` / ``general_ref`` reuse
@@ -448,7 +459,8 @@ def run_train(
     artifact; ``callbacks`` are extra Ray Train callbacks (Tune's reporter);
     ``tracking_parent`` / ``tracking_name``: the group and name of its tracked run;
     ``tracker``: a Tracker whose owner shows the run's progress (a sweep's driver reads
-    its trials'), else this process prints it."""
+    its trials'), else this process prints it; ``in_tune_trial``: the run is a Tune trial
+    (LeanTorchTrainer: Tune may kill it)."""
     spec = as_spec(method)
     cfg = config_for_run(cfg, spec)
     t = cfg.train
@@ -472,7 +484,7 @@ def run_train(
     tracked = tracking.open_run(cfg, tracking_name or spec.name, "train", tracking_parent)
     if tracked is not None:
         callbacks = (tracking.TrackingCallback(tracked.actor), *callbacks)
-    trainer = _make_trainer(cfg, spec, plan, grad, grad_source, eval_refs, tracker, run_dir, callbacks)
+    trainer = _make_trainer(cfg, spec, plan, grad, grad_source, eval_refs, tracker, run_dir, callbacks, in_tune_trial)
     log.info(
         "stage 2 (%s): %d steps of %d sequences on %d worker(s)",
         spec.name,

@@ -46,6 +46,7 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
         tracking_parent=tracking_parent,
         tracking_name=spec.name if experiment == "compare" else f"{spec.name}-{trial_id}",
         tracker=new_tracker(TrialProgress.tracker_name(trial_id)),
+        in_tune_trial=True,
     )
     tune.report(
         {

@@ -266,19 +266,24 @@ def test_run_identity_follows_settings_and_global_gradient(tmp_path):
     assert _settings_digest(config_for_run(cfg, spec), spec, ["t0", "f0", 1.0]) != first
 
 
-def test_stage2_trainer_leaves_out_only_the_dataset_manager():
+def test_lean_trainer_leaves_out_only_the_helpers_a_run_has_no_use_for():
     # It overrides a private method of Ray Train: when Ray changes it, this fails.
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from dba_ray.ray_runtime import TorchTrainerWithoutDatasets
+    from dba_ray.ray_runtime import LeanTorchTrainer
 
     def kinds(trainer) -> list[str]:
         return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
 
     full = kinds(TorchTrainer(lambda: None))
-    lean = kinds(TorchTrainerWithoutDatasets(lambda: None))
-    assert full.count(DatasetsCallback.__name__) == 1
-    assert lean == [k for k in full if k != DatasetsCallback.__name__]
-    with pytest.raises(ValueError, match="without datasets"):
-        TorchTrainerWithoutDatasets(lambda: None, datasets={"x": object()})._create_default_callbacks()
+    datasets, cleaner = DatasetsCallback.__name__, PlacementGroupCleanerCallback.__name__
+    assert full.count(datasets) == full.count(cleaner) == 1
+
+    def without(*names: str) -> list[str]:
+        return [k for k in full if k not in names]
+
+    assert kinds(LeanTorchTrainer(lambda: None)) == without(datasets, cleaner)  # Stage 2, pretraining
+    assert kinds(LeanTorchTrainer(lambda: None, in_tune_trial=True)) == without(datasets)  # a sweep's trial
+    assert kinds(LeanTorchTrainer(lambda: None, datasets={"x": object()})) == without(cleaner)  # Stage 1
