@@ -22,14 +22,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # CPU-seconds (198 -> 187). Processes of every cluster a test starts inherit it.
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
-import compileall  # noqa: E402
-import importlib.util  # noqa: E402
-
-# The package's bytecode, written once here: where PYTHONDONTWRITEBYTECODE is set (this
-# machine) each of the hundreds of processes the suite starts (Ray workers, CLI runs)
-# would compile it again, 0.7 of the 6.6 CPU-seconds of importing dba_ray.trainer.
-compileall.compile_dir(importlib.util.find_spec("dba_ray").submodule_search_locations[0], quiet=1)
-
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
