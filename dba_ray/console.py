@@ -63,9 +63,10 @@ def init_options(embedded: bool) -> dict:
     env = worker_env()
     options = {} if _verbose else {"logging_level": logging.WARNING}
     if embedded:
-        # Ray Train's PlacementGroupCleaner asks the State API (the dashboard) every second
-        # whether its run's controller is alive; with other Ray instances on the machine
-        # it cannot tell which is ours and prints a ConnectionError traceback: name ours.
+        # Ray Train's PlacementGroupCleaner (a Tune trial's runs keep it: LeanTorchTrainer)
+        # asks the State API (the dashboard) every second whether its run's controller is
+        # alive; with other Ray instances on the machine it cannot tell which is ours and
+        # prints a ConnectionError traceback: name ours.
         port = _free_port()
         options["dashboard_port"] = port
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
