@@ -3,21 +3,16 @@
     python benchmarks/suite_cpu.py --out suite_cpu.json [-- PYTEST_ARGS]
     python benchmarks/suite_cpu.py --table A.json B.json ...   # the README's table of runs
 
-Runs pytest in this process, as `python -m pytest` does (pyproject.toml's addopts: two
-pytest-xdist workers), with a thread that samples every process under it (cpu_time.py's
-sampler) for the totals. Each process that runs tests (each xdist worker, or this one
-with ``-- -n 0``) samples its own tree the same way and charges the CPU-seconds gained
-since its last sample to the test file it is running then; per-file wall seconds are
-that process's, so under xdist they add up to about twice the suite's wall time.
-
-Every sampling process is a child subreaper, so processes whose parent died (`ray
-start`'s nodes, Ray's workers after their raylet) stay in its tree; it reaps only those
-adopted ones, never a child a test waits for. The whole machine's busy time (/proc/stat)
-is summed over the run as a check: on an idle machine it agrees with the tree's. The
-samplers' own CPU is in the tree's figure (about 1% each). A shared fixture's set-up is
-charged to the file whose test first asks for it in its process (the process's Ray
-cluster, the finished run several files read), so per-file figures move when the order,
-the selection of files or their split between the workers changes; the totals do not.
+Runs pytest in this process, as `python -m pytest` does, with a thread that samples
+every process under it (cpu_time.py's sampler) and charges the CPU-seconds gained since
+the last sample to the test file running then. This process is a child subreaper, so
+processes whose parent died (`ray start`'s nodes, Ray's workers after their raylet) stay
+in the tree; it reaps only those adopted ones, never a child a test waits for. The whole
+machine's busy time (/proc/stat) is charged the same way, as a check: on an idle machine
+the two agree. The sampler's own CPU is in the tree's figure (about 1%). A shared
+fixture's set-up is charged to the file whose test first asks for it (the session's Ray
+cluster, the finished run several files read), so per-file figures move when the order
+or the selection of files changes; the totals do not.
 """
 
 from __future__ import annotations
@@ -35,8 +30,6 @@ import psutil
 import pytest
 from cpu_time import PR_SET_CHILD_SUBREAPER, sample
 
-INTERVAL_ENV = "SUITE_CPU_INTERVAL_S"  # how pytest-xdist's workers learn ``--interval``
-
 
 def machine_busy_s() -> float:
     """CPU-seconds the whole machine has spent busy since boot (all but idle and iowait)."""
@@ -45,33 +38,27 @@ def machine_busy_s() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def become_subreaper() -> None:
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+class FileCpu:
+    """A pytest plugin: CPU-seconds and wall seconds per test file."""
 
-
-class TreeCpu:
-    """A thread that samples this process's tree every ``interval`` seconds and charges
-    the CPU-seconds and wall seconds gained since the last sample to ``current``."""
-
-    def __init__(self, interval: float, current: str):
-        self.interval, self.current = interval, current
-        self.rows: dict[str, dict] = {}
+    def __init__(self, interval: float):
+        self.interval, self.current = interval, "(start-up)"
+        self.files: dict[str, dict] = {}
         self.me, self.seen, self.first_parent = psutil.Process(), {}, {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def row(self, name: str) -> dict:
-        return self.rows.setdefault(name, {"cpu_s": 0.0, "wall_s": 0.0, "tests": 0})
-
-    def start(self) -> None:
-        become_subreaper()
+    def pytest_sessionstart(self, session):
         self.thread.start()
 
-    def finish(self) -> dict[str, dict]:
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.current = item.nodeid.split("::")[0]
+        self.files.setdefault(self.current, {"cpu_s": 0.0, "machine_cpu_s": 0.0, "wall_s": 0.0, "tests": 0})
+        self.files[self.current]["tests"] += 1
+
+    def pytest_sessionfinish(self, session):
         self.stop.set()
         self.thread.join()
-        return {k: {m: round(v, 1) if isinstance(v, float) else v for m, v in r.items()} for k, r in self.rows.items()}
 
     def _total(self) -> float:
         sample(self.me, self.seen)
@@ -96,70 +83,15 @@ class TreeCpu:
                     pass
 
     def _loop(self) -> None:
-        last_cpu, last_wall = self._total(), time.monotonic()
+        last_cpu, last_busy, last_wall = self._total(), machine_busy_s(), time.monotonic()
         while not self.stop.wait(self.interval):
-            cpu, wall = self._total(), time.monotonic()
-            row = self.row(self.current)
+            cpu, busy, wall = self._total(), machine_busy_s(), time.monotonic()
+            row = self.files.setdefault(self.current, {"cpu_s": 0.0, "machine_cpu_s": 0.0, "wall_s": 0.0, "tests": 0})
             row["cpu_s"] += cpu - last_cpu
+            row["machine_cpu_s"] += busy - last_busy
             row["wall_s"] += wall - last_wall
-            last_cpu, last_wall = cpu, wall
+            last_cpu, last_busy, last_wall = cpu, busy, wall
             self._reap_adopted()
-
-
-FILES = pytest.StashKey[dict]()
-
-
-class FileCpu(TreeCpu):
-    """A pytest plugin in the process that runs the tests: CPU-seconds and wall seconds
-    per test file. From an xdist worker they go back with the worker's output."""
-
-    def __init__(self, interval: float, config: pytest.Config):
-        super().__init__(interval, "(start-up)")
-        self.config = config
-
-    def pytest_sessionstart(self, session):
-        self.start()
-
-    def pytest_runtest_protocol(self, item, nextitem):
-        self.current = item.nodeid.split("::")[0]
-        self.row(self.current)["tests"] += 1
-
-    def pytest_sessionfinish(self, session):
-        files = self.finish()
-        if hasattr(self.config, "workeroutput"):
-            self.config.workeroutput["suite_cpu_files"] = json.dumps(files)
-        else:
-            self.config.stash[FILES] = files
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """This module as a plugin (``-p suite_cpu``, main() below): an xdist worker samples
-    its own tree."""
-    if hasattr(config, "workerinput"):
-        config.pluginmanager.register(FileCpu(float(os.environ[INTERVAL_ENV]), config))
-
-
-class Collect:
-    """The main process's plugin: per-file figures from the xdist workers, or from a
-    FileCpu of its own when it runs the tests itself (``-- -n 0``)."""
-
-    def __init__(self, interval: float):
-        self.interval, self.files, self.config = interval, {}, None
-
-    @pytest.hookimpl(trylast=True)  # after pytest-xdist has chosen whether to distribute
-    def pytest_configure(self, config: pytest.Config) -> None:
-        self.config = config
-        if not config.pluginmanager.has_plugin("dsession"):
-            config.pluginmanager.register(FileCpu(self.interval, config))
-
-    def pytest_testnodedown(self, node, error) -> None:
-        for name, row in json.loads(node.workeroutput.get("suite_cpu_files", "{}")).items():
-            got = self.files.setdefault(name, {"cpu_s": 0.0, "wall_s": 0.0, "tests": 0})
-            for k, v in row.items():
-                got[k] = round(got[k] + v, 1) if isinstance(v, float) else got[k] + v
-
-    def per_file(self) -> dict[str, dict]:
-        return self.files or self.config.stash.get(FILES, {})
 
 
 def table(paths: list[str]) -> str:
@@ -191,29 +123,27 @@ def main() -> int:
         return 0
     if args.out is None:
         ap.error("--out is required to run the suite")
-    os.environ[INTERVAL_ENV] = str(args.interval)
-    here = str(Path(__file__).resolve().parent)  # so that xdist's workers import this module
-    os.environ["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
-    totals, collect = TreeCpu(args.interval, "all"), Collect(args.interval)
-    totals.start()
-    start, busy = time.monotonic(), machine_busy_s()
-    rc = pytest.main(["-p", "suite_cpu", *(a for a in args.pytest_args if a != "--")], plugins=[collect])
-    wall, busy = time.monotonic() - start, machine_busy_s() - busy
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    plugin = FileCpu(args.interval)
+    start = time.monotonic()
+    rc = pytest.main([a for a in args.pytest_args if a != "--"], plugins=[plugin])
+    files = {
+        k: {m: round(v, 1) if isinstance(v, float) else v for m, v in row.items()} for k, row in plugin.files.items()
+    }
     result = {
         "rc": int(rc),
-        "wall_s": round(wall, 1),
-        "cpu_s": totals.finish()["all"]["cpu_s"],
-        "machine_cpu_s": round(busy, 1),
+        "wall_s": round(time.monotonic() - start, 1),
+        "cpu_s": round(sum(r["cpu_s"] for r in plugin.files.values()), 1),
+        "machine_cpu_s": round(sum(r["machine_cpu_s"] for r in plugin.files.values()), 1),
         "cores": os.cpu_count(),
-        "files": dict(sorted(collect.per_file().items(), key=lambda kv: -kv[1]["cpu_s"])),
+        "files": dict(sorted(files.items(), key=lambda kv: -kv[1]["cpu_s"])),
     }
     args.out.write_text(json.dumps(result, indent=1))
-    print("| file | tests | wall s | CPU-s |\n|---|---:|---:|---:|")
+    print("| file | tests | wall s | CPU-s (tree) | CPU-s (machine) |\n|---|---:|---:|---:|---:|")
     for name, r in result["files"].items():
-        print(f"| {name} | {r['tests']} | {r['wall_s']} | {r['cpu_s']} |")
-    print(
-        f"| all (the tree; the machine: {result['machine_cpu_s']} CPU-s) | | {result['wall_s']} | {result['cpu_s']} |"
-    )
+        print(f"| {name} | {r['tests']} | {r['wall_s']} | {r['cpu_s']} | {r['machine_cpu_s']} |")
+    print(f"| all | | {result['wall_s']} | {result['cpu_s']} | {result['machine_cpu_s']} |")
     return int(rc)
 
 

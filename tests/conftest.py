@@ -68,17 +68,6 @@ def fail_once_at_step(step: int):
         os.remove(FAULTS_FILE)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks
-def pytest_collection_modifyitems(items) -> None:
-    """Units of work for the two pytest-xdist workers (pyproject.toml's addopts): a test
-    file each, except that every test of ``finished_run`` goes to one worker, so that
-    the shared run (minutes on 2 cores) is made once. Each worker has a Ray cluster of
-    its own (``ray_cluster``)."""
-    for item in items:
-        shared = "finished_run" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("finished_run" if shared else item.nodeid.split("::")[0]))
-
-
 @pytest.fixture(scope="session")
 def s3_env():
     """A moto S3 server on 127.0.0.1 (a free port), and the environment that points
