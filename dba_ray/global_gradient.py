@@ -320,15 +320,12 @@ def _stream(sums: _Sums, s1, tracker, timeline: dict, counted: np.ndarray) -> fl
     batches = iter(stage1_checkpoint.unseen(batches, counted, s1.batch_size) if counted.size else batches)
     every = s1.checkpoint_every_tokens
     next_checkpoint = every and (sums.global_tokens // every + 1) * every
-    on_cpu = sums.device.type == "cpu"
     while True:
         batch = next(batches, None)
         if first_batch_at is None:
             first_batch_at, timeline["first_batch"] = time.monotonic(), time.time()
         if not sums.add(batch):
             break
-        if on_cpu:  # else the heap's freed blocks pile up, micro-batch after micro-batch
-            _return_freed_heap()
         positions += 0 if batch is None else batch["input_ids"].size
         if every and sums.global_tokens >= next_checkpoint:  # the same step on every worker
             _checkpoint(sums, time.monotonic() - first_batch_at)
@@ -345,11 +342,7 @@ def _return_freed_heap() -> None:
     """Give the heap's free blocks back to the OS (glibc's ``malloc_trim``). On CPU glibc
     keeps the last backward's freed activations (blocks under its mmap threshold), which
     would otherwise stay in the RSS through the reduction and the writing (measured in
-    the scale rehearsal: 1.6 GiB of a 7 GiB fsdp rank at 381M parameters), and the free
-    space they leave grows from one micro-batch to the next as it fragments (measured on
-    the rehearsal's medium size, fsdp, 2 ranks, 8 micro-batches of 2 × 256 tokens: the
-    RSS between micro-batches rose from 1.41 to 1.87 GiB while the heap's bytes in use
-    stayed at 0.47; trimmed after each, it stayed at 0.90, at no measurable cost)."""
+    the scale rehearsal: 1.6 GiB of a 7 GiB fsdp rank at 381M parameters)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim this way
