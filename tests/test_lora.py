@@ -1,13 +1,10 @@
 """LoRA under gradient checkpointing (no Ray): the adapters must get their gradients."""
 
-import pytest
 import torch
 
 from dba_ray import parallel
 from dba_ray.config import Config
 from dba_ray.trainer import build_model
-
-pytest.importorskip("peft")
 
 
 def adapter_grads(checkpointing: bool) -> dict[str, torch.Tensor]:
