@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
 from dba_ray import artifact
 from dba_ray.config import ModelConfig
@@ -203,7 +204,7 @@ def test_fsdp_rank_reads_about_one_world_th_of_the_artifact(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     world, out = 2, mp.Manager().dict()
-    mp.spawn(_fsdp_rank_reads_its_rows, args=(world, port, uri, out), nprocs=world)
+    spawn_ranks(_fsdp_rank_reads_its_rows, (world, port, uri, out), world)
     for rank in range(world):
         r = out[rank]
         assert r["same"] and r["sharded"]

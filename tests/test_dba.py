@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
 from dba_ray.config import DBAConfig, ScheduleConfig
 from dba_ray.dba import DBA, DBAOptimizer, correction, gamma_at, lr_at, schedule_lambda
@@ -250,6 +251,6 @@ def test_boost_modes_on_sharded_ranks_match_one_process(mode):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_sharded_worker, args=(2, port, mode, out), nprocs=2)
+    spawn_ranks(_sharded_worker, (2, port, mode, out), 2)
     for n, p in one.items():
         torch.testing.assert_close(torch.cat([out[0][n], out[1][n]]), p.detach(), rtol=1e-6, atol=1e-7)

@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dba_ray import sharding
@@ -60,7 +60,7 @@ def test_each_rank_reads_only_its_rows_and_holds_the_whole_models_weights(tmp_pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, str(folder), str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(_worker, (world, port, str(folder), str(tmp_path)), world)
     for r in range(world):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert got["rows_only"] and got["rows"] and got["buffers"]

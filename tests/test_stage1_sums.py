@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 from safetensors.torch import load_file, save_file
 
 from dba_ray import sharding, stage1_checkpoint
@@ -116,7 +116,7 @@ def _run(tmp_path, mode: str, world: int, second_moment: bool, resume: bool) -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, mode, second_moment, resume, str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(_worker, (world, port, mode, second_moment, resume, str(tmp_path)), world)
     ref_mean, ref_sq, ref_tokens, ref_steps = _reference(world)
 
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(world)]
