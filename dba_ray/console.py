@@ -36,6 +36,17 @@ QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
 }
 
+# Lines Ray Tune logs on the driver that dba-ray's own lines replace (logger: the start of
+# the message): a failed trial's traceback (our line names the trial and its error.txt,
+# the closing error the first error), the list of trials that did not complete (the
+# closing error counts them), and TensorBoard's complaint that a trial's eval history is
+# not a scalar.
+_TUNE_LINES_REPLACED = {
+    "ray.tune.execution.tune_controller": "Trial task failed for trial",
+    "ray.tune.tune": "Trials did not complete",
+    "ray.tune.logger.tensorboardx": "You are trying to log an invalid value",
+}
+
 _verbose = False
 
 
@@ -46,30 +57,40 @@ def configure(verbose: bool) -> None:
     if not verbose:
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)  # a user's own setting wins
+        for name, start in _TUNE_LINES_REPLACED.items():
+            logging.getLogger(name).addFilter(lambda record, start=start: not str(record.msg).startswith(start))
 
 
 def worker_env() -> dict[str, str]:
     """The switches as this process has them, for the job's runtime_env: workers of a
     cluster this command joins do not inherit its environment. Not those a submitted
     job's runtime_env sets already: Ray refuses a variable named in both."""
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    taken = worker_env_taken()
     return {key: os.environ[key] for key in QUIET_ENV if key in os.environ and key not in taken}
 
 
-def init_options(embedded: bool) -> dict:
-    """ray.init options: the workers' quiet switches, and for a cluster this command
-    starts (``embedded``), the address of its State API."""
+def worker_env_taken() -> dict[str, str]:
+    """The variables a submitted job's runtime_env sets (none outside a job)."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    return (job.get("runtime_env") or {}).get("env_vars") or {}
+
+
+def init_options(embedded: bool, address: str | None = None) -> dict:
+    """ray.init options: the workers' quiet switches, and where Ray Train's helpers find
+    the State API: for a cluster this command starts (``embedded``) its dashboard's
+    address, for one it joins at a GCS ``address`` (host:port) that address."""
     env = worker_env()
     options = {} if _verbose else {"logging_level": logging.WARNING}
+    # Ray Train's PlacementGroupCleaner (a Tune trial's runs keep it: LeanTorchTrainer)
+    # asks the State API (the dashboard) every second whether its run's controller is
+    # alive; with other Ray instances on the machine it cannot tell which is ours and
+    # prints a ConnectionError traceback: name ours.
     if embedded:
-        # Ray Train's PlacementGroupCleaner (a Tune trial's runs keep it: LeanTorchTrainer)
-        # asks the State API (the dashboard) every second whether its run's controller is
-        # alive; with other Ray instances on the machine it cannot tell which is ours and
-        # prints a ConnectionError traceback: name ours.
         port = _free_port()
         options["dashboard_port"] = port
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    elif address and "://" not in address and address != "auto" and "RAY_ADDRESS" not in worker_env_taken():
+        env["RAY_ADDRESS"] = address  # the State API's address is read from this GCS
     if env:
         options["runtime_env"] = {"env_vars": env}
     return options

@@ -31,7 +31,7 @@ def ensure_ray(cfg: RayConfig) -> None:
         # A running cluster has its own resources: ray.init refuses num_cpus when joining.
         if cfg.num_cpus is not None:
             log.info("joining the Ray cluster at %s: ray.num_cpus does not apply", address)
-        ray.init(address=address, **console.init_options(embedded=False))
+        ray.init(address=address, **console.init_options(embedded=False, address=address))
     else:
         # Train's preemption watcher (an actor per run) reports nodes being drained: a
         # cluster on this one machine has none to drain. Train hands the driver's

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import ray
 from ray import tune
@@ -32,6 +34,7 @@ log = logging.getLogger("dba_ray")
 def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experiment: str, report_to_tune: bool) -> None:
     """One trial: a Stage 2 run of ``params`` (``{name, method, set}``) on the shared
     ``data`` (``Prepared.run_train_data()``)."""
+    sys.unraisablehook = _unraisable_but_exit
     run = params.get("run", params)
     spec = MethodSpec.model_validate({**run, "set": dict(run.get("set", {}))})
     cfg = Config.model_validate(cfg_dump)
@@ -61,6 +64,15 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
             "model_dir": result.model_dir,
         }
     )
+
+
+def _unraisable_but_exit(unraisable) -> None:
+    """A trial's actor, once its sweep has no more use for it, is ended by Tune with
+    SIGTERM, which Ray's handler turns into SystemExit inside whatever runs then; when that
+    is a finalizer, Python would print it as an ignored exception with a traceback. The
+    trial had finished: nothing to report."""
+    if not isinstance(unraisable.exc_value, SystemExit):
+        sys.__unraisablehook__(unraisable)
 
 
 def _label(trial, knobs: list[str]) -> str:
@@ -115,7 +127,9 @@ class TrialProgress(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         label = self._running.pop(trial.trial_id, None) or _label(trial, self.knobs)
-        log.warning("stage 2 (%s) failed; the sweep goes on (its summary counts it)", label)
+        # Where Tune keeps the traceback once it has synced the trial to the run's storage.
+        where = f" (traceback: {trial.path}/{Path(trial.error_file).name})" if trial.error_file else ""
+        log.warning("stage 2 (%s) failed%s; the sweep goes on (its summary counts it)", label, where)
 
     def on_experiment_end(self, trials: list, **info) -> None:
         self._stop.set()

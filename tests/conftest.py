@@ -140,9 +140,9 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def dba_ray_console(args: list[str], cwd) -> str:
+def dba_ray_console(args: list[str], cwd, returncode: int = 0) -> str:
     """The whole console (stdout and stderr, interleaved) of ``dba-ray ARGS``, run as a
-    user runs it: a subprocess on a cluster of its own."""
+    user runs it: a subprocess on a cluster of its own, ending with ``returncode``."""
     # A user's shell: no address to join, no auth mode chosen (this session's cluster
     # set RAY_AUTH_MODE in this process when it started), none of the quiet switches
     # (tests that call main() in this process set them here).
@@ -157,8 +157,16 @@ def dba_ray_console(args: list[str], cwd) -> str:
         text=True,
         timeout=400,
     )
-    assert done.returncode == 0, done.stdout
+    assert done.returncode == returncode, done.stdout
     return done.stdout
+
+
+# Ray's one warning at the start of a cluster it starts, shaped (console_shape).
+AUTH_WARNING = (
+    "#-#-# #:#:#,#\tWARNING authentication_token_setup.py:# -- Token authentication is enabled for this "
+    "Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. For more information, see "
+    "https://docs.ray.io/en/latest/ray-security/token-auth.html"
+)
 
 
 def console_shape(console: str, out: str) -> list[str]:

@@ -2,7 +2,7 @@
 fresh shell, on a machine where another Ray instance (this session's) runs too."""
 
 import yaml
-from conftest import console_shape, dba_ray_console, make_docs, save_builtin_base, write_jsonl
+from conftest import AUTH_WARNING, console_shape, dba_ray_console, make_docs, save_builtin_base, write_jsonl
 
 
 def test_quiet_console_and_verbose(tmp_path):
@@ -31,11 +31,7 @@ def test_quiet_console_and_verbose(tmp_path):
     # Exactly these lines: Ray's one warning, then ours. No Hugging Face or Ray Data
     # progress bars, no Ray Data plans, no Ray Train INFO lines, no deduplication
     # banner, no PlacementGroupCleaner traceback.
-    assert lines[0] == (
-        "#-#-# #:#:#,#\tWARNING authentication_token_setup.py:# -- Token authentication is enabled for this "
-        "Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. For more information, see "
-        "https://docs.ray.io/en/latest/ray-security/token-auth.html"
-    ), console
+    assert lines[0] == AUTH_WARNING, console
     assert lines[1].startswith("#:#:# dba-ray: Ray cluster resources: {"), console
     assert lines[2:] == [
         "#:#:# dba-ray: stage # (direct): # steps of # sequences on # worker(s)",

@@ -4,6 +4,7 @@ Ray on the machine) is neither joined nor stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,10 +53,12 @@ def _stop_head(session: int, temp: str) -> None:
     # Not `ray stop`: it kills every Ray process on the machine.
     procs = [p for p in psutil.process_iter() if p.pid != os.getpid() and _belongs(p, session, temp)]
     for p in procs:
-        p.terminate()
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone since the listing: one fewer to stop
+            p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=20)
     for p in alive:
-        p.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     psutil.wait_procs(alive, timeout=10)
 
 

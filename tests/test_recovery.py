@@ -142,33 +142,6 @@ def test_killed_compare_resumes_its_sweep(finished_run):
         assert_same_scores(res[name], ref["results"][name], name)
 
 
-def test_killed_tune_resumes_its_trials(finished_run):
-    # A sweep of dba over two lrs, one trial at a time, without ASHA: the trial at the
-    # run's own lr must end where `run`'s dba did.
-    tmp_path, ref = finished_run.folder, finished_run.report
-    sweep = {"search": {"schedule.lr": [3e-3, 1e-3]}, "max_concurrent": 1, "asha": False}
-    cfg = write_run_config(tmp_path, "tune", base=finished_run, tune=sweep)
-    out = tmp_path / "tune"
-
-    def two_trials_checkpointed() -> bool:  # tune/trials/<trial>/ray_train/<run>/
-        return len({run.parents[1] for run in registered_runs(out / "tune" / "trials", "train-*")}) == 2
-
-    driver = start_killable(["tune", progress_every_second(cfg)], tmp_path / "tune.log")
-    sigkill_when(driver, tmp_path / "tune.log", two_trials_checkpointed)
-    assert not (out / "tune.json").exists()
-    assert_sweep_progress((tmp_path / "tune.log").read_text(), r"dba \(schedule\.lr=0\.00[13]\)")
-
-    assert main(["tune", cfg]) == 0
-    summary = json.loads((out / "tune.json").read_text())
-    trials = summary["trials"]
-    assert sorted(t["set"]["schedule.lr"] for t in trials) == [1e-3, 3e-3]
-    assert summary["best"]["S"] == max(t["S"] for t in trials)
-    assert all(t["status"] == "done" for t in trials) and any(t["resumed_at"] in (2, 4, 6) for t in trials)
-    at_run_lr = next(t for t in trials if t["set"]["schedule.lr"] == 3e-3)
-    # No validation sets here: tune chose on eval.sets (with a warning), the scores `run` reports.
-    assert at_run_lr["S"] == pytest.approx(ref["results"]["dba"]["S"], rel=1e-6)
-
-
 def test_killed_stage1_resumes_from_its_checkpoint(tmp_path, caplog):
     # One worker, v_G kept: the resumed job must skip exactly the sequences its
     # checkpoint counted and cut the rest into the micro-batches an uninterrupted pass

@@ -225,16 +225,18 @@ def test_guards_stop_before_or_during_training(tmp_path, global_gradient):
         run_train(nan, "direct")
 
 
-def test_global_gradient_from_the_object_store_and_periodic_eval(tmp_path):
-    """Stage 1 → Stage 2 in one driver with no disk round trip for ĝ_G."""
+def test_global_gradient_from_the_object_store_and_periodic_eval(tmp_path, global_gradient):
+    """ĝ_G handed to Stage 2 as an object in Ray's object store (as `stage1.to_object_store`
+    leaves it: test_stage1 makes one), with no disk path for the run to read."""
+    import ray
+
     cfg = make_config(tmp_path, "inmem", num_workers=1, max_steps=4, eval_every=2, checkpoint_every=0)
-    cfg.stage1.to_object_store = True
-    ref = run_global_gradient(cfg, write=False).ref
+    ref = ray.put(artifact.load(global_gradient))
     dom_eval = write_jsonl(tmp_path / "dom_eval.jsonl", make_docs(6, seed=3))
     cfg.eval.sets = [{"name": "dom", "kind": "domain", "data": {"path": dom_eval, "seq_len": 32}}]
     cfg = Config.model_validate(cfg.model_dump())
     result = run_train(cfg, "dba", grad_source=ref)
-    assert not (tmp_path / "gg").exists()  # nothing was written for ĝ_G
+    assert not (tmp_path / "gg").exists()  # train.global_gradient names no artifact
     base = {n: p.detach() for n, p in load_model(cfg.model).named_parameters()}
     assert rel_error(saved_weights(result.model_dir), base) > 1e-3
     assert 0 <= result.metrics["S_D"] <= 1 and "nll" in result.metrics["eval"]["dom"]

@@ -4,12 +4,14 @@ rows ĝ_G moves that its domain data never touches (dba_ray/vocab.py)."""
 import random
 
 import numpy as np
+import pytest
 import yaml
 from conftest import console_shape, dba_ray_console, save_builtin_base, write_jsonl
 from safetensors import safe_open
 
-from dba_ray.config import ModelConfig
+from dba_ray.config import ModelConfig, load_config
 from dba_ray.data.tokenize import IGNORE
+from dba_ray.global_gradient import run_global_gradient
 from dba_ray.tokenizer import load_tokenizer
 from dba_ray.vocab import QUIET_BELOW, coverage_warning, general_rows, touched_ids
 
@@ -27,6 +29,7 @@ def _texts(alphabet: str, n: int, seed: int) -> list[str]:
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(20, 60))) for _ in range(n)]
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_warning_states_the_untouched_rows_the_boost_moves(tmp_path):
     # General text over 9 characters; one domain uses 5 of them, the other all 9.
     general, narrow, covered = _texts("abcdefgh ", 60, 0), _texts("abcd ", 40, 1), _texts("abcdefgh ", 40, 2)
@@ -51,7 +54,9 @@ def test_warning_states_the_untouched_rows_the_boost_moves(tmp_path):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(tree))
         return f"{name}.yaml"
 
-    dba_ray_console(["global-gradient", config("narrow", narrow)], tmp_path)
+    # ĝ_G in this process, on the session's cluster (a CLI run would cost a cluster of
+    # its own); the training whose console is under test runs as a user runs it.
+    run_global_gradient(load_config(str(tmp_path / config("narrow", narrow))))
     console = dba_ray_console(["train", "narrow.yaml", "--method", "dba"], tmp_path)
 
     # Counted here on their own: ĝ_G's nonzero embedding rows, and every token of the
