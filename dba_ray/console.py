@@ -3,8 +3,9 @@
 By default: dba-ray's own lines (progress with ETA, one line per phase's end), warnings,
 errors and the final tables. ``dba-ray --verbose`` lets through what Ray, Ray Data, Ray
 Train, Ray Tune and Hugging Face print on their own. Every switch here is one those
-libraries document; several are read when the library is imported, so the CLI calls
-``configure`` before it imports any of them.
+libraries document, but for a filter on two of Tune's log lines that no switch reaches;
+several are read when the library is imported, so the CLI calls ``configure`` before it
+imports any of them.
 
 Workers' output still reaches the console (``log_to_driver`` stays on): a warning or an
 error printed in a worker (a torch warning, a lost node, an OOM kill) is one the user
@@ -34,18 +35,27 @@ QUIET_ENV = {
     # Read by Tune on the driver: its classic output, which verbose=0 silences whole
     # (the newer one still prints a configuration box and result paths at verbose=0).
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Read by Tune on the driver: no traceback when a trial fails; our line names the
+    # trial and its error.txt, which keeps the traceback, and the closing error the first error.
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
 }
 
-# Lines Ray Tune logs on the driver that dba-ray's own lines replace (logger: the start of
-# the message): a failed trial's traceback (our line names the trial and its error.txt,
-# the closing error the first error), the list of trials that did not complete (the
-# closing error counts them), and TensorBoard's complaint that a trial's eval history is
-# not a scalar.
-_TUNE_LINES_REPLACED = {
-    "ray.tune.execution.tune_controller": "Trial task failed for trial",
-    "ray.tune.tune": "Trials did not complete",
-    "ray.tune.logger.tensorboardx": "You are trying to log an invalid value",
-}
+
+class _TuneLinesOursReplace(logging.Filter):
+    """Two lines Ray Tune logs on the driver, which no switch of Tune's turns off: the
+    list of trials that did not complete (the closing error counts them), and
+    TensorBoard's complaint that a trial's eval history is not a scalar."""
+
+    LOGGERS = {  # logger: the start of the message
+        "ray.tune.tune": "Trials did not complete",
+        "ray.tune.logger.tensorboardx": "You are trying to log an invalid value",
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.LOGGERS.get(record.name, "\0"))
+
+
+_TUNE_FILTER = _TuneLinesOursReplace()
 
 _verbose = False
 
@@ -57,8 +67,9 @@ def configure(verbose: bool) -> None:
     if not verbose:
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)  # a user's own setting wins
-        for name, start in _TUNE_LINES_REPLACED.items():
-            logging.getLogger(name).addFilter(lambda record, start=start: not str(record.msg).startswith(start))
+    for name in _TuneLinesOursReplace.LOGGERS:
+        # Once per logger whatever the number of calls (tests call main() many times).
+        (logging.getLogger(name).removeFilter if verbose else logging.getLogger(name).addFilter)(_TUNE_FILTER)
 
 
 def worker_env() -> dict[str, str]:
@@ -75,10 +86,10 @@ def worker_env_taken() -> dict[str, str]:
     return (job.get("runtime_env") or {}).get("env_vars") or {}
 
 
-def init_options(embedded: bool, address: str | None = None) -> dict:
+def init_options(embedded: bool, gcs: str | None = None) -> dict:
     """ray.init options: the workers' quiet switches, and where Ray Train's helpers find
     the State API: for a cluster this command starts (``embedded``) its dashboard's
-    address, for one it joins at a GCS ``address`` (host:port) that address."""
+    address, for one it joins the GCS address ``gcs`` (host:port, as every node resolves it)."""
     env = worker_env()
     options = {} if _verbose else {"logging_level": logging.WARNING}
     # Ray Train's PlacementGroupCleaner (a Tune trial's runs keep it: LeanTorchTrainer)
@@ -89,8 +100,8 @@ def init_options(embedded: bool, address: str | None = None) -> dict:
         port = _free_port()
         options["dashboard_port"] = port
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    elif address and "://" not in address and address != "auto" and "RAY_ADDRESS" not in worker_env_taken():
-        env["RAY_ADDRESS"] = address  # the State API's address is read from this GCS
+    elif gcs and "RAY_ADDRESS" not in worker_env_taken():
+        env["RAY_ADDRESS"] = gcs  # the State API's address is read from this GCS
     if env:
         options["runtime_env"] = {"env_vars": env}
     return options

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ray
 import torch
-from ray._private.services import find_bootstrap_address
+from ray._private.services import canonicalize_bootstrap_address, find_bootstrap_address
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -31,7 +31,7 @@ def ensure_ray(cfg: RayConfig) -> None:
         # A running cluster has its own resources: ray.init refuses num_cpus when joining.
         if cfg.num_cpus is not None:
             log.info("joining the Ray cluster at %s: ray.num_cpus does not apply", address)
-        ray.init(address=address, **console.init_options(embedded=False, address=address))
+        ray.init(address=address, **console.init_options(embedded=False, gcs=_gcs_address(address)))
     else:
         # Train's preemption watcher (an actor per run) reports nodes being drained: a
         # cluster on this one machine has none to drain. Train hands the driver's
@@ -39,6 +39,14 @@ def ensure_ray(cfg: RayConfig) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=cfg.num_cpus, **console.init_options(embedded=True))
     log.info("Ray cluster resources: %s", ray.cluster_resources())
+
+
+def _gcs_address(address: str) -> str | None:
+    """``address`` as host:port that any node resolves alike (localhost becomes this
+    node's IP); None for a Ray Client URI or "auto", which name no GCS here."""
+    if "://" in address or address == "auto":
+        return None
+    return canonicalize_bootstrap_address(address)
 
 
 def cluster_address(cfg: RayConfig) -> str | None:

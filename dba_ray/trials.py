@@ -29,6 +29,7 @@ from dba_ray.progress import ProgressLines, new_tracker
 from dba_ray.trainer import run_train, score_summary
 
 log = logging.getLogger("dba_ray")
+_PYTHONS_UNRAISABLE_HOOK = sys.unraisablehook  # as this process had it before a trial
 
 
 def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experiment: str, report_to_tune: bool) -> None:
@@ -67,12 +68,12 @@ def _trial(params: dict, *, cfg_dump: dict, data: dict, tracking_parent, experim
 
 
 def _unraisable_but_exit(unraisable) -> None:
-    """A trial's actor, once its sweep has no more use for it, is ended by Tune with
-    SIGTERM, which Ray's handler turns into SystemExit inside whatever runs then; when that
-    is a finalizer, Python would print it as an ignored exception with a traceback. The
-    trial had finished: nothing to report."""
+    """When a sweep is done with a trial's actor, Ray ends its process with SIGTERM, which
+    Ray's handler turns into SystemExit inside whatever runs then; when that is a
+    finalizer, Python would print it as an ignored exception with a traceback (seen at the
+    end of a sweep). The trial has reported already: nothing to say."""
     if not isinstance(unraisable.exc_value, SystemExit):
-        sys.__unraisablehook__(unraisable)
+        _PYTHONS_UNRAISABLE_HOOK(unraisable)
 
 
 def _label(trial, knobs: list[str]) -> str:
@@ -87,10 +88,12 @@ class TrialProgress(tune.Callback):
     per running trial (its Stage 2 step/T, loss, ETA, read from the Tracker its run
     reports to, named after the trial); a line per finished trial with its scores.
     ``knobs``: the swept keys that tell trials apart in those lines; ``total``: how many
-    trials the sweep has. A thread polls the trackers: Tune's loop never waits on them."""
+    trials the sweep has; ``experiment_uri``: where Tune keeps the experiment (a failed
+    trial's error.txt is there). A thread polls the trackers: Tune's loop never waits on them."""
 
-    def __init__(self, interval_s: float, knobs: list[str], total: int):
+    def __init__(self, interval_s: float, knobs: list[str], total: int, experiment_uri: str):
         self.interval_s, self.knobs, self.total = interval_s, knobs, total
+        self.experiment_uri = experiment_uri
         self._running: dict[str, str] = {}  # trial id -> its label
 
     @staticmethod
@@ -127,8 +130,11 @@ class TrialProgress(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         label = self._running.pop(trial.trial_id, None) or _label(trial, self.knobs)
-        # Where Tune keeps the traceback once it has synced the trial to the run's storage.
-        where = f" (traceback: {trial.path}/{Path(trial.error_file).name})" if trial.error_file else ""
+        # Tune keeps the traceback in the trial's folder of the experiment (trial.path
+        # would name it without the storage's scheme).
+        where = ""
+        if trial.error_file:
+            where = f" (traceback: {storage.join(self.experiment_uri, Path(trial.path).name, 'error.txt')})"
         log.warning("stage 2 (%s) failed%s; the sweep goes on (its summary counts it)", label, where)
 
     def on_experiment_end(self, trials: list, **info) -> None:
@@ -187,7 +193,11 @@ def run_trials(
                 reuse_actors=scheduler is None,
             ),
             run_config=sweep_run_config(
-                name, cfg.output_dir, TrialProgress(cfg.train.progress_interval_s, knobs, total)
+                name,
+                cfg.output_dir,
+                TrialProgress(
+                    cfg.train.progress_interval_s, knobs, total, storage.join(storage.absolute(cfg.output_dir), name)
+                ),
             ),
         )
     return tuner.fit()

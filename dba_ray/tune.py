@@ -280,7 +280,14 @@ def run_merge_sweep(cfg: Config) -> dict:
         param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=tc.max_concurrent, reuse_actors=True),  # as trials.py
         run_config=sweep_run_config(
-            "tune-merge", out, TrialProgress(cfg.train.progress_interval_s, [MERGE_KNOB], len(cfg.merge.knob_values()))
+            "tune-merge",
+            out,
+            TrialProgress(
+                cfg.train.progress_interval_s,
+                [MERGE_KNOB],
+                len(cfg.merge.knob_values()),
+                storage.join(out, "tune-merge"),
+            ),
         ),
     ).fit()
     rows = [TrialRow.of(r) for r in grid]

@@ -1,4 +1,4 @@
-"""Driver loss: `dba-ray run`, `compare`, `tune` and `global-gradient` killed with SIGKILL
+"""Driver loss: `dba-ray run`, `compare` and `global-gradient` killed with SIGKILL
 mid-way, then the same command again, on the session's cluster (the killed driver's jobs die with it; the
 cluster does not)."""
 
